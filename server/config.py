@@ -1,0 +1,84 @@
+"""The one reader of the environment: every setting of deltaserve, prefix `DELTASERVE_`.
+
+Each field's docstring is its one-line documentation; `deltaserve settings --markdown` renders them
+into the README's table, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DELTASERVE_"
+
+
+class SettingsError(ValueError):
+    """A setting read from the environment has a bad value; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port the HTTP server listens on."""
+    base_model: str = "smollm2"
+    """Base model: a provisioned name (`smollm2`, `tiny`) or the path of an HF-layout folder."""
+    model_cache: Path = Path("~/.cache/deltaserve/models")
+    """Folder where `deltaserve models` writes provisioned base models."""
+    device: str = "cpu"
+    """Torch device the engine runs on (`cpu`, `cuda`, `cuda:1`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the resident base weights and activations."""
+    registry: Literal["local", "redis"] = "local"
+    """Registry backend for tasks and artifacts: `local` (a folder) or `redis`."""
+    registry_dir: Path = Path("~/.cache/deltaserve/registry")
+    """Folder of the local registry (index and blobs)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL of the shared registry when `registry` is `redis`."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server."""
+
+    def resolved(self, path: Path) -> Path:
+        """`path` with `~` expanded, absolute."""
+        return path.expanduser().resolve()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment; a bad value raises SettingsError naming its variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, rendered from the field docstrings."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = str(default) if default not in (None, "") else ""
+        doc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {doc} |")
+    return "\n".join(rows)
