@@ -1,0 +1,115 @@
+"""The engine's typed surface: what the HTTP layer hands in and gets back, and what the registry provides.
+
+These frozen dataclasses are the only channel between server/api (which knows HTTP and pydantic) and
+server/engine (which knows neither). The registry implements DeltaSource; the engine reads artifacts
+only through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    seed: int | None = None
+    """Per-request seed: the same seed, prompt and task give the same tokens."""
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the sampled token's logprob and the top k alternatives."""
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    task: str | None
+    """The task whose delta applies; None for the base model alone."""
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+    """(token_id, token text, logprob) of the top alternatives, best first."""
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step's output for one request; the last chunk carries finish_reason."""
+
+    request_id: str
+    text: str
+    """New text since the previous chunk (complete UTF-8 characters only; stop strings withheld)."""
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One published version of one task, as the registry's index records it."""
+
+    task: str
+    version: int
+    sha256: str
+    size: int
+    method: str = "impart"
+    created: float = 0.0
+
+
+class DeltaSource(Protocol):
+    """Where the engine's delta cache reads artifacts from (the registry implements it)."""
+
+    def lookup(self, task: str) -> TaskRef | None:
+        """The task's current version, or None when no such task is published."""
+        ...
+
+    def read(self, ref: TaskRef) -> bytes:
+        """The artifact bytes of `ref`, sha256-checked; raises when they do not match."""
+        ...
+
+    def tasks(self) -> list[TaskRef]:
+        """Every published task's current version."""
+        ...
+
+
+class EngineError(Exception):
+    """Base of the engine's errors that the HTTP layer maps to status codes."""
+
+
+class TaskNotFoundError(EngineError):
+    """The request names a task that is not published (HTTP 404 model_not_found)."""
+
+
+class QueueFullError(EngineError):
+    """The engine's waiting queue is at its limit (HTTP 429 with Retry-After)."""
+
+
+class EngineNotReadyError(EngineError):
+    """The engine is starting or shutting down (HTTP 503)."""
+
+
+class InvalidRequestError(EngineError):
+    """The request cannot run: prompt too long for the context, bad parameter (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
