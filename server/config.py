@@ -45,6 +45,20 @@ class Settings(BaseSettings):
     """Redis URL of the shared registry when `registry` is `redis`."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server."""
+    admin_keys: str = ""
+    """Admin keys for /admin, comma-separated; each a plain key or `sha256:<hex digest of the key>`."""
+    api_keys: dict[str, list[str]] = {}
+    """API keys as JSON `{"<key or sha256:hex>": ["task", ...]}`; `"*"` in the list allows every task."""
+    max_upload_bytes: int = Field(8 * 1024**3, ge=1)
+    """Largest accepted upload (checkpoint or artifact) in bytes; larger bodies get HTTP 413."""
+    default_method: Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"] = "impart"
+    """Compression method of an uploaded checkpoint when the upload names none."""
+    default_ratio: float = Field(32.0, gt=1.0)
+    """Compression ratio of an uploaded checkpoint when the upload names none."""
+    shutdown_timeout: float = Field(30.0, ge=0.0)
+    """Seconds in-flight requests get to finish at shutdown before they are aborted."""
+    work_dir: Path = Path("~/.cache/deltaserve/work")
+    """Folder for uploads in progress and compression jobs' scratch files."""
 
     def resolved(self, path: Path) -> Path:
         """`path` with `~` expanded, absolute."""
