@@ -1,0 +1,179 @@
+"""The local-directory registry backend: the embedded default, no server needed.
+
+Layout under the root:
+    blobs/<sha256>        artifacts, content-addressed, written to tmp/ first and renamed in
+    index/<task>.json     {"current": n, "next": n, "versions": {"n": TaskVersion}} (written the same way)
+    tmp/<pid>-<uuid>      files being written; a crash leaves them here for collect_garbage
+    index.lock            flock held for every read-modify-write of the index
+Change notification reaches listeners in this process only; replicas that must see each other's
+changes share a Redis registry instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
+from server.registry.store import ChangeListener
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("blobs", "index", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._listeners: list[ChangeListener] = []
+
+    def put_blob(self, sha256: str, source: Path | bytes) -> None:
+        target = self._blob_path(sha256)
+        if target.is_file():
+            os.utime(target)
+            return
+        tmp = self._tmp_path()
+        if isinstance(source, bytes):
+            tmp.write_bytes(source)
+        else:
+            shutil.copyfile(source, tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+
+    def read_blob(self, sha256: str) -> bytes:
+        try:
+            data = self._blob_path(sha256).read_bytes()
+        except FileNotFoundError:
+            raise BlobCorruptError(f"artifact {sha256} is missing from {self.root / 'blobs'}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorruptError(f"artifact {sha256} in {self.root / 'blobs'} does not match its sha256")
+        return data
+
+    def delete_blob(self, sha256: str) -> None:
+        self._blob_path(sha256).unlink(missing_ok=True)
+
+    def blob_digests(self) -> set[str]:
+        return {p.name for p in (self.root / "blobs").iterdir()}
+
+    def add_version(self, version: TaskVersion) -> TaskVersion:
+        with self._locked():
+            raw = self._read_raw(version.task) or {"current": 0, "next": 1, "versions": {}}
+            numbered = replace(version, version=int(raw["next"]))
+            raw["versions"][str(numbered.version)] = json.loads(numbered.to_json())
+            raw["current"] = numbered.version
+            raw["next"] = numbered.version + 1
+            self._write_raw(version.task, raw)
+        return numbered
+
+    def entry(self, task: str) -> TaskEntry | None:
+        raw = self._read_raw(task)
+        return None if raw is None else _entry_from_raw(task, raw)
+
+    def task_names(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "index").glob("*.json"))
+
+    def set_current(self, task: str, version: int) -> bool:
+        with self._locked():
+            raw = self._read_raw(task)
+            if raw is None or str(version) not in raw["versions"]:
+                return False
+            raw["current"] = version
+            self._write_raw(task, raw)
+        return True
+
+    def delete_task(self, task: str) -> TaskEntry | None:
+        with self._locked():
+            raw = self._read_raw(task)
+            if raw is None:
+                return None
+            self._index_path(task).unlink()
+        return _entry_from_raw(task, raw)
+
+    def collect_garbage(self, grace_s: float) -> list[str]:
+        cutoff = time.time() - grace_s
+        removed = [p.name for p in (self.root / "tmp").iterdir() if _abandoned(p, cutoff)]
+        for name in removed:
+            (self.root / "tmp" / name).unlink(missing_ok=True)
+        with self._locked():
+            referenced = {v.sha256 for name in self.task_names() for v in self._entry_versions(name)}
+            orphans = [p for p in (self.root / "blobs").iterdir()
+                       if p.name not in referenced and p.stat().st_mtime < cutoff]
+            for blob in orphans:
+                blob.unlink(missing_ok=True)
+        return removed + [f"blobs/{p.name}" for p in orphans]
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def notify(self, task: str) -> None:
+        for listener in list(self._listeners):
+            listener(task)
+
+    def close(self) -> None:
+        self._listeners.clear()
+
+    def _entry_versions(self, task: str) -> tuple[TaskVersion, ...]:
+        found = self.entry(task)
+        return found.versions if found else ()
+
+    def _blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256
+
+    def _index_path(self, task: str) -> Path:
+        return self.root / "index" / f"{task}.json"
+
+    def _tmp_path(self) -> Path:
+        return self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _read_raw(self, task: str) -> dict | None:
+        try:
+            return json.loads(self._index_path(task).read_text())
+        except FileNotFoundError:
+            return None
+
+    def _write_raw(self, task: str, raw: dict) -> None:
+        tmp = self._tmp_path()
+        tmp.write_text(json.dumps(raw, sort_keys=True))
+        _fsync(tmp)
+        os.replace(tmp, self._index_path(task))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.root / "index.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _entry_from_raw(task: str, raw: dict) -> TaskEntry:
+    versions = sorted((TaskVersion(**v) for v in raw["versions"].values()), key=lambda v: v.version)
+    return TaskEntry(task=task, current=int(raw["current"]), versions=tuple(versions))
+
+
+def _abandoned(path: Path, cutoff: float) -> bool:
+    """A temp file whose writer process is gone, or that is older than the cutoff."""
+    pid_text = path.name.split("-", 1)[0]
+    try:
+        os.kill(int(pid_text), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        pass
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())

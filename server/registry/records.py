@@ -1,0 +1,83 @@
+"""What the registry's index records: one frozen dataclass per published version, and the errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from server.engine.types import TaskRef
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A task name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; at most 64 characters."""
+
+
+class RegistryError(Exception):
+    """Base of the registry's errors."""
+
+
+class InvalidTaskNameError(RegistryError, ValueError):
+    """A task name that could escape a folder or a key prefix, or is otherwise not allowed."""
+
+
+class TaskMissingError(RegistryError, LookupError):
+    """No published task (or no such version of it) under that name."""
+
+
+class BlobCorruptError(RegistryError):
+    """A stored artifact's bytes do not hash to the sha256 the index records (or are gone)."""
+
+
+def validate_task_name(name: str) -> str:
+    """`name` when it is a valid task name; else InvalidTaskNameError saying what is allowed."""
+    if not TASK_NAME.fullmatch(name) or ".." in name:
+        raise InvalidTaskNameError(
+            f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, without '..'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TaskVersion:
+    """One published version of one task: its artifact blob and what made it."""
+
+    task: str
+    version: int
+    sha256: str
+    size: int
+    method: str
+    ratio: float | None
+    created: float
+    source: str = "artifact"
+    """How it arrived: `checkpoint` (uploaded and compressed here) or `artifact` (uploaded ready)."""
+    quality: dict[str, Any] = field(default_factory=dict)
+    """The compression report's quality figures (JSON-able)."""
+
+    def to_ref(self) -> TaskRef:
+        return TaskRef(self.task, self.version, self.sha256, self.size, self.method, self.created)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TaskVersion:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task as the index holds it: every kept version and the one it points to."""
+
+    task: str
+    current: int
+    versions: tuple[TaskVersion, ...]
+    """Oldest first."""
+
+    @property
+    def current_version(self) -> TaskVersion:
+        for found in self.versions:
+            if found.version == self.current:
+                return found
+        raise TaskMissingError(f"task {self.task!r} points to version {self.current}, which is not kept")

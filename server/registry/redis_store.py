@@ -1,0 +1,171 @@
+"""The Redis registry backend: index in hashes, blobs in chunks; replicas share it.
+
+Keys under the prefix (default `deltaserve:`):
+    tasks              set of task names
+    task:<name>        hash: `current` -> n, `next` -> counter, `v:<n>` -> TaskVersion JSON
+    blob:<sha256>      list of chunks; written under upload:<uuid> (with a TTL) and renamed in whole
+    upload:<uuid>      a blob being written; a crash leaves it to expire (the TTL collects it)
+    events             pub/sub channel: a task's name after it changed
+Every read of a blob re-hashes it against its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
+from server.registry.store import ChangeListener
+
+log = logging.getLogger("deltaserve.registry")
+CHUNK_BYTES = 4 << 20
+UPLOAD_TTL_S = 3600
+
+_SET_CURRENT = """
+if redis.call('HEXISTS', KEYS[1], 'v:' .. ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'current', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "deltaserve:") -> None:
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self._set_current = self.client.register_script(_SET_CURRENT)
+        self._pubsub: redis.client.PubSub | None = None
+        self._thread: redis.client.PubSubWorkerThread | None = None
+        self._listeners: list[ChangeListener] = []
+        self._lock = threading.Lock()
+
+    def put_blob(self, sha256: str, source: Path | bytes) -> None:
+        upload = self._key(f"upload:{uuid.uuid4().hex}")
+        for start, chunk in enumerate(_chunks(source)):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(upload, chunk)
+            if start == 0:
+                pipe.expire(upload, UPLOAD_TTL_S)
+            pipe.execute()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rename(upload, self._key(f"blob:{sha256}"))
+        pipe.persist(self._key(f"blob:{sha256}"))
+        pipe.execute()
+
+    def read_blob(self, sha256: str) -> bytes:
+        data = b"".join(self._read_chunks(self._key(f"blob:{sha256}")))
+        if not data or hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorruptError(f"artifact {sha256} is missing from Redis or does not match its sha256")
+        return data
+
+    def delete_blob(self, sha256: str) -> None:
+        self.client.delete(self._key(f"blob:{sha256}"))
+
+    def blob_digests(self) -> set[str]:
+        start = len(self._key("blob:"))
+        return {key.decode()[start:] for key in self.client.scan_iter(match=self._key("blob:*"), count=500)}
+
+    def add_version(self, version: TaskVersion) -> TaskVersion:
+        key = self._key(f"task:{version.task}")
+        number = int(self.client.hincrby(key, "next", 1))
+        numbered = TaskVersion(**{**json.loads(version.to_json()), "version": number})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping={f"v:{number}": numbered.to_json(), "current": number})
+        pipe.sadd(self._key("tasks"), version.task)
+        pipe.execute()
+        return numbered
+
+    def entry(self, task: str) -> TaskEntry | None:
+        raw = self.client.hgetall(self._key(f"task:{task}"))
+        if b"current" not in raw:
+            return None
+        versions = sorted((TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")),
+                          key=lambda v: v.version)
+        return TaskEntry(task=task, current=int(raw[b"current"]), versions=tuple(versions))
+
+    def task_names(self) -> list[str]:
+        return sorted(name.decode() for name in self.client.smembers(self._key("tasks")))
+
+    def set_current(self, task: str, version: int) -> bool:
+        return bool(self._set_current(keys=[self._key(f"task:{task}")], args=[version]))
+
+    def delete_task(self, task: str) -> TaskEntry | None:
+        found = self.entry(task)
+        if found is None:
+            return None
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._key(f"task:{task}"))
+        pipe.srem(self._key("tasks"), task)
+        pipe.execute()
+        return found
+
+    def collect_garbage(self, grace_s: float) -> list[str]:
+        """Partial uploads expire by their TTL; here: blobs no task version points to."""
+        referenced = {v.sha256 for name in self.task_names() for v in (self.entry(name) or _EMPTY).versions}
+        removed = []
+        for sha in self.blob_digests() - referenced:
+            idle = self.client.object("idletime", self._key(f"blob:{sha}"))
+            if idle is not None and idle >= grace_s:
+                self.delete_blob(sha)
+                removed.append(f"blob:{sha}")
+        return removed
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+            if self._pubsub is None:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(**{self._key("events"): self._dispatch})
+                self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def notify(self, task: str) -> None:
+        self.client.publish(self._key("events"), task)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._thread.stop()
+                self._thread.join(timeout=2.0)
+            if self._pubsub is not None:
+                self._pubsub.close()
+            self._thread, self._pubsub = None, None
+            self._listeners.clear()
+        self.client.close()
+
+    def _dispatch(self, message: dict) -> None:
+        task = message["data"].decode()
+        for listener in list(self._listeners):
+            try:
+                listener(task)
+            except Exception:
+                log.exception("registry change listener failed for task %s", task)
+
+    def _read_chunks(self, key: str) -> Iterator[bytes]:
+        start = 0
+        while batch := self.client.lrange(key, start, start + 15):
+            yield from batch
+            start += len(batch)
+
+    def _key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+
+_EMPTY = TaskEntry(task="", current=0, versions=())
+
+
+def _chunks(source: Path | bytes) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, max(len(source), 1), CHUNK_BYTES):
+            yield source[start:start + CHUNK_BYTES]
+        return
+    with source.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            yield chunk
