@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltaserve-installed
 
-.PHONY: install serve test redis bench-kernels bench-compress
+.PHONY: install serve test redis settings-table bench-kernels bench-compress
 
 # torch first, pinned to the CPU wheel this machine carries; the project's range then installs nothing more.
 $(STAMP): pyproject.toml
@@ -19,6 +19,9 @@ install: $(STAMP)
 serve: install
 	$(BIN)/deltaserve models pull smollm2
 	$(BIN)/deltaserve serve
+
+settings-table: install
+	$(BIN)/deltaserve settings --write-readme README.md
 
 redis:
 	bash scripts/ensure-redis.sh

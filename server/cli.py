@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.config import SettingsError, get_settings, settings_markdown
+from server.config import SettingsError, get_settings, readme_with_settings, settings_markdown
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -21,7 +21,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
-    if args.markdown:
+    if args.write_readme:
+        readme = args.write_readme.read_text()
+        args.write_readme.write_text(readme_with_settings(readme))
+        print(f"settings table written to {args.write_readme}")
+    elif args.markdown:
         print(settings_markdown())
     else:
         for name, value in get_settings().model_dump().items():
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="print the README's settings table")
+    settings.add_argument("--write-readme", type=Path, metavar="README", help="rewrite the table in README")
     settings.set_defaults(handler=_cmd_settings)
     _register_models(sub)
     for register in _area_registrars():

