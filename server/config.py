@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     """API keys as JSON `{"<key or sha256:hex>": ["task", ...]}`; `"*"` in the list allows every task."""
     max_upload_bytes: int = Field(8 * 1024**3, ge=1)
     """Largest accepted upload (checkpoint or artifact) in bytes; larger bodies get HTTP 413."""
+    max_request_bytes: int = Field(16 * 1024**2, ge=1)
+    """Largest accepted body of an OpenAI API request in bytes; larger bodies get HTTP 413."""
     default_method: Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"] = "impart"
     """Compression method of an uploaded checkpoint when the upload names none."""
     default_ratio: float = Field(32.0, gt=1.0)
