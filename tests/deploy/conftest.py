@@ -1,0 +1,46 @@
+"""Shared paths and helpers of the deploy checks: everything here runs offline, with no Docker engine."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+GATEWAY = DEPLOY / "gateway"
+VENV_BIN = Path(sys.executable).parent
+GATEWAY_VAR = re.compile(r"\$\{(GATEWAY_[A-Z_]+)\}")
+
+# Settings the contract reserves before their owners add them to `Settings` (contract E).
+RESERVED_SETTINGS = {
+    "delta_cache_bytes", "kv_cache_bytes", "max_batch_tokens", "max_running", "max_queue", "kv_block_size",
+    "admin_keys", "api_keys", "max_upload_bytes", "default_method", "default_ratio", "shutdown_timeout",
+    "work_dir",
+}
+SECRET_SETTINGS = {"DELTASERVE_ADMIN_KEYS", "DELTASERVE_API_KEYS"}
+
+
+def tool(name: str) -> Path:
+    """A command-line tool installed into this virtualenv by the dev extra; fails the test when absent."""
+    path = VENV_BIN / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: install the dev extra (pip install -e '.[dev]')")
+    return path
+
+
+def known_setting(env_name: str) -> bool:
+    """True when `env_name` is a DELTASERVE_ variable that Settings reads or contract E reserves."""
+    from server.config import ENV_PREFIX, Settings
+
+    if not env_name.startswith(ENV_PREFIX):
+        return False
+    field = env_name[len(ENV_PREFIX):].lower()
+    return field in Settings.model_fields or field in RESERVED_SETTINGS
+
+
+def render_gateway_template(text: str, values: dict[str, str]) -> str:
+    """envsubst as the nginx image runs it (filter GATEWAY_): only ${GATEWAY_*} names are replaced."""
+    return GATEWAY_VAR.sub(lambda m: values[m.group(1)], text)
