@@ -1,81 +1,194 @@
 """The FastAPI application and `run_server`: the HTTP edge of deltaserve.
 
-For now: /health (live), /ready (base model found and loaded) and /v1/models (the base). The server
-issue adds the OpenAI endpoints, admin API and metrics on top of this app factory.
+`create_app` wires the registry, the engine, the job manager, keys and metrics into one
+ServerContext and mounts the OpenAI and admin routers; `run_server` runs it under uvicorn with a
+graceful shutdown: stop admitting, let in-flight streams finish within DELTASERVE_SHUTDOWN_TIMEOUT,
+then abort the rest (their last chunk says finish_reason "abort").
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import time
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api import admin_routes, openai_routes
+from server.api.context import ServerContext, context_of
+from server.api.errors import APIError
+from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from server.api.serving_chat import ChatServing
+from server.api.serving_completion import CompletionServing
+from server.auth import KeyRing
 from server.config import Settings, get_settings
-from server.model.config import ModelConfig
-from server.model.provision import resolve_base_model
+from server.jobs import JobManager
+from server.jobs.jobs import collect_leftovers
+from server.observability.metrics import CONTENT_TYPE, Metrics
+from server.registry import Registry, open_registry
 
 log = logging.getLogger("deltaserve")
 
 
-@dataclass
-class AppState:
-    settings: Settings
-    base_name: str
-    base_dir: Path | None = None
-    base_config: ModelConfig | None = None
-    started: float = 0.0
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, engine: Any = None, registry: Registry | None = None) -> FastAPI:
+    """The app; `engine` and `registry` default to the ones the settings describe."""
     settings = settings or get_settings()
-    state = AppState(settings=settings, base_name=_base_name(settings.base_model), started=time.time())
+    ctx = build_context(settings, engine, registry)
+    app = FastAPI(title="deltaserve", lifespan=_lifespan(ctx))
+    app.state.deltaserve = ctx
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    _add_health_routes(app)
+    _add_error_handlers(app)
+    upload_limit, request_limit = settings.max_upload_bytes, settings.max_request_bytes
+    app.add_middleware(BodyLimitMiddleware,
+                       limit_for=lambda path: upload_limit if path.startswith("/admin/") else request_limit)
+    app.add_middleware(RequestContextMiddleware, metrics=ctx.metrics)
+    return app
 
+
+def build_context(settings: Settings, engine: Any, registry: Registry | None) -> ServerContext:
+    registry = registry or open_registry(settings)
+    if engine is None:
+        from server.engine.engine import Engine
+
+        engine = Engine(settings, registry)
+    metrics = Metrics()
+    jobs = JobManager(registry, engine.base_dir, settings.resolved(settings.work_dir))
+    metrics.watch_engine(engine.stats)
+    metrics.watch_jobs(jobs.counts)
+    return ServerContext(settings=settings, keys=KeyRing.from_settings(settings), registry=registry, engine=engine,
+                         metrics=metrics, jobs=jobs, base_dir=engine.base_dir, chat=ChatServing(engine, metrics),
+                         completion=CompletionServing(engine, metrics), started=time.time())
+
+
+def _lifespan(ctx: ServerContext) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.base_dir = resolve_base_model(settings.base_model, settings.resolved(settings.model_cache))
-        state.base_config = ModelConfig.from_dir(state.base_dir)
-        log.info("base model %s loaded from %s", state.base_name, state.base_dir)
+        if ctx.keys.open:
+            log.warning("no API or admin keys configured: every caller is admitted; serving on localhost only")
+        await asyncio.to_thread(_collect, ctx)
+        await ctx.engine.start()
+        _forward_registry_changes(ctx, asyncio.get_running_loop())
+        log.info("ready: base %s, registry %s, %d tasks", ctx.engine.base_name, ctx.settings.registry,
+                 len(ctx.registry.tasks()))
         yield
+        await drain(ctx)
+        ctx.jobs.shutdown()
+        ctx.registry.close()
 
-    app = FastAPI(title="deltaserve", lifespan=lifespan)
-    app.state.deltaserve = state
+    return lifespan
 
+
+async def drain(ctx: ServerContext) -> None:
+    """Stop admitting; in-flight requests get the shutdown timeout, then the engine aborts them."""
+    if ctx.draining:
+        return
+    ctx.draining = True
+    log.info("shutting down: draining in-flight requests for up to %.0fs", ctx.settings.shutdown_timeout)
+    await ctx.engine.stop(timeout=ctx.settings.shutdown_timeout)
+
+
+def _collect(ctx: ServerContext) -> None:
+    ctx.registry.collect_garbage()
+    collect_leftovers(ctx.settings.resolved(ctx.settings.work_dir))
+
+
+def _forward_registry_changes(ctx: ServerContext, loop: asyncio.AbstractEventLoop) -> None:
+    """A task published, rolled back or deleted (here or by another replica): drop its resident delta."""
+    def changed(task: str) -> None:
+        log.info("registry changed task %s; invalidating its resident delta", task)
+        loop.call_soon_threadsafe(ctx.engine.invalidate, task)
+
+    ctx.registry.subscribe(changed)
+
+
+def _add_health_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
-        if state.base_config is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "base": state.base_name})
+    async def ready(request: Request) -> JSONResponse:
+        ctx = context_of(request)
+        if ctx.draining or not ctx.engine.ready:
+            return JSONResponse({"status": "draining" if ctx.draining else "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "base": ctx.engine.base_name})
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, object]:
-        return {"object": "list", "data": [_model_card(state.base_name, int(state.started))]}
-
-    return app
-
-
-def _base_name(base_model: str) -> str:
-    return Path(base_model).name or base_model
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(context_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _model_card(model_id: str, created: int) -> dict[str, object]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "deltaserve"}
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        error = APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param,
+                         code="invalid_value")
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
+                         else "server_error", code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def run_server(host: str | None = None, port: int | None = None) -> int:
-    import uvicorn
+    from server.observability.logging import configure_logging
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=settings.log_level)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    host = _safe_host(host or settings.host, app.state.deltaserve.keys)
+    config = uvicorn.Config(app, host=host, port=port or settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5)
+    _DrainingServer(config, app.state.deltaserve).run()
     return 0
+
+
+def _safe_host(host: str, keys: KeyRing) -> str:
+    """With no keys configured, refuse to listen beyond the loopback interface."""
+    if not keys.open or _is_loopback(host):
+        return host
+    log.warning("no keys configured (DELTASERVE_ADMIN_KEYS / DELTASERVE_API_KEYS): binding to 127.0.0.1 "
+                "instead of %s", host)
+    return "127.0.0.1"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server whose shutdown drains the engine while uvicorn waits for open connections."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        draining = asyncio.create_task(drain(self.ctx))
+        await super().shutdown(sockets=sockets)
+        await draining

@@ -98,7 +98,7 @@ class LocalStore:
 
     def collect_garbage(self, grace_s: float) -> list[str]:
         cutoff = time.time() - grace_s
-        removed = [p.name for p in (self.root / "tmp").iterdir() if _abandoned(p, cutoff)]
+        removed = [p.name for p in (self.root / "tmp").iterdir() if abandoned(p, cutoff)]
         for name in removed:
             (self.root / "tmp" / name).unlink(missing_ok=True)
         with self._locked():
@@ -159,7 +159,7 @@ def _entry_from_raw(task: str, raw: dict) -> TaskEntry:
     return TaskEntry(task=task, current=int(raw["current"]), versions=tuple(versions))
 
 
-def _abandoned(path: Path, cutoff: float) -> bool:
+def abandoned(path: Path, cutoff: float) -> bool:
     """A temp file whose writer process is gone, or that is older than the cutoff."""
     pid_text = path.name.split("-", 1)[0]
     try:

@@ -1,0 +1,185 @@
+"""Thin routers of the admin API under /admin/v1: uploads, tasks, versions, rollback, jobs, warm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from server.api.auth_deps import admin_principal
+from server.api.context import ServerContext, context_of
+from server.api.errors import APIError, bad_request, from_engine, not_found
+from server.api.uploads import receive_checkpoint, receive_raw
+from server.engine.types import EngineError
+from server.jobs import JobSpec
+from server.registry import InvalidTaskNameError, TaskEntry, TaskMissingError, validate_task_name
+
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_principal)])
+Method = Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
+
+
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=1)
+
+
+@router.post("/tasks/{task:path}/checkpoint", status_code=202)
+async def upload_checkpoint(task: str, request: Request, method: Method | None = None,
+                            ratio: float | None = Query(None, gt=1.0), seed: int = 0) -> JSONResponse:
+    """Stream a fine-tuned checkpoint (multipart: config.json + *.safetensors) and queue its compression."""
+    ctx, task = context_of(request), _task_name(task)
+    folder = _upload_path(ctx)
+    folder.mkdir(parents=True)
+    try:
+        await receive_checkpoint(request.headers.get("content-type"), request.stream(), folder,
+                                 ctx.settings.max_upload_bytes)
+        await asyncio.to_thread(_check_checkpoint, ctx.base_dir, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    spec = JobSpec(task=task, checkpoint_dir=folder, method=method or ctx.settings.default_method,
+                   ratio=ratio or ctx.settings.default_ratio, seed=seed)
+    job = ctx.jobs.submit(spec)
+    return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/admin/v1/jobs/{job.id}"})
+
+
+@router.put("/tasks/{task:path}/artifact", status_code=201)
+async def upload_artifact(task: str, request: Request) -> JSONResponse:
+    """Publish a ready artifact (the raw bytes of a compressor output) as the task's new version."""
+    ctx, task = context_of(request), _task_name(task)
+    path = _upload_path(ctx).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        await receive_raw(request.stream(), path, ctx.settings.max_upload_bytes)
+        published = await asyncio.to_thread(_publish_artifact, ctx, task, path)
+    finally:
+        path.unlink(missing_ok=True)
+    return JSONResponse(_version_dict(published), status_code=201)
+
+
+@router.get("/tasks")
+async def list_tasks(request: Request) -> dict[str, Any]:
+    entries = await asyncio.to_thread(context_of(request).registry.entries)
+    return {"object": "list", "data": [_entry_dict(entry) for entry in entries]}
+
+
+@router.get("/tasks/{task:path}/versions")
+async def list_versions(task: str, request: Request) -> dict[str, Any]:
+    entry = await _entry(context_of(request), task)
+    return {"object": "list", "current": entry.current, "data": [_version_dict(v) for v in entry.versions]}
+
+
+@router.post("/tasks/{task:path}/rollback")
+async def rollback(task: str, body: RollbackRequest, request: Request) -> dict[str, Any]:
+    ctx, task = context_of(request), _task_name(task)
+    try:
+        version = await asyncio.to_thread(ctx.registry.rollback, task, body.version)
+    except TaskMissingError as exc:
+        raise not_found(str(exc)) from None
+    return _version_dict(version)
+
+
+@router.post("/tasks/{task:path}/warm")
+async def warm(task: str, request: Request) -> dict[str, Any]:
+    """Make the task's delta resident now, so its first request does not pay the load."""
+    ctx, task = context_of(request), _task_name(task)
+    try:
+        await ctx.engine.prefetch(task)
+    except EngineError as exc:
+        raise from_engine(exc, task) from None
+    return {"task": task, "resident": True}
+
+
+@router.delete("/tasks/{task:path}")
+async def delete_task(task: str, request: Request) -> dict[str, Any]:
+    ctx, task = context_of(request), _task_name(task)
+    try:
+        removed = await asyncio.to_thread(ctx.registry.delete, task)
+    except TaskMissingError as exc:
+        raise not_found(str(exc)) from None
+    return {"task": task, "deleted": True, "versions": len(removed.versions)}
+
+
+@router.get("/tasks/{task:path}")
+async def get_task(task: str, request: Request) -> dict[str, Any]:
+    return _entry_dict(await _entry(context_of(request), task))
+
+
+@router.get("/jobs")
+async def list_jobs(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [job.to_dict() for job in context_of(request).jobs.list()]}
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    job = context_of(request).jobs.get(job_id)
+    if job is None:
+        raise not_found(f"no job {job_id!r}")
+    return job.to_dict()
+
+
+@router.get("/stats")
+async def stats(request: Request) -> dict[str, Any]:
+    """The engine's counters (queue, KV blocks, delta cache) as JSON."""
+    from dataclasses import asdict
+
+    return asdict(context_of(request).engine.stats())
+
+
+def _task_name(task: str) -> str:
+    try:
+        return validate_task_name(task)
+    except InvalidTaskNameError as exc:
+        raise bad_request(str(exc), "task") from None
+
+
+async def _entry(ctx: ServerContext, task: str) -> TaskEntry:
+    entry = await asyncio.to_thread(ctx.registry.entry, _task_name(task))
+    if entry is None:
+        raise not_found(f"no task named {task!r}")
+    return entry
+
+
+def _upload_path(ctx: ServerContext) -> Path:
+    return ctx.settings.resolved(ctx.settings.work_dir) / "uploads" / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _check_checkpoint(base_dir: Path, folder: Path) -> None:
+    import compressor
+
+    try:
+        compressor.check_compatible(base_dir, folder)
+    except ValueError as exc:
+        raise bad_request(f"The checkpoint does not fit the base: {exc}", "file") from None
+
+
+def _publish_artifact(ctx: ServerContext, task: str, path: Path) -> Any:
+    import compressor
+
+    try:
+        artifact = compressor.load_artifact(path, ctx.base_dir)
+    except ValueError as exc:
+        raise bad_request(f"The artifact cannot be served on this base: {exc}", "file") from None
+    manifest = artifact.manifest
+    ratio = manifest.get("ratio", manifest.get("params", {}).get("ratio"))
+    return ctx.registry.publish(task, path, method=artifact.method, ratio=ratio, origin="artifact",
+                                quality=manifest.get("quality") or {})
+
+
+def _version_dict(version: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(version)
+
+
+def _entry_dict(entry: TaskEntry) -> dict[str, Any]:
+    current = entry.current_version
+    return {"task": entry.task, "current": entry.current, "status": "ready", "method": current.method,
+            "ratio": current.ratio, "sha256": current.sha256, "size": current.size, "created": current.created,
+            "quality": current.quality, "versions": [_version_dict(v) for v in entry.versions]}

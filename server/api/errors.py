@@ -1,0 +1,77 @@
+"""Errors in OpenAI's shape {"error": {"message", "type", "param", "code"}}; no FastAPI in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.types import (
+    EngineError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    QueueFullError,
+    TaskNotFoundError,
+)
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class APIError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+def not_found(message: str) -> APIError:
+    return APIError(404, message, type="not_found_error", code="not_found")
+
+
+def unauthorized(message: str = "Missing or invalid API key; send `Authorization: Bearer <key>`.") -> APIError:
+    return APIError(401, message, type="authentication_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str) -> APIError:
+    return APIError(403, message, type="permission_error", code="forbidden")
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+
+
+def not_ready(message: str = "The server is starting or shutting down; retry shortly.") -> APIError:
+    return APIError(503, message, type="service_unavailable", code="not_ready",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def from_engine(exc: EngineError, model: str) -> APIError:
+    """The HTTP error an engine error maps to."""
+    if isinstance(exc, TaskNotFoundError):
+        return model_not_found(model)
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"The server is at capacity: {exc}", type="rate_limit_error",
+                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineNotReadyError):
+        return not_ready(str(exc) or "The engine is not ready.")
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), exc.param)
+    return APIError(500, f"Engine error: {exc}", type="server_error", code="internal_error")

@@ -1,0 +1,114 @@
+"""POST /v1/chat/completions: chat template, then one engine run, collected or streamed as SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.api.errors import bad_request, from_engine
+from server.api.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatStreamChoice,
+    Usage,
+)
+from server.api.serving import (
+    SSE_DONE,
+    EngineClient,
+    Generation,
+    Target,
+    sampling_params,
+    sse,
+    sse_error,
+    usage_of,
+)
+from server.engine.types import EngineError, GenerationRequest, TokenLogprob
+from server.observability.metrics import Metrics
+
+ENDPOINT = "chat"
+
+
+class ChatServing:
+    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
+        self.engine, self.metrics = engine, metrics
+
+    async def create(self, req: ChatCompletionRequest, target: Target,
+                     request_id: str) -> ChatCompletionResponse | AsyncIterator[str]:
+        prompt = self.prompt_ids(req)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top)
+        request = GenerationRequest(request_id, target.task, tuple(prompt), params)
+        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
+        if req.stream:
+            return self._stream(run, target, request_id, req.include_usage)
+        return await self._collect(run, target, request_id, top is not None)
+
+    def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The base tokenizer's chat template applied to the messages, as token ids."""
+        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:
+            raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from None
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+
+    async def _collect(self, run: Generation, target: Target, request_id: str,
+                       wants_logprobs: bool) -> ChatCompletionResponse:
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        try:
+            async for chunk in run.chunks():
+                texts.append(chunk.text)
+                logprobs.extend(chunk.logprobs or ())
+        finally:
+            await run.aclose()
+        choice = ChatChoice(message={"role": "assistant", "content": "".join(texts)},
+                            logprobs=chat_logprobs(logprobs) if wants_logprobs else None,
+                            finish_reason=run.finish_reason)
+        return ChatCompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
+
+    async def _stream(self, run: Generation, target: Target, request_id: str,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def event(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
+            chunk = ChatCompletionChunk(id=request_id, created=created, model=target.model, choices=choices,
+                                        usage=usage)
+            return sse(chunk.model_dump_json(exclude_none=True))
+
+        try:
+            yield event([ChatStreamChoice(delta=ChatDelta(role="assistant", content=""))])
+            async for chunk in run.chunks():
+                if chunk.text or chunk.logprobs:
+                    logprobs = chat_logprobs(list(chunk.logprobs)) if chunk.logprobs else None
+                    yield event([ChatStreamChoice(delta=ChatDelta(content=chunk.text), logprobs=logprobs)])
+                if chunk.finish_reason is not None:
+                    yield event([ChatStreamChoice(delta=ChatDelta(), finish_reason=chunk.finish_reason)])
+            if include_usage:
+                yield event([], usage_of(run))
+        except EngineError as exc:
+            yield sse_error(from_engine(exc, target.model))
+        finally:
+            await run.aclose()
+        yield SSE_DONE
+
+
+def _text_of(content: str | list[Any] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text or "" for part in content if part.type == "text")
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [
+        {**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]} for t in tokens
+    ]}

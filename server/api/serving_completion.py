@@ -1,0 +1,111 @@
+"""POST /v1/completions: one prompt (text or token ids), one engine run, collected or streamed as SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.api.errors import bad_request, from_engine
+from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from server.api.serving import (
+    SSE_DONE,
+    EngineClient,
+    Generation,
+    Target,
+    sampling_params,
+    sse,
+    sse_error,
+    usage_of,
+)
+from server.engine.types import EngineError, GenerationRequest, TokenLogprob
+from server.observability.metrics import Metrics
+
+ENDPOINT = "completions"
+
+
+class CompletionServing:
+    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
+        self.engine, self.metrics = engine, metrics
+
+    async def create(self, req: CompletionRequest, target: Target,
+                     request_id: str) -> CompletionResponse | AsyncIterator[str]:
+        if req.echo:
+            raise bad_request("echo is not supported.", "echo")
+        if req.suffix:
+            raise bad_request("suffix is not supported.", "suffix")
+        prompt = self.prompt_ids(req.prompt)
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs)
+        request = GenerationRequest(request_id, target.task, tuple(prompt), params)
+        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
+        if req.stream:
+            return self._stream(run, target, request_id, req.include_usage)
+        return await self._collect(run, target, request_id, req.logprobs is not None)
+
+    def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+        """Token ids of the one prompt: text is encoded with the base tokenizer, ids pass through."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = list(self.engine.tokenizer.encode(prompt, add_special_tokens=False))
+        elif all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise bad_request("Only one prompt per request is supported.", "prompt")
+        if not ids:
+            raise bad_request("The prompt is empty.", "prompt")
+        if any(t < 0 or t >= len(self.engine.tokenizer) for t in ids):
+            raise bad_request("The prompt holds a token id outside the vocabulary.", "prompt")
+        return ids
+
+    async def _collect(self, run: Generation, target: Target, request_id: str,
+                       wants_logprobs: bool) -> CompletionResponse:
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        try:
+            async for chunk in run.chunks():
+                texts.append(chunk.text)
+                logprobs.extend(chunk.logprobs or ())
+        finally:
+            await run.aclose()
+        choice = CompletionChoice(text="".join(texts), finish_reason=run.finish_reason,
+                                  logprobs=completion_logprobs(logprobs, 0) if wants_logprobs else None)
+        return CompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
+
+    async def _stream(self, run: Generation, target: Target, request_id: str,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created, offset = int(time.time()), 0
+
+        def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            body = CompletionResponse(id=request_id, created=created, model=target.model, choices=choices,
+                                      usage=usage)
+            return sse(body.model_dump_json(exclude_none=True))
+
+        try:
+            async for chunk in run.chunks():
+                logprobs = completion_logprobs(list(chunk.logprobs), offset) if chunk.logprobs else None
+                offset += len(chunk.text)
+                if chunk.text or chunk.finish_reason is not None or logprobs:
+                    yield event([CompletionChoice(text=chunk.text, logprobs=logprobs,
+                                                  finish_reason=chunk.finish_reason)])
+            if include_usage:
+                yield event([], usage_of(run))
+        except EngineError as exc:
+            yield sse_error(from_engine(exc, target.model))
+        finally:
+            await run.aclose()
+        yield SSE_DONE
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """OpenAI legacy `logprobs`: parallel lists of tokens, their logprobs, top alternatives, offsets."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{text: lp for _, text, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }

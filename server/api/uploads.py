@@ -1,0 +1,148 @@
+"""Uploads streamed to disk: multipart checkpoints (safetensors + config.json) and raw artifacts.
+
+The body is parsed as it arrives (python-multipart's streaming parser) and each file is written
+straight to the destination folder, so no upload is ever held in memory; the byte cap is enforced
+on the bytes received, whatever Content-Length claims. Pickle-based weights are refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.api.errors import APIError, bad_request, too_large
+
+CHECKPOINT_FILES = re.compile(r"(config\.json|[A-Za-z0-9._-]+\.safetensors|model\.safetensors\.index\.json)")
+IGNORED_FILES = re.compile(r"(generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
+                           r"special_tokens_map\.json|vocab\.json|merges\.txt|README\.md|\.gitattributes)")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+
+
+
+@dataclass
+class UploadedCheckpoint:
+    folder: Path
+    files: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+def checkpoint_filename(name: str) -> str | None:
+    """The file's name when a checkpoint may hold it; None to skip it; 400 for anything else."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if base.lower().endswith(PICKLE_SUFFIXES):
+        raise bad_request(f"`{base}` is a pickle-based checkpoint file; only safetensors are accepted "
+                          f"(convert with `save_pretrained(..., safe_serialization=True)`).", "file")
+    if CHECKPOINT_FILES.fullmatch(base):
+        return base
+    if IGNORED_FILES.fullmatch(base):
+        return None
+    raise bad_request(f"`{base}` is not part of a checkpoint: send config.json and *.safetensors "
+                      f"(and model.safetensors.index.json when sharded).", "file")
+
+
+async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes], folder: Path,
+                             limit: int) -> UploadedCheckpoint:
+    """Stream a multipart body's files into `folder`; checks names, the cap, and config.json's presence."""
+    boundary = _boundary(content_type)
+    sink = _PartSink(folder, limit)
+    parser = MultipartParser(boundary, sink.callbacks())
+    async for data in body:
+        parser.write(data)
+        if sink.error is not None:
+            raise sink.error
+    parser.finalize()
+    sink.close()
+    if sink.error is not None:
+        raise sink.error
+    names = sink.upload.files
+    if "config.json" not in names:
+        raise bad_request("The checkpoint has no config.json.", "file")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise bad_request("The checkpoint has no *.safetensors file.", "file")
+    return sink.upload
+
+
+async def receive_raw(body: AsyncIterator[bytes], target: Path, limit: int) -> int:
+    """Stream a raw request body into `target`; 413 past `limit` bytes. Returns the size."""
+    size = 0
+    with target.open("wb") as out:
+        async for data in body:
+            size += len(data)
+            if size > limit:
+                raise too_large(limit)
+            out.write(data)
+    return size
+
+
+def _boundary(content_type: str | None) -> bytes:
+    kind, options = parse_options_header(content_type or "")
+    if kind != b"multipart/form-data" or b"boundary" not in options:
+        raise bad_request("Send the checkpoint as multipart/form-data (one part per file).", "file")
+    return options[b"boundary"]
+
+
+class _PartSink:
+    """Callbacks of the multipart parser: one part at a time, written to its file as it arrives."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.upload = UploadedCheckpoint(folder)
+        self.limit = limit
+        self.error: APIError | None = None
+        self._header_field, self._header_value = b"", b""
+        self._headers: dict[bytes, bytes] = {}
+        self._out: BinaryIO | None = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._begin, "on_header_field": self._field, "on_header_value": self._value,
+            "on_header_end": self._header_end, "on_headers_finished": self._open, "on_part_data": self._data,
+            "on_part_end": self.close,
+        }
+
+    def _begin(self) -> None:
+        self._headers = {}
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def _open(self) -> None:
+        if self.error is not None:
+            return
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        if filename is None:
+            return
+        try:
+            name = checkpoint_filename(filename.decode("utf-8", "replace"))
+        except APIError as exc:
+            self.error = exc
+            return
+        if name is not None and name in self.upload.files:
+            self.error = bad_request(f"`{name}` was sent twice.", "file")
+        elif name is not None:
+            self.upload.files.append(name)
+            self._out = (self.upload.folder / name).open("wb")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self.upload.size += end - start
+        if self.upload.size > self.limit and self.error is None:
+            self.error = too_large(self.limit)
+        if self._out is not None and self.error is None:
+            self._out.write(data[start:end])
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
