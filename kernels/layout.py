@@ -1,0 +1,129 @@
+"""The resident layout of one task's delta on one matrix: two CSR matrices with int32 indices.
+
+delta = u @ diag(s) @ v.T is kept as
+    vt = (v * s).T   [K, in]   one CSR row per singular vector (s folded into the values)
+    u                [out, K]  one CSR row per output feature
+so that both halves are the same product, "CSR rows times a dense activation block":
+    shrink:  h.T = vt @ x.T        expand:  y.T += u @ h.T
+The Triton path reads the same (crow, col, values) arrays. A factor denser than DENSE_ABOVE is kept
+dense instead (CSR loses to a dense GEMM there; e.g. LowRank deltas). docs/kernels.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DENSE_ABOVE = 0.25
+"""Density above which a factor is stored dense."""
+
+
+@dataclass(frozen=True)
+class CsrPart:
+    """One factor in CSR (or dense when `dense` is set): rows x cols."""
+
+    rows: int
+    cols: int
+    crow: Tensor
+    """[rows + 1] int32 row pointers (empty when dense)."""
+    col: Tensor
+    """[nnz] int32 column indices (empty when dense)."""
+    values: Tensor
+    """[nnz] values, or [rows, cols] when dense."""
+    dense: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.values))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def as_torch(self) -> Tensor:
+        """A torch tensor of shape [rows, cols]: sparse CSR (sharing storage) or the dense values."""
+        if self.dense:
+            return self.values
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(
+                self.crow, self.col, self.values, (self.rows, self.cols), check_invariants=False
+            )
+
+    def to_dense(self) -> Tensor:
+        """[rows, cols] float32 dense copy (for tests and reconstruction)."""
+        return self.as_torch().to_dense().float() if not self.dense else self.values.float()
+
+
+def pack_csr(mat: Tensor, *, device: torch.device, dtype: torch.dtype) -> CsrPart:
+    """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when denser than DENSE_ABOVE)."""
+    rows, cols = int(mat.shape[0]), int(mat.shape[1])
+    nnz = int(torch.count_nonzero(mat))
+    empty = torch.empty(0, dtype=torch.int32, device=device)
+    if mat.numel() and nnz / mat.numel() > DENSE_ABOVE:
+        return CsrPart(rows, cols, empty, empty, mat.to(device=device, dtype=dtype).contiguous(), True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        csr = mat.to_sparse_csr()
+    return CsrPart(
+        rows,
+        cols,
+        csr.crow_indices().to(device=device, dtype=torch.int32),
+        csr.col_indices().to(device=device, dtype=torch.int32),
+        csr.values().to(device=device, dtype=dtype),
+        False,
+    )
+
+
+@dataclass(frozen=True)
+class ResidentFactors:
+    """One task's delta of one matrix [out, in], resident in the kernel layout."""
+
+    vt: CsrPart
+    """[K, in]: (v * s).T."""
+    u: CsrPart
+    """[out, K]."""
+    vt_torch: Tensor
+    """vt as a torch tensor (CSR or dense), built once for the CPU path."""
+    u_torch: Tensor
+    """u as a torch tensor (CSR or dense), built once for the CPU path."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.rows, self.vt.cols)
+
+    @property
+    def rank(self) -> int:
+        return self.vt.rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.vt.nbytes + self.u.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.vt.values.device
+
+    def dense_delta(self) -> Tensor:
+        """[out, in] float32: u @ diag(s) @ v.T, reconstructed from the layout."""
+        return self.u.to_dense() @ self.vt.to_dense()
+
+
+def pack_factors(
+    u: Tensor, s: Tensor, v: Tensor, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ResidentFactors:
+    """Pack factors (contract A: u [out, K], s [K], v [in, K], float32) into the resident layout.
+
+    dtype is the storage type of the values. The CPU path keeps float32 whatever dtype says: torch's
+    CPU CSR product has no bfloat16 kernel, and upcasting per call would cost more than it saves.
+    """
+    if u.dim() != 2 or v.dim() != 2 or s.dim() != 1 or not (u.shape[1] == v.shape[1] == s.shape[0]):
+        raise ValueError(f"factors must be u [out, K], s [K], v [in, K]; got {u.shape}, {s.shape}, {v.shape}")
+    dev = torch.device(device)
+    store = torch.float32 if dev.type == "cpu" else dtype
+    vt = pack_csr((v.float() * s.float()).T.contiguous(), device=dev, dtype=store)
+    up = pack_csr(u.float().contiguous(), device=dev, dtype=store)
+    return ResidentFactors(vt=vt, u=up, vt_torch=vt.as_torch(), u_torch=up.as_torch())

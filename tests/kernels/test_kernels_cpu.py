@@ -1,0 +1,96 @@
+"""The CPU path against the reference on fresh random inputs across task mixes, shapes and dtypes.
+
+Outputs updated in place start from random garbage, so a path that skips rows (or writes rows it
+should not) fails; every case draws new inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix
+from kernels import reference as ref
+
+SHAPES = {"square": (48, 48), "wide": (40, 96), "tall_mlp": (112, 48), "gqa_kv": (16, 64)}
+RANKS = (6, 0, 13, None, 3)
+"""Per slot: rank (0 = empty matrix, None = no delta for this slot)."""
+
+
+def _factor_sets(out: int, inn: int, gen: torch.Generator) -> tuple[list, list]:
+    raw = [None if k is None else impart_factors(out, inn, k, gen) for k in RANKS]
+    raw[-1] = dense_factors(out, inn, 3, gen)
+    fast = [None if r is None else kernels.pack_factors(*r) for r in raw]
+    slow = [None if r is None else ref.pack_factors(*r) for r in raw]
+    return fast, slow
+
+
+def _tol(t: torch.Tensor, dtype: torch.dtype) -> dict:
+    scale = float(t.float().abs().max()) + 1.0
+    return {"rtol": 0, "atol": (1e-5 if dtype == torch.float32 else 2e-2) * scale}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", MIX_NAMES)
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_add_delta_matches_reference(mix: str, n: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(hash((mix, n, str(dtype))) % 2**31)
+    for shape in SHAPES.values():
+        fast, slow = _factor_sets(*shape, gen)
+        m = make_mix(mix, n, len(RANKS), gen)
+        x = torch.randn(n, shape[1], generator=gen).to(dtype)
+        poison = (torch.randn(n, shape[0], generator=gen) * 100).to(dtype)
+        want = ref.add_delta(poison.clone(), x, ref.plan_batch(m.row_slots, m.num_slots), slow)
+        got = kernels.add_delta(poison.clone(), x, kernels.plan_batch(m.row_slots, m.num_slots), fast)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), **_tol(want, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", MIX_NAMES)
+def test_shrink_then_expand_match_reference(mix: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(hash((mix, str(dtype), "se")) % 2**31)
+    fast, slow = _factor_sets(*SHAPES["wide"], gen)
+    m = make_mix(mix, 33, len(RANKS), gen)
+    x = torch.randn(33, 96, generator=gen).to(dtype)
+    fplan, rplan = kernels.plan_batch(m.row_slots, m.num_slots), ref.plan_batch(m.row_slots, m.num_slots)
+    h = kernels.shrink(x, fplan, fast)
+    torch.testing.assert_close(h, ref.shrink(x, rplan, slow), rtol=0, atol=1e-4)
+    poison = (torch.randn(33, 40, generator=gen) * 100).to(dtype)
+    got = kernels.expand(poison.clone(), h, fplan, fast)
+    want = ref.expand(poison.clone(), h, rplan, slow)
+    torch.testing.assert_close(got.float(), want.float(), **_tol(want, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", ["one", "distinct", "none"])
+def test_delta_linear_matches_reference(mix: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(hash((mix, str(dtype), "dl")) % 2**31)
+    fast, slow = _factor_sets(*SHAPES["tall_mlp"], gen)
+    m = make_mix(mix, 9, len(RANKS), gen)
+    x = torch.randn(9, 48, generator=gen).to(dtype)
+    w, b = torch.randn(112, 48, generator=gen).to(dtype), torch.randn(112, generator=gen).to(dtype)
+    got = kernels.delta_linear(x, w, b, kernels.plan_batch(m.row_slots, m.num_slots), fast)
+    want = ref.delta_linear(x, w, b, ref.plan_batch(m.row_slots, m.num_slots), slow)
+    assert got.dtype == dtype and got.shape == (9, 112)
+    torch.testing.assert_close(got.float(), want.float(), **_tol(want, dtype))
+
+
+@pytest.mark.parametrize("mix", MIX_NAMES)
+def test_embedding_delta_matches_reference(mix: str) -> None:
+    gen = torch.Generator().manual_seed(hash((mix, "emb")) % 2**31)
+    fast, slow = _factor_sets(200, 32, gen)
+    m = make_mix(mix, 25, len(RANKS), gen)
+    ids = torch.randint(0, 200, (25,), generator=gen)
+    got = kernels.embedding_delta(ids, kernels.plan_batch(m.row_slots, m.num_slots), fast, dtype=torch.bfloat16)
+    want = ref.embedding_delta(ids, ref.plan_batch(m.row_slots, m.num_slots), slow, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2 * (float(want.abs().max()) + 1))
+
+
+def test_all_slots_without_delta_leave_y_untouched() -> None:
+    y = torch.randn(5, 8)
+    plan = kernels.plan_batch(torch.tensor([0, 1, -1, 0, 1]), 2)
+    f0 = kernels.pack_factors(torch.zeros(8, 0), torch.zeros(0), torch.zeros(6, 0))
+    assert torch.equal(kernels.add_delta(y.clone(), torch.randn(5, 6), plan, [f0, None]), y)

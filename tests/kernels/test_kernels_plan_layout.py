@@ -1,0 +1,53 @@
+"""BatchPlan grouping and the resident layout (CSR int32, dense fallback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_mixes import dense_factors, impart_factors
+from kernels import pack_factors, plan_batch
+
+
+def test_plan_groups_rows_by_slot_and_detects_ranges() -> None:
+    plan = plan_batch(torch.tensor([1, 1, -1, 0, 2, 0, 1]), 4)
+    assert plan.order.tolist() == [3, 5, 0, 1, 6, 4]
+    assert plan.seg_starts.tolist() == [0, 2, 5, 6, 6]
+    by_slot = {r.slot: r for r in plan.slots}
+    assert sorted(by_slot) == [0, 1, 2]
+    assert by_slot[2].index is None and (by_slot[2].start, by_slot[2].stop) == (4, 5)
+    assert by_slot[0].index.tolist() == [3, 5]
+    assert by_slot[1].index.tolist() == [0, 1, 6]
+
+
+def test_plan_contiguous_slots_are_ranges() -> None:
+    plan = plan_batch(torch.tensor([0, 0, 0, 2, 2, -1]), 3)
+    assert [(r.slot, r.start, r.stop, r.index) for r in plan.slots] == [(0, 0, 3, None), (2, 3, 5, None)]
+
+
+def test_plan_rejects_out_of_range_slots() -> None:
+    with pytest.raises(ValueError):
+        plan_batch(torch.tensor([0, 3]), 3)
+
+
+def test_pack_roundtrip_and_index_bytes() -> None:
+    gen = torch.Generator().manual_seed(5)
+    u, s, v = impart_factors(64, 96, 20, gen)
+    f = pack_factors(u, s, v)
+    assert f.shape == (64, 96) and f.rank == 20
+    torch.testing.assert_close(f.dense_delta(), u @ torch.diag(s) @ v.T, rtol=1e-5, atol=1e-6)
+    nnz = int((u != 0).sum() + (v != 0).sum())
+    assert f.vt.col.dtype == torch.int32 and not f.u.dense
+    assert f.nbytes == nnz * 8 + (20 + 1 + 64 + 1) * 4
+
+
+def test_dense_factors_use_dense_storage() -> None:
+    gen = torch.Generator().manual_seed(6)
+    f = pack_factors(*dense_factors(16, 24, 4, gen))
+    assert f.u.dense and f.vt.dense and f.nbytes == (16 * 4 + 4 * 24) * 4
+
+
+def test_rank_zero_packs() -> None:
+    f = pack_factors(torch.zeros(8, 0), torch.zeros(0), torch.zeros(12, 0))
+    assert f.rank == 0 and f.shape == (8, 12)
+    assert torch.all(f.dense_delta() == 0)
