@@ -1,0 +1,24 @@
+"""The compressor's typed errors; each is a ValueError so callers can treat bad input uniformly."""
+
+from __future__ import annotations
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The fine-tune cannot be compressed against this base: other architecture, missing or extra tensor,
+    shape or dtype mismatch, not safetensors, unreadable or truncated file."""
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be used; the subclasses say why."""
+
+
+class WrongBaseError(ArtifactError):
+    """The artifact was made against another base (fingerprint or a tensor shape differs)."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """The artifact's bytes are damaged: truncated, not safetensors, bad manifest, checksum mismatch."""
+
+
+class UnsupportedVersionError(ArtifactError):
+    """The artifact's format version is not one this code reads."""

@@ -1,0 +1,65 @@
+"""Random drop masks that a 64-bit key regenerates exactly, so the artifact stores no index positions.
+
+Each column c of a [rows, K] mask drops exactly `drops[c]` entries: the entries whose keys
+splitmix64(key + c * rows + row) are the smallest in that column. splitmix64 is fixed integer
+arithmetic (written here, not a library RNG, because its stream must never change between
+versions or devices: an artifact written today must decode identically forever).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+MASK_SCHEME = "splitmix64-rank-v1"
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def mask_key(seed: int, name: str, side: str) -> int:
+    """The 64-bit key of one factor's mask, from the artifact seed, the tensor name and 'u' / 'v'."""
+    digest = hashlib.sha256(f"{seed}:{name}:{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def keep_mask(key: int, rows: int, drops: Sequence[int]) -> torch.Tensor:
+    """Bool keep-mask [rows, K]; column c keeps rows - drops[c] entries, chosen by `key`."""
+    k = len(drops)
+    if k == 0 or rows == 0:
+        return torch.ones(rows, k, dtype=torch.bool)
+    with np.errstate(over="ignore"):
+        idx = np.arange(rows * k, dtype=np.uint64).reshape(k, rows) + np.uint64(key)
+    order = np.argsort(_splitmix64(idx), axis=1, kind="stable")  # [K, rows]
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(rows), order.shape), axis=1)
+    keep = rank >= np.asarray(drops, dtype=np.int64)[:, None]  # [K, rows]
+    return torch.from_numpy(np.ascontiguousarray(keep.T))
+
+
+def gather_columns(matrix: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept entries of `matrix` [rows, K], column by column, each column top to bottom -> [nnz]."""
+    return matrix.t()[keep.t()]
+
+
+def scatter_columns(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Inverse of gather_columns: a float32 [rows, K] with `values` at the kept places, zeros elsewhere."""
+    out_t = torch.zeros(keep.shape[1], keep.shape[0], dtype=torch.float32)
+    out_t[keep.t()] = values.to(torch.float32)
+    return out_t.t().contiguous()
+
+
+def bitmask_bytes(rows: int, k: int) -> int:
+    """What a stored bitmask of a [rows, K] factor would cost, for comparison with a regenerated one."""
+    return (rows * k + 7) // 8

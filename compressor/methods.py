@@ -1,0 +1,97 @@
+"""The compression methods, each turning one 2-D delta into a ModuleCode.
+
+- impart: SVD, pre-prune to K vectors, importance-based drop ratios (budget.py), exact random drops
+  in U and V columns independently, survivors rescaled by 1/(1 - p_k); s dense.
+- lowrank: the top round(out*in / (CR (out+in))) singular vectors, dense.
+- dare: drop entries of the delta at random (exact count per row), rescale by 1/(1 - p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.budget import kept_budget, plan_drops, pre_prune
+from compressor.codec import VALUE_DTYPE, ModuleCode, drops_tensor
+from compressor.masks import gather_columns, keep_mask, mask_key
+from compressor.svd import SvdMode, top_svd
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Hyper-parameters shared by the methods (each uses the ones it needs)."""
+
+    ratio: float = 32.0
+    seed: int = 0
+    beta: float = 0.8
+    c: float = 0.5
+    svd: SvdMode = "auto"
+    device: str = "cpu"
+
+
+def encode_dense(name: str, delta: torch.Tensor) -> ModuleCode:
+    return ModuleCode(name, tuple(delta.shape), "dense", {"delta": delta.to(torch.float32).contiguous()})
+
+
+def encode_impart(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """ImPart on delta [out, in]."""
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    k, _ = pre_prune(shape, params.ratio, params.beta)
+    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    plan = plan_drops(s, shape, params.ratio, params.beta, params.c)
+    m = len(plan.u_drops)
+    return sparse_svd_code(name, shape, (u[:, :m], s[:m], v[:, :m]), plan.u_drops, plan.v_drops, params.seed)
+
+
+def encode_lowrank(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """Truncated SVD with as many dense vectors as the budget holds."""
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    k = min(min(shape), kept_budget(shape, params.ratio) // (shape[0] + shape[1]))
+    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    return sparse_svd_code(name, shape, (u, s, v), [0] * k, [0] * k, params.seed)
+
+
+def sparse_svd_code(
+    name: str,
+    shape: tuple[int, int],
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    u_drops: list[int] | tuple[int, ...],
+    v_drops: list[int] | tuple[int, ...],
+    seed: int,
+) -> ModuleCode:
+    """Drop u_drops[k] entries of u[:, k] and v_drops[k] of v[:, k] at random; keep the rescaled rest."""
+    u, s, v = factors  # u [out, K], s [K], v [in, K]
+    keys = {side: mask_key(seed, name, side) for side in ("u", "v")}
+    u_vals = _kept_rescaled(u, keep_mask(keys["u"], shape[0], u_drops), u_drops)
+    v_vals = _kept_rescaled(v, keep_mask(keys["v"], shape[1], v_drops), v_drops)
+    tensors = {
+        "s": s.to(torch.float32).contiguous(),
+        "u": u_vals,
+        "v": v_vals,
+        "u_drops": drops_tensor(u_drops, shape[0]),
+        "v_drops": drops_tensor(v_drops, shape[1]),
+    }
+    return ModuleCode(name, shape, "svd", tensors, {"u_key": f"{keys['u']:016x}", "v_key": f"{keys['v']:016x}"})
+
+
+def _kept_rescaled(x: torch.Tensor, keep: torch.Tensor, drops: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Survivors of x [rows, K] under keep, each column scaled by rows / (rows - drops): [nnz] float16."""
+    rows = x.shape[0]
+    scale = torch.tensor([rows / (rows - d) for d in drops], dtype=torch.float32) if len(drops) else torch.ones(0)
+    return gather_columns(x * scale, keep).to(VALUE_DTYPE).contiguous()
+
+
+def encode_dare(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """DARE: keep round(out*in / CR) entries at random (equal counts per row), rescaled per row."""
+    out, inp = int(delta.shape[0]), int(delta.shape[1])
+    total_drop = out * inp - kept_budget((out, inp), params.ratio)
+    base, extra = divmod(total_drop, out)
+    drops = [base + 1] * extra + [base] * (out - extra)
+    key = mask_key(params.seed, name, "d")
+    values = _kept_rescaled(delta.t().to(torch.float32), keep_mask(key, inp, drops), drops)
+    meta = {"key": f"{key:016x}", "drop_base": base, "drop_extra": extra}
+    return ModuleCode(name, (out, inp), "sparse", {"d": values}, meta)
+
+
+ENCODERS = {"impart": encode_impart, "lowrank": encode_lowrank, "dare": encode_dare}
