@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     """Redis URL of the shared registry when `registry` is `redis`."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server."""
+    delta_cache_bytes: int = Field(1 << 30, ge=1)
+    """Byte budget of resident task deltas in the engine (LRU beyond it; deltas in use are never evicted)."""
+    kv_cache_bytes: int = Field(512 << 20, ge=1)
+    """Byte budget of the engine's paged KV cache (sets how many tokens all running requests can hold)."""
+    max_batch_tokens: int = Field(512, ge=1)
+    """Most tokens (prefill chunks plus decodes) the engine runs in one step."""
+    max_running: int = Field(64, ge=1)
+    """Most requests the engine decodes at once; the rest wait in the queue."""
+    max_queue: int = Field(1024, ge=1)
+    """Most requests waiting for admission; beyond it new requests get HTTP 429."""
+    kv_block_size: int = Field(16, ge=1)
+    """Tokens per block of the paged KV cache."""
     admin_keys: str = ""
     """Admin keys for /admin, comma-separated; each a plain key or `sha256:<hex digest of the key>`."""
     api_keys: dict[str, list[str]] = {}

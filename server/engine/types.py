@@ -113,3 +113,30 @@ class InvalidRequestError(EngineError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class DeltaLoadError(EngineError):
+    """The task is published but its delta could not be made resident (corrupt or wrong-base artifact,
+    larger than the delta cache budget); HTTP 500/503 at the server's discretion."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for /metrics and the admin API."""
+
+    queue_depth: int
+    """Requests waiting to be admitted (including those whose delta is loading)."""
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    delta_hits: int
+    """Requests whose task's delta was resident when they arrived."""
+    delta_misses: int
+    resident_bytes: int
+    resident_tasks: tuple[str, ...]
+    load_seconds: float
+    """Total seconds spent loading deltas (read, check, unpack)."""
+    delta_loads: int
+    evictions: int
+    steps: int = 0
+    generated_tokens: int = 0

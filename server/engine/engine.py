@@ -1,0 +1,297 @@
+"""The Engine (contract D): one resident base, many tasks' deltas, continuous batching in a step thread.
+
+The step loop runs in its own thread: it takes new requests and aborts from an inbox, asks the
+scheduler for a plan, runs the model once for every scheduled row, and hands each request's chunk
+back to its asyncio queue. `generate` is the async generator the HTTP layer iterates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.config import Settings
+from server.engine.delta_cache import DeltaCache
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import KVCache, bytes_per_block
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, Sink
+from server.engine.types import (
+    DeltaLoadError,
+    DeltaSource,
+    EngineError,
+    EngineNotReadyError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    QueueFullError,
+    TaskNotFoundError,
+)
+from server.engine.validation import validate_request
+from server.model.config import ModelConfig
+from server.model.deltas import ResidentDelta, unpack_artifact
+from server.model.llama import LlamaModel
+from server.model.provision import resolve_base_model
+
+log = logging.getLogger("deltaserve.engine")
+IDLE_WAIT_S = 0.5
+LOAD_WAIT_S = 0.01
+
+
+class Engine:
+    def __init__(self, settings: Settings, source: DeltaSource) -> None:
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        self.source = source
+        self.base_dir = resolve_base_model(settings.base_model, settings.resolved(settings.model_cache))
+        self.base_name = Path(settings.base_model).name
+        self.config = ModelConfig.from_dir(self.base_dir)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.base_dir)
+        self.device = torch.device(settings.device)
+        self.dtype: torch.dtype = getattr(torch, settings.dtype)
+        blocks = settings.kv_cache_bytes // bytes_per_block(self.config, settings.kv_block_size, self.dtype)
+        self.max_model_len = min(self.config.max_position_embeddings, blocks * settings.kv_block_size)
+        self.eos_ids = frozenset(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._active: dict[str, Sequence] = {}
+        self._accepting = False
+        self._shutdown = False
+        self._thread: threading.Thread | None = None
+        self._counts = {"steps": 0, "tokens": 0, "waiting": 0, "running": 0}
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        """Load the base onto the device, size the KV cache, start the step thread."""
+        await asyncio.to_thread(self._build)
+        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    def _build(self) -> None:
+        started = time.perf_counter()
+        self.model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
+        self.kv = KVCache(self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype)
+        self.deltas = DeltaCache(self.source, self.settings.delta_cache_bytes, self._unpack, self._wake)
+        self.scheduler = Scheduler(self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens)
+        self.runner = ModelRunner(self.model, self.kv, self.tokenizer)
+        log.info("base %s loaded in %.1fs; KV cache %d blocks of %d tokens", self.base_name,
+                 time.perf_counter() - started, self.kv.num_blocks, self.kv.block_size)
+
+    def _unpack(self, task: str, data: bytes) -> ResidentDelta:
+        return unpack_artifact(task, data, self.base_dir, self.device, self.dtype)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let in-flight requests finish within `timeout`, then abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if hasattr(self, "deltas"):
+            self.deltas.close()
+
+    def _has_work(self) -> bool:
+        with self._cond:
+            return bool(self._inbox or self._active)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the request's chunks; closing the generator early aborts the request."""
+        if not self.ready:
+            raise EngineNotReadyError("the engine is starting or shutting down")
+        validate_request(request, self.max_model_len, self.config.vocab_size)
+        if request.task is not None and await asyncio.to_thread(self.source.lookup, request.task) is None:
+            raise TaskNotFoundError(f"task {request.task!r} is not published")
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        self._submit(self._sequence(request, _thread_safe_sink(queue)))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request.request_id)
+
+    def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        seed = request.params.seed
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids), request.params.stop)
+        return Sequence(request, detok, sink, self.max_model_len, generator)
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._counts["waiting"] + len(self._inbox) >= self.settings.max_queue:
+                raise QueueFullError(f"{self.settings.max_queue} requests are already waiting")
+            if seq.request_id in self._active:
+                raise EngineError(f"request id {seq.request_id!r} is already running")
+            self._active[seq.request_id] = seq
+            self._inbox.append(seq)
+            self._cond.notify_all()
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify_all()
+
+    async def prefetch(self, task: str) -> None:
+        """Make the task's delta resident (admin "warm"); raises TaskNotFoundError / DeltaLoadError."""
+        if not hasattr(self, "deltas"):
+            raise EngineNotReadyError("the engine has not loaded its base yet")
+        try:
+            await asyncio.wrap_future(self.deltas.prefetch(task))
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise DeltaLoadError(f"delta of {task!r} failed to load: {exc}") from exc
+
+    def invalidate(self, task: str) -> None:
+        if hasattr(self, "deltas"):
+            self.deltas.invalidate(task)
+
+    def stats(self) -> EngineStats:
+        counters = self.deltas.counters if hasattr(self, "deltas") else None
+        kv = getattr(self, "kv", None)
+        return EngineStats(
+            queue_depth=self._counts["waiting"] + len(self._inbox),
+            running=self._counts["running"],
+            kv_blocks_used=kv.used_blocks if kv else 0,
+            kv_blocks_total=kv.num_blocks if kv else 0,
+            delta_hits=counters.hits if counters else 0,
+            delta_misses=counters.misses if counters else 0,
+            resident_bytes=self.deltas.resident_bytes if counters else 0,
+            resident_tasks=tuple(self.deltas.resident_tasks) if counters else (),
+            load_seconds=counters.load_seconds if counters else 0.0,
+            delta_loads=counters.loads if counters else 0,
+            evictions=counters.evictions if counters else 0,
+            steps=self._counts["steps"],
+            generated_tokens=self._counts["tokens"],
+        )
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._shutdown:
+                    break
+                self._take_inbox()
+                if not self.scheduler.has_work():
+                    self._cond.wait(IDLE_WAIT_S)
+                    continue
+            self._step_guarded()
+        self._abort_all()
+
+    def _take_inbox(self) -> None:
+        """Under the lock: move new sequences to the scheduler and apply pending aborts."""
+        for seq in self._inbox:
+            self.scheduler.add(seq)
+        self._inbox.clear()
+        for request_id in self._aborts:
+            seq = self._active.get(request_id)
+            if seq is not None:
+                self._end(seq, "abort")
+        self._aborts.clear()
+
+    def _step_guarded(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:
+            log.exception("engine step failed; ending the running requests")
+            for seq in list(self.scheduler.running):
+                self._fail(seq, EngineError(f"engine step failed: {exc}"))
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq, error in plan.failed:
+            self._fail(seq, error if isinstance(error, EngineError) else DeltaLoadError(str(error)))
+        self._counts["waiting"], self._counts["running"] = len(self.scheduler.waiting), len(self.scheduler.running)
+        if not plan.chunks:
+            with self._cond:
+                self._cond.wait(LOAD_WAIT_S)
+            return
+        sampling, tokens, logprobs = self.runner.step(plan.chunks)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        for chunk, token, logprob in zip(sampling, tokens, logprobs):
+            self._append(chunk.seq, token, logprob)
+        self._counts["steps"] += 1
+        self._counts["tokens"] += len(tokens)
+
+    def _append(self, seq: Sequence, token: int, logprob: Any) -> None:
+        """Record one sampled token, decide whether the sequence is done, and send its chunk."""
+        seq.output.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        params = seq.request.params
+        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
+        if not stop_token:
+            seq.detok.add(token)
+        if stop_token or seq.detok.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= params.max_tokens or seq.length >= seq.max_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._release(seq)
+        seq.sink(seq.chunk((token,), seq.finish_reason is not None))
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason  # type: ignore[assignment]
+        self._release(seq)
+        seq.sink(seq.chunk((), True))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self._release(seq)
+        seq.sink(error)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        with self._cond:
+            self._active.pop(seq.request_id, None)
+
+    def _abort_all(self) -> None:
+        with self._cond:
+            self._take_inbox()
+            pending = list(self._active.values())
+        for seq in pending:
+            self._end(seq, "abort")
+
+
+def _thread_safe_sink(queue: asyncio.Queue[GenerationChunk | BaseException]) -> Sink:
+    loop = asyncio.get_running_loop()
+
+    def put(item: GenerationChunk | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass
+
+    return put
+
+
+def _tokenizer_eos(tokenizer: Any) -> frozenset[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return frozenset({eos}) if isinstance(eos, int) else frozenset()

@@ -1,0 +1,140 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step spends a token budget: running decodes first (oldest first), then prefill chunks of running
+sequences, then new admissions in arrival order. A waiting request is admitted only once its task's
+delta is resident; one whose delta is loading is passed over (others keep running), while one that
+finds no room for its delta, or no KV blocks, holds the queue until pins and blocks drain, so nothing
+behind it can starve it. When blocks run out mid-flight the newest sequence is preempted (its blocks
+freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.engine.delta_cache import DeltaCache, DeltaState
+from server.engine.kv_cache import KVCache
+from server.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    """Index of the chunk's first token in the sequence (tokens before it are cached)."""
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence, so its last row yields the next token."""
+        return self.start + self.num_tokens == self.seq.length
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    failed: tuple[tuple[Sequence, BaseException], ...]
+    """Waiting sequences whose delta failed to load: the engine ends them with the error."""
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, deltas: DeltaCache, max_running: int, max_batch_tokens: int) -> None:
+        self.kv = kv
+        self.deltas = deltas
+        self.max_running = max_running
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if seq.task is not None:
+            self.deltas.request(seq.task)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        chunks: list[ScheduledChunk] = []
+        budget = self.max_batch_tokens
+        for seq in sorted(self.running, key=lambda s: (s.uncomputed > 1, s.arrival)):
+            if budget == 0:
+                break
+            if seq.status is Status.RUNNING and self._reserve(seq, min(seq.uncomputed, budget), chunks):
+                chunks.append(ScheduledChunk(seq, seq.num_computed, min(seq.uncomputed, budget)))
+                budget -= chunks[-1].num_tokens
+        failed = self._admit(chunks, budget)
+        return StepPlan(tuple(chunks), tuple(failed))
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> list[tuple[Sequence, BaseException]]:
+        failed: list[tuple[Sequence, BaseException]] = []
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_running:
+                break
+            state = self.deltas.state(seq.task) if seq.task is not None else DeltaState.READY
+            if state is DeltaState.FAILED:
+                failed.extend(self._fail_task(seq.task))
+                continue
+            if state is DeltaState.LOADING:
+                continue
+            n = min(seq.uncomputed, budget)
+            if state is DeltaState.NO_ROOM or not self.kv.can_allocate(self.kv.blocks_needed(0, n)):
+                break
+            self._start(seq, n)
+            chunks.append(ScheduledChunk(seq, 0, n))
+            budget -= n
+        return failed
+
+    def _start(self, seq: Sequence, num_tokens: int) -> None:
+        seq.blocks = self.kv.allocate(self.kv.blocks_needed(0, num_tokens))
+        seq.delta_entry = self.deltas.acquire(seq.task) if seq.task is not None else None
+        seq.status = Status.RUNNING
+        self.waiting.remove(seq)
+        self.running.append(seq)
+
+    def _fail_task(self, task: str | None) -> list[tuple[Sequence, BaseException]]:
+        error = self.deltas.take_failure(task) if task is not None else None
+        doomed = [s for s in self.waiting if s.task == task]
+        for seq in doomed:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+        return [(seq, error or RuntimeError(f"delta of {task!r} failed to load")) for seq in doomed]
+
+    def _reserve(self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk]) -> bool:
+        """Give `seq` the blocks for `num_tokens` more tokens, preempting the newest unscheduled sequences."""
+        need = self.kv.blocks_needed(len(seq.blocks), seq.num_computed + num_tokens)
+        scheduled = {id(c.seq) for c in chunks}
+        while not self.kv.can_allocate(need):
+            victims = [s for s in self.running if id(s) not in scheduled]
+            if not victims:
+                return False
+            victim = max(victims, key=lambda s: s.arrival)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        seq.blocks.extend(self.kv.allocate(need))
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and pin; it waits again in arrival order and is recomputed."""
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+        self.waiting.sort(key=lambda s: s.arrival)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence, wherever it is, freeing its blocks and pin."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.kv.free(seq.blocks)
+        seq.blocks = []
+        if seq.delta_entry is not None:
+            self.deltas.release(seq.delta_entry)
+            seq.delta_entry = None

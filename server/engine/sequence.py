@@ -1,0 +1,85 @@
+"""One request's life inside the engine: its tokens, KV blocks, task slot, sampler state and output sink."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
+
+Sink = Callable[[GenerationChunk | BaseException], None]
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    sink: Sink
+    max_len: int
+    """Prompt plus output may not exceed this many tokens (the context)."""
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose K/V is in the cache."""
+    status: Status = Status.WAITING
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    delta_entry: Any = None
+    """The pinned delta-cache entry while running with a task (None for the base)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def task(self) -> str | None:
+        return self.request.task
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def uncomputed(self) -> int:
+        """Tokens still to run through the model before the next one can be sampled."""
+        return self.length - self.num_computed
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[index] if index < n else self.output[index - n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        return [self.token_at(i) for i in range(start, stop)]
+
+    def chunk(self, token_ids: tuple[int, ...], final: bool) -> GenerationChunk:
+        """The chunk that reports `token_ids` and the text they completed; clears pending logprobs."""
+        logprobs = tuple(self.pending_logprobs) if self.request.params.logprobs is not None else None
+        self.pending_logprobs = []
+        return GenerationChunk(
+            request_id=self.request_id,
+            text=self.detok.flush(final),
+            token_ids=token_ids,
+            finish_reason=self.finish_reason if final else None,
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.output),
+            logprobs=logprobs,
+        )

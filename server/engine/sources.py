@@ -1,0 +1,46 @@
+"""LocalDirDeltaSource: a folder of `<task>.safetensors` artifacts, for the engine's tests and benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from server.engine.types import TaskRef
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SUFFIX = ".safetensors"
+
+
+class LocalDirDeltaSource:
+    """Implements DeltaSource over `folder/<task>.safetensors`; the version is always 1."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, task: str) -> Path | None:
+        if not TASK_NAME.match(task):
+            return None
+        path = self.folder / f"{task}{SUFFIX}"
+        return path if path.is_file() else None
+
+    def lookup(self, task: str) -> TaskRef | None:
+        path = self._path(task)
+        if path is None:
+            return None
+        data = path.read_bytes()
+        stat = path.stat()
+        return TaskRef(task, 1, hashlib.sha256(data).hexdigest(), len(data), created=stat.st_mtime)
+
+    def read(self, ref: TaskRef) -> bytes:
+        path = self._path(ref.task)
+        if path is None:
+            raise FileNotFoundError(f"{ref.task}: no artifact in {self.folder}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ValueError(f"{path}: sha256 does not match {ref.sha256} (changed since lookup)")
+        return data
+
+    def tasks(self) -> list[TaskRef]:
+        names = sorted(p.name[: -len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}"))
+        return [ref for ref in map(self.lookup, names) if ref is not None]

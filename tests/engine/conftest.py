@@ -1,0 +1,56 @@
+"""Engine test helpers: an Engine on a tiny model, and a plain transformers twin for reference outputs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.config import load_settings
+from server.engine.engine import Engine
+from server.engine.sources import LocalDirDeltaSource
+from server.engine.types import GenerationChunk, GenerationRequest, SamplingParams
+
+
+def make_engine(base: Path, tasks_dir: Path, **overrides: object) -> Engine:
+    settings = load_settings(base_model=str(base), **overrides)
+    return Engine(settings, LocalDirDeltaSource(tasks_dir))
+
+
+@pytest.fixture()
+async def tiny_engine(tiny_model: Path, tmp_path: Path) -> AsyncIterator[Engine]:
+    engine = make_engine(tiny_model, tmp_path, kv_cache_bytes=4 << 20)
+    await engine.start()
+    yield engine
+    await engine.stop(timeout=1.0)
+
+
+def greedy(max_tokens: int, **kw: object) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)  # type: ignore[arg-type]
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> list[GenerationChunk]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def output_ids(chunks: list[GenerationChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of a transformers model (EOS not special) and its logits at each step: [steps, vocab]."""
+    tokens, logits, cache = [], [], None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0, -1])
+            tokens.append(int(out.logits[0, -1].argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens, torch.stack(logits)
+
+
+LoadHF = Callable[[Path], torch.nn.Module]
