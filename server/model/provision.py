@@ -280,3 +280,41 @@ def _tiny_weights(config: dict[str, object], gen: "object") -> dict[str, "object
 
 def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_synthetic_finetune(base_dir: Path, dest: Path, seed: int, scale: float = 0.05, rank: int = 8) -> Path:
+    """A stand-in fine-tune of `base_dir` at `dest`: every 2-D weight moved by a random rank-`rank`
+    update (relative size `scale`) plus small noise, every 1-D weight by small noise; config and
+    tokenizer files copied. For tests and benchmarks until real fine-tunes exist."""
+    return _publish(lambda tmp: _build_finetune(Path(base_dir), tmp, seed, scale, rank), dest)
+
+
+def _build_finetune(base_dir: Path, tmp: Path, seed: int, scale: float, rank: int) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                tensors[name] = _perturbed(fh.get_tensor(name), gen, scale, rank)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for path in base_dir.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name != MANIFEST:
+            shutil.copyfile(path, tmp / path.name)
+
+
+def _perturbed(weight: "object", gen: "object", scale: float, rank: int) -> "object":
+    import torch
+
+    w = weight.float()
+    size = float(w.std()) * scale if w.numel() > 1 else scale
+    if w.dim() == 1:
+        return (w + torch.randn(w.shape, generator=gen) * size).to(weight.dtype).contiguous()
+    out_dim, in_dim = w.shape
+    left = torch.randn(out_dim, rank, generator=gen)
+    right = torch.randn(rank, in_dim, generator=gen)
+    update = (left @ right) * (size / rank**0.5) + torch.randn(w.shape, generator=gen) * size * 0.1
+    return (w + update).to(weight.dtype).contiguous()

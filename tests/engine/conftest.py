@@ -54,3 +54,50 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[li
 
 
 LoadHF = Callable[[Path], torch.nn.Module]
+
+
+TASKS = ("alpha", "beta", "gamma", "delta")
+
+
+def _publish_tasks(base: Path, root: Path, names: tuple[str, ...], seed0: int) -> Path:
+    """Synthetic fine-tunes of `base`, ImPart-compressed into root/tasks/<name>.safetensors."""
+    from compressor import compress
+    from server.model.provision import write_synthetic_finetune
+
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        tuned = write_synthetic_finetune(base, root / f"ft-{name}", seed=seed0 + i, scale=0.6)
+        compress(base, tuned, tasks / f"{name}.safetensors", method="impart", ratio=8.0, seed=i)
+    return tasks
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four ImPart artifacts of the tiny (untied) base, named TASKS."""
+    return _publish_tasks(tiny_model, tmp_path_factory.mktemp("tiny-tasks"), TASKS, 100)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_tasks(tiny_tied_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two ImPart artifacts of the tiny tied base, named TASKS[:2]."""
+    return _publish_tasks(tiny_tied_model, tmp_path_factory.mktemp("tied-tasks"), TASKS[:2], 200)
+
+
+def merged_hf(base: Path, artifact: Path | None) -> torch.nn.Module:
+    """A plain transformers model whose weights are W_base + the artifact's reconstructed delta."""
+    from compressor import load_artifact
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if artifact is not None:
+        merged = load_artifact(artifact, base).merged_state_dict(load_base_state(base))
+        missing, unexpected = model.load_state_dict(merged, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return model
+
+
+def load_base_state(base: Path) -> dict[str, torch.Tensor]:
+    from server.model.llama import load_state_dict
+
+    return load_state_dict(base, torch.device("cpu"), torch.float32)

@@ -1,0 +1,90 @@
+"""Decoupled serving equals merged weights: rows of four tasks and of the base in one forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.types import GenerationRequest
+from server.model.attention import AttentionMeta, PrefillChunk
+from server.model.deltas import StepDeltas, unpack_artifact
+from server.model.llama import ForwardBatch, LlamaModel
+from tests.engine.conftest import TASKS, collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
+
+ROW_TASKS = ("alpha", None, "beta", "gamma", None, "delta")
+
+
+def _mixed_prefill(model: LlamaModel, tasks_dir: Path, seq_tasks: tuple[str | None, ...], prompts: list[list[int]]) -> torch.Tensor:
+    """Prefill every prompt in ONE forward, each under its task; logits of every row: [rows, vocab]."""
+    kv = KVCache(model.config, 8 << 20, 16, torch.device("cpu"), torch.float32)
+    names = sorted({t for t in seq_tasks if t is not None})
+    resident = [unpack_artifact(t, (tasks_dir / f"{t}.safetensors").read_bytes(), None, model.device, model.dtype) for t in names]
+    ids, positions, slots, chunks, row_slots = [], [], [], [], []
+    for task, prompt in zip(seq_tasks, prompts):
+        token_slots = kv.token_slots(kv.allocate(kv.blocks_needed(0, len(prompt))), len(prompt))
+        chunks.append(PrefillChunk(len(ids), len(prompt), len(prompt), token_slots))
+        ids += prompt
+        positions += range(len(prompt))
+        slots.append(token_slots)
+        row_slots += [names.index(task) if task else -1] * len(prompt)
+    rows = torch.arange(len(ids))
+    batch = ForwardBatch(torch.tensor(ids), torch.tensor(positions), rows, AttentionMeta(torch.cat(slots), None, tuple(chunks)))
+    return model.forward(batch, kv.layers, StepDeltas(resident, torch.tensor(row_slots), rows, model.dtype))
+
+
+def _prompts(n: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
+
+
+@pytest.mark.parametrize(("base_fixture", "tasks_fixture", "seq_tasks"), [
+    ("tiny_model", "tiny_tasks", ROW_TASKS),
+    ("tiny_tied_model", "tiny_tied_tasks", ("alpha", None, "beta")),
+])
+def test_mixed_task_batch_logits_equal_merged_models(
+    base_fixture: str, tasks_fixture: str, seq_tasks: tuple[str | None, ...], request: pytest.FixtureRequest
+) -> None:
+    base, tasks_dir = request.getfixturevalue(base_fixture), request.getfixturevalue(tasks_fixture)
+    model = LlamaModel.from_dir(base)
+    prompts = _prompts(len(seq_tasks), model.config.vocab_size)
+    logits = _mixed_prefill(model, tasks_dir, seq_tasks, prompts)
+    start = 0
+    for task, prompt in zip(seq_tasks, prompts):
+        reference = merged_hf(base, tasks_dir / f"{task}.safetensors" if task else None)
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        assert (logits[start : start + len(prompt)] - expected).abs().max() < 1e-4, task
+        start += len(prompt)
+
+
+def test_tasks_change_the_output(tiny_model: Path, tiny_tasks: Path) -> None:
+    """Guards the test above against deltas too small to matter: each task's logits differ from the base's."""
+    model = LlamaModel.from_dir(tiny_model)
+    prompt = _prompts(1, model.config.vocab_size)[0]
+    logits = _mixed_prefill(model, tiny_tasks, (None, *TASKS), [prompt] * 5)
+    per_seq = logits.view(5, len(prompt), -1)
+    for i in range(1, 5):
+        assert (per_seq[i] - per_seq[0]).abs().max() > 0.1
+
+
+async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: Path, tiny_tasks: Path) -> None:
+    prompts = _prompts(len(ROW_TASKS), 400)
+    engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20)
+    await engine.start()
+    try:
+        requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(24, logprobs=0))
+                    for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    finally:
+        await engine.stop(timeout=1.0)
+    for task, prompt, chunks in zip(ROW_TASKS, prompts, results):
+        reference = merged_hf(tiny_model, tiny_tasks / f"{task}.safetensors" if task else None)
+        tokens, logits = hf_greedy(reference, prompt, 24)
+        assert output_ids(chunks) == tokens, task
+        ours = torch.tensor([lp.logprob for c in chunks for lp in c.logprobs])
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (ours - expected).abs().max() < 1e-4, task
