@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -58,12 +59,12 @@ class CsrPart:
         return self.as_torch().to_dense().float() if not self.dense else self.values.float()
 
 
-def pack_csr(mat: Tensor, *, device: torch.device, dtype: torch.dtype) -> CsrPart:
-    """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when denser than DENSE_ABOVE)."""
+def pack_csr(mat: Tensor, *, device: torch.device, dtype: torch.dtype, allow_dense: bool) -> CsrPart:
+    """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when allowed and denser than DENSE_ABOVE)."""
     rows, cols = int(mat.shape[0]), int(mat.shape[1])
     nnz = int(torch.count_nonzero(mat))
     empty = torch.empty(0, dtype=torch.int32, device=device)
-    if mat.numel() and nnz / mat.numel() > DENSE_ABOVE:
+    if allow_dense and mat.numel() and nnz / mat.numel() > DENSE_ABOVE:
         return CsrPart(rows, cols, empty, empty, mat.to(device=device, dtype=dtype).contiguous(), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,17 +114,26 @@ class ResidentFactors:
 
 
 def pack_factors(
-    u: Tensor, s: Tensor, v: Tensor, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    u: Tensor,
+    s: Tensor,
+    v: Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: Literal["cpu", "triton"] | None = None,
 ) -> ResidentFactors:
     """Pack factors (contract A: u [out, K], s [K], v [in, K], float32) into the resident layout.
 
-    dtype is the storage type of the values. The CPU path keeps float32 whatever dtype says: torch's
-    CPU CSR product has no bfloat16 kernel, and upcasting per call would cost more than it saves.
+    backend (default: "triton" on CUDA, else "cpu") decides the storage:
+      cpu:    float32 values whatever dtype says (torch's CPU CSR product has no bfloat16 kernel, and
+              upcasting per call costs more than it saves); dense storage above DENSE_ABOVE density.
+      triton: values in dtype; always CSR.
     """
     if u.dim() != 2 or v.dim() != 2 or s.dim() != 1 or not (u.shape[1] == v.shape[1] == s.shape[0]):
         raise ValueError(f"factors must be u [out, K], s [K], v [in, K]; got {u.shape}, {s.shape}, {v.shape}")
     dev = torch.device(device)
-    store = torch.float32 if dev.type == "cpu" else dtype
-    vt = pack_csr((v.float() * s.float()).T.contiguous(), device=dev, dtype=store)
-    up = pack_csr(u.float().contiguous(), device=dev, dtype=store)
+    on_cpu = (backend or ("triton" if dev.type == "cuda" else "cpu")) == "cpu"
+    store = torch.float32 if on_cpu else dtype
+    vt = pack_csr((v.float() * s.float()).T.contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
+    up = pack_csr(u.float().contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
     return ResidentFactors(vt=vt, u=up, vt_torch=vt.as_torch(), u_torch=up.as_torch())

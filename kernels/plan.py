@@ -13,6 +13,8 @@ class SlotRows:
     """The rows of one slot: a contiguous range [start, stop) when they are one, else an index tensor."""
 
     slot: int
+    offset: int
+    """Position of the slot's first row in BatchPlan.order."""
     start: int
     stop: int
     index: Tensor | None
@@ -82,7 +84,7 @@ def _slot_rows(order: Tensor, seg_starts: list[int]) -> tuple[SlotRows, ...]:
             continue
         first, last = host_order[lo], host_order[hi - 1]
         if last - first == hi - lo - 1:
-            out.append(SlotRows(slot, first, last + 1, None))
+            out.append(SlotRows(slot, lo, first, last + 1, None))
         else:
-            out.append(SlotRows(slot, 0, 0, order[lo:hi]))
+            out.append(SlotRows(slot, lo, 0, hi - lo, order[lo:hi]))
     return tuple(out)

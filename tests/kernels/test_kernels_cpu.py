@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix
+from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, seed_of
 from kernels import reference as ref
 
 SHAPES = {"square": (48, 48), "wide": (40, 96), "tall_mlp": (112, 48), "gqa_kv": (16, 64)}
@@ -35,7 +35,7 @@ def _tol(t: torch.Tensor, dtype: torch.dtype) -> dict:
 @pytest.mark.parametrize("mix", MIX_NAMES)
 @pytest.mark.parametrize("n", [1, 7, 300])
 def test_add_delta_matches_reference(mix: str, n: int, dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(hash((mix, n, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(seed_of((mix, n, dtype)))
     for shape in SHAPES.values():
         fast, slow = _factor_sets(*shape, gen)
         m = make_mix(mix, n, len(RANKS), gen)
@@ -50,7 +50,7 @@ def test_add_delta_matches_reference(mix: str, n: int, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mix", MIX_NAMES)
 def test_shrink_then_expand_match_reference(mix: str, dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(hash((mix, str(dtype), "se")) % 2**31)
+    gen = torch.Generator().manual_seed(seed_of((mix, dtype, "se")))
     fast, slow = _factor_sets(*SHAPES["wide"], gen)
     m = make_mix(mix, 33, len(RANKS), gen)
     x = torch.randn(33, 96, generator=gen).to(dtype)
@@ -66,7 +66,7 @@ def test_shrink_then_expand_match_reference(mix: str, dtype: torch.dtype) -> Non
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mix", ["one", "distinct", "none"])
 def test_delta_linear_matches_reference(mix: str, dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(hash((mix, str(dtype), "dl")) % 2**31)
+    gen = torch.Generator().manual_seed(seed_of((mix, dtype, "dl")))
     fast, slow = _factor_sets(*SHAPES["tall_mlp"], gen)
     m = make_mix(mix, 9, len(RANKS), gen)
     x = torch.randn(9, 48, generator=gen).to(dtype)
@@ -79,7 +79,7 @@ def test_delta_linear_matches_reference(mix: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("mix", MIX_NAMES)
 def test_embedding_delta_matches_reference(mix: str) -> None:
-    gen = torch.Generator().manual_seed(hash((mix, "emb")) % 2**31)
+    gen = torch.Generator().manual_seed(seed_of((mix, "emb")))
     fast, slow = _factor_sets(200, 32, gen)
     m = make_mix(mix, 25, len(RANKS), gen)
     ids = torch.randint(0, 200, (25,), generator=gen)
