@@ -95,3 +95,12 @@ def test_build_uses_the_cpu_dockerfile(compose: dict) -> None:
     build = compose["services"]["deltaserve"]["build"]
     assert (REPO / build["context"] / build["dockerfile"]).is_file()
     assert Path(build["dockerfile"]).name == "Dockerfile.cpu"
+
+
+def test_gateway_ring_has_one_name_per_scaled_container(compose: dict) -> None:
+    """nginx places ring points by server name; compose names scaled containers <project>-<service>-N."""
+    servers = compose["services"]["gateway"]["environment"]["GATEWAY_UPSTREAM_SERVERS"]
+    names = re.findall(r"server (\S+) resolve ", servers)
+    port = compose["services"]["deltaserve"]["environment"]["DELTASERVE_PORT"]
+    assert names == [f"{compose['name']}-deltaserve-{i}:{port}" for i in range(1, len(names) + 1)]
+    assert len(names) >= 2

@@ -5,6 +5,7 @@ against a recent Kubernetes offline, and are wired together (selectors, names, p
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from functools import lru_cache
 
@@ -51,7 +52,7 @@ def _containers(pod: dict) -> list[dict]:
 
 
 def _server(docs: list[dict]) -> dict:
-    pod = _one(docs, "Deployment", "deltaserve")["spec"]["template"]
+    pod = _one(docs, "StatefulSet", "deltaserve")["spec"]["template"]
     return next(c for c in pod["spec"]["containers"] if c["name"] == "server")
 
 
@@ -66,7 +67,7 @@ def test_validator_knows_the_pinned_kubernetes_version() -> None:
 
 def test_overlays_render_every_component(docs: list[dict]) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for expected in [("Namespace", "deltaserve"), ("Deployment", "deltaserve"), ("Deployment", "deltaserve-gateway"),
+    for expected in [("Namespace", "deltaserve"), ("StatefulSet", "deltaserve"), ("Deployment", "deltaserve-gateway"),
                      ("StatefulSet", "deltaserve-redis"), ("Service", "deltaserve"), ("Service", "deltaserve-replicas"),
                      ("Service", "deltaserve-redis"), ("PersistentVolumeClaim", "deltaserve-models"),
                      ("Secret", "deltaserve-keys"), ("PodDisruptionBudget", "deltaserve"),
@@ -81,7 +82,7 @@ def test_every_manifest_passes_strict_validation(docs: list[dict]) -> None:
 
 
 def test_strict_validation_rejects_a_misspelt_field(docs: list[dict]) -> None:
-    deployment = _one(docs, "Deployment", "deltaserve")
+    deployment = _one(docs, "StatefulSet", "deltaserve")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -133,7 +134,7 @@ def test_keys_come_from_the_secret_which_git_leaves_empty(docs: list[dict]) -> N
 
 
 def test_init_container_provisions_the_model_into_the_shared_claim(docs: list[dict]) -> None:
-    pod = _one(docs, "Deployment", "deltaserve")["spec"]["template"]["spec"]
+    pod = _one(docs, "StatefulSet", "deltaserve")["spec"]["template"]["spec"]
     claim = next(v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")
                  == "deltaserve-models")
     init = pod["initContainers"][0]
@@ -189,7 +190,7 @@ def test_pods_meet_the_restricted_pod_security_standard(docs: list[dict]) -> Non
 
 
 def test_shutdown_grace_covers_the_drain(docs: list[dict]) -> None:
-    pod = _one(docs, "Deployment", "deltaserve")["spec"]["template"]["spec"]
+    pod = _one(docs, "StatefulSet", "deltaserve")["spec"]["template"]["spec"]
     pause = int(_server(docs)["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > float(_settings(docs)["DELTASERVE_SHUTDOWN_TIMEOUT"]) + pause
 
@@ -197,7 +198,7 @@ def test_shutdown_grace_covers_the_drain(docs: list[dict]) -> None:
 def test_gpu_overlay_requests_a_gpu_on_gpu_nodes_and_cpu_overlay_does_not() -> None:
     for overlay in OVERLAYS:
         docs = list(_render(overlay))
-        pod = _one(docs, "Deployment", "deltaserve")["spec"]["template"]["spec"]
+        pod = _one(docs, "StatefulSet", "deltaserve")["spec"]["template"]["spec"]
         resources = _server(docs)["resources"]
         gpu = overlay == "gpu"
         assert (resources["limits"].get("nvidia.com/gpu") == "1") is gpu
@@ -213,10 +214,22 @@ def test_gateway_gets_its_files_and_resolves_the_ready_replicas(docs: list[dict]
     used = {m for t in (GATEWAY / "templates").glob("*.template") for m in GATEWAY_VAR.findall(t.read_text())}
     assert used <= set(env)
     replicas = _one(docs, "Service", "deltaserve-replicas")
-    assert f"{replicas['metadata']['name']}.$(POD_NAMESPACE)." in env["GATEWAY_UPSTREAM_SERVERS"]
-    assert " resolve " in env["GATEWAY_UPSTREAM_SERVERS"] and replicas["spec"]["clusterIP"] == "None"
-    assert replicas["spec"]["publishNotReadyAddresses"] is False
+    assert replicas["spec"]["clusterIP"] == "None" and replicas["spec"]["publishNotReadyAddresses"] is False
     config = {v["name"]: v["configMap"]["name"] for v in gateway["volumes"] if "configMap" in v}
     nginx = _one(docs, "ConfigMap", config["nginx-conf"])["data"]["nginx.conf"]
     assert nginx == (GATEWAY / "nginx.conf").read_text()
     assert _one(docs, "ConfigMap", config["njs"])["data"]["deltaserve.js"] == (GATEWAY / "njs/deltaserve.js").read_text()
+
+
+def test_gateway_ring_has_one_name_per_possible_server_replica(docs: list[dict]) -> None:
+    """nginx places ring points by server name; one name per pod, up to the autoscaler's maximum."""
+    server = _one(docs, "StatefulSet", "deltaserve")
+    service = server["spec"]["serviceName"]
+    gateway = _one(docs, "Deployment", "deltaserve-gateway")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value", "") for e in gateway["containers"][0]["env"]}
+    names = re.findall(r"server (\S+) resolve ", env["GATEWAY_UPSTREAM_SERVERS"])
+    port = _settings(docs)["DELTASERVE_PORT"]
+    most = _one(docs, "HorizontalPodAutoscaler", "deltaserve")["spec"]["maxReplicas"]
+    expected = [f"deltaserve-{i}.{service}.$(POD_NAMESPACE).svc.cluster.local:{port}" for i in range(len(names))]
+    assert names == expected and len(names) >= most
+    assert server["spec"]["podManagementPolicy"] == "Parallel"
