@@ -186,6 +186,20 @@ def test_replica_answering_503_hands_its_tasks_to_another(gateway: Gateway) -> N
         assert gateway.route(task=task) != port
 
 
+def _post(gateway: Gateway, path: str, body: bytes) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}{path}", data=body,
+                                     headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status
+
+
+@needs_nginx
+def test_bodies_too_large_to_read_still_reach_a_replica(gateway: Gateway) -> None:
+    big = b"{" + b" " * (3 << 20) + b"}"
+    assert _post(gateway, "/admin/tasks/t/upload", big) == 200
+    assert _post(gateway, "/v1/chat/completions", big) == 200
+
+
 @needs_nginx
 def test_gateway_answers_its_own_health_path(gateway: Gateway) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/gateway/health", timeout=5) as response:
