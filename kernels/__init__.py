@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels import cpu, reference
-from kernels.layout import ResidentFactors, pack_factors
+from kernels.layout import ResidentFactors, pack_factors, stack_factors
 from kernels.plan import BatchPlan, plan_batch
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "plan_batch",
     "reference",
     "shrink",
+    "stack_factors",
 ]
 
 Factors = Sequence[ResidentFactors | None]

@@ -12,6 +12,7 @@ dense instead (CSR loses to a dense GEMM there; e.g. LowRank deltas). docs/kerne
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,3 +138,60 @@ def pack_factors(
     vt = pack_csr((v.float() * s.float()).T.contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
     up = pack_csr(u.float().contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
     return ResidentFactors(vt=vt, u=up, vt_torch=vt.as_torch(), u_torch=up.as_torch())
+
+
+def stack_factors(
+    factors: Sequence[ResidentFactors | None], out_features: Sequence[int], in_features: int
+) -> ResidentFactors | None:
+    """The delta of the row-stacked weight [W_0; W_1; ...] (e.g. fused q/k/v or gate/up), packed once.
+
+    vt is the row-concatenation of every part's vt ([sum K, in]); u is block-diagonal
+    ([sum out, sum K]). One shrink and one expand then serve every part of a shared input: fewer,
+    larger calls. factors[i] None (or rank 0) means part i carries no delta. Returns None when
+    no part does. Storage follows the first present part (device, value dtype, dense fallback).
+    """
+    present = [f for f in factors if f is not None and f.rank > 0]
+    if not present:
+        return None
+    ranks = [0 if f is None else f.rank for f in factors]
+    row_off = [sum(out_features[:i]) for i in range(len(factors))]
+    k_off = [sum(ranks[:i]) for i in range(len(factors))]
+    vt_entries = [_coo(f.vt, k_off[i], 0) for i, f in enumerate(factors) if ranks[i]]
+    u_entries = [_coo(f.u, row_off[i], k_off[i]) for i, f in enumerate(factors) if ranks[i]]
+    like, allow_dense = present[0].vt, _allows_dense(present[0])
+    vt = _from_coo(vt_entries, (sum(ranks), in_features), like, allow_dense)
+    u = _from_coo(u_entries, (sum(out_features), sum(ranks)), like, allow_dense)
+    return ResidentFactors(vt=vt, u=u, vt_torch=vt.as_torch(), u_torch=u.as_torch())
+
+
+def _allows_dense(f: ResidentFactors) -> bool:
+    """CPU-backend storage (float32 values) may fall back to dense; Triton storage never does."""
+    return f.device.type == "cpu" and f.vt.values.dtype == torch.float32
+
+
+def _coo(part: CsrPart, row_off: int, col_off: int) -> tuple[Tensor, Tensor]:
+    """([2, nnz] int64 offset indices, [nnz] values) of one part."""
+    coo = part.as_torch().to_sparse_coo() if not part.dense else part.values.to_sparse()
+    coo = coo.coalesce()
+    idx = coo.indices() + torch.tensor([[row_off], [col_off]], device=coo.device)
+    return idx, coo.values()
+
+
+def _from_coo(entries: list[tuple[Tensor, Tensor]], shape: tuple[int, int], like: CsrPart, allow_dense: bool) -> CsrPart:
+    idx = torch.cat([e[0] for e in entries], 1)
+    vals = torch.cat([e[1] for e in entries])
+    mat = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False).coalesce()
+    dev, dtype = like.values.device, like.values.dtype
+    if allow_dense and mat._nnz() / max(shape[0] * shape[1], 1) > DENSE_ABOVE:
+        return CsrPart(shape[0], shape[1], _empty(dev), _empty(dev), mat.to_dense().to(dtype), True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        csr = mat.to_sparse_csr()
+    return CsrPart(
+        shape[0], shape[1], csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
+        csr.values().to(dtype), False,
+    )  # fmt: skip
+
+
+def _empty(device: torch.device) -> Tensor:
+    return torch.empty(0, dtype=torch.int32, device=device)

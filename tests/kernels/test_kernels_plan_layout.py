@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_mixes import dense_factors, impart_factors
-from kernels import pack_factors, plan_batch
+from kernels import add_delta, pack_factors, plan_batch, stack_factors
 
 
 def test_plan_groups_rows_by_slot_and_detects_ranges() -> None:
@@ -51,3 +51,26 @@ def test_rank_zero_packs() -> None:
     f = pack_factors(torch.zeros(8, 0), torch.zeros(0), torch.zeros(12, 0))
     assert f.rank == 0 and f.shape == (8, 12)
     assert torch.all(f.dense_delta() == 0)
+
+
+def test_stack_factors_is_the_delta_of_the_stacked_weight() -> None:
+    gen = torch.Generator().manual_seed(10)
+    outs, inn = (32, 16, 16), 48
+    parts = [pack_factors(*impart_factors(32, inn, 7, gen)), None, pack_factors(*impart_factors(16, inn, 4, gen))]
+    fused = stack_factors(parts, outs, inn)
+    assert fused.shape == (64, inn) and fused.rank == 11
+    want = torch.cat([parts[0].dense_delta(), torch.zeros(16, inn), parts[2].dense_delta()])
+    torch.testing.assert_close(fused.dense_delta(), want, rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, inn, generator=gen)
+    plan = plan_batch(torch.tensor([0, 0, -1, 0, 0]), 1)
+    y = add_delta(torch.zeros(5, 64), x, plan, [fused])
+    torch.testing.assert_close(y, torch.where((plan.row_slots >= 0)[:, None], x @ want.T, 0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_stack_factors_of_dense_parts_and_all_empty() -> None:
+    gen = torch.Generator().manual_seed(11)
+    parts = [pack_factors(*dense_factors(8, 12, 3, gen)), pack_factors(*dense_factors(4, 12, 2, gen))]
+    fused = stack_factors(parts, (8, 4), 12)
+    want = torch.cat([p.dense_delta() for p in parts])
+    torch.testing.assert_close(fused.dense_delta(), want, rtol=1e-5, atol=1e-5)
+    assert stack_factors([None, None], (8, 4), 12) is None
