@@ -6,6 +6,9 @@ Layouts:
 - "sparse": DARE's kept delta values (float16, row by row), drop counts given as (base, extra):
   rows [0, extra) drop base + 1 entries, the rest drop base; mask regenerated from a key.
 - "dense": the delta itself (float32), for 1-D tensors (norm weights, biases).
+- "full": a 2-D delta stored whole (float16, tensor "d"), e.g. a merged delta; factors (D, 1, I).
+- "qsvd" / "qsparse": "svd" / "sparse" with the kept values quantised (quantize.py): tensors "u", "v"
+  (or "d") hold packed codes, "groups" the float16 (min, scale) of every group of 128.
 Values are stored already rescaled by 1/(1 - p), so decoding is a scatter.
 """
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.masks import keep_mask, scatter_columns
+from compressor.quantize import BIT_RULE, bits_for, dequantize, n_groups, unpack
 
 VALUE_DTYPE = torch.float16
 
@@ -25,7 +29,7 @@ class ModuleCode:
     name: str
     shape: tuple[int, ...]
     layout: str
-    """"svd" | "sparse" | "dense"."""
+    """"svd" | "qsvd" | "sparse" | "qsparse" | "full" | "dense"."""
     tensors: dict[str, torch.Tensor]
     """Stored tensors by role: svd {s, u, v, u_drops, v_drops}; sparse {d}; dense {delta}."""
     meta: dict[str, object] = field(default_factory=dict)
@@ -34,15 +38,16 @@ class ModuleCode:
     @property
     def kept(self) -> int:
         """Values kept (the CR denominator): U and V entries, DARE entries, or dense entries."""
-        if self.layout == "svd":
-            return int(self.tensors["u"].numel() + self.tensors["v"].numel())
-        if self.layout == "sparse":
-            return int(self.tensors["d"].numel())
-        return int(self.tensors["delta"].numel())
+        if self.layout in ("svd", "qsvd"):
+            drops = self.tensors["u_drops"].long().sum() + self.tensors["v_drops"].long().sum()
+            return int(self.rank * (self.shape[0] + self.shape[1]) - drops)
+        if self.layout in ("sparse", "qsparse"):
+            return int(self.shape[0] * self.shape[1] - sum(sparse_drops(self)))
+        return int(torch.Size(self.shape).numel())
 
     @property
     def rank(self) -> int:
-        return int(self.tensors["s"].numel()) if self.layout == "svd" else 0
+        return int(self.tensors["s"].numel()) if self.layout in ("svd", "qsvd") else 0
 
 
 def drops_tensor(drops: list[int] | tuple[int, ...], rows: int) -> torch.Tensor:
@@ -53,9 +58,9 @@ def drops_tensor(drops: list[int] | tuple[int, ...], rows: int) -> torch.Tensor:
 
 def decode_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u [out, K], s [K], v [in, K]) float32 with delta = u @ diag(s) @ v.T (contract A)."""
-    if code.layout == "svd":
+    if code.layout in ("svd", "qsvd"):
         return _svd_factors(code)
-    if code.layout == "sparse":
+    if code.layout in ("sparse", "qsparse", "full"):
         d = decode_dense(code)
         return d, torch.ones(d.shape[1]), torch.eye(d.shape[1])
     raise ValueError(f"{code.name}: a {code.layout} delta has no factors; use dense()")
@@ -65,10 +70,11 @@ def decode_dense(code: ModuleCode) -> torch.Tensor:
     """The full reconstructed delta, float32, shaped like the base tensor."""
     if code.layout == "dense":
         return code.tensors["delta"].to(torch.float32).reshape(code.shape)
-    if code.layout == "sparse":
-        rows, cols = code.shape
-        keep = keep_mask(int(str(code.meta["key"]), 16), cols, sparse_drops(code))  # [in, out]
-        return scatter_columns(code.tensors["d"], keep).t().contiguous()
+    if code.layout == "full":
+        return code.tensors["d"].to(torch.float32).reshape(code.shape)
+    if code.layout in ("sparse", "qsparse"):
+        keep = keep_mask(int(str(code.meta["key"]), 16), code.shape[1], sparse_drops(code))  # [in, out]
+        return scatter_columns(_sparse_values(code), keep).t().contiguous()
     u, s, v = _svd_factors(code)
     return (u * s) @ v.t()
 
@@ -79,10 +85,43 @@ def sparse_drops(code: ModuleCode) -> list[int]:
     return [base + 1] * extra + [base] * (code.shape[0] - extra)
 
 
+def _sparse_values(code: ModuleCode) -> torch.Tensor:
+    if code.layout == "sparse":
+        return code.tensors["d"].to(torch.float32)
+    n = code.kept
+    (codes,) = unpack(code.tensors["d"], [(n, int(code.meta["bits"]))])
+    return dequantize(codes, code.tensors["groups"])
+
+
+def column_bits(code: ModuleCode) -> list[int]:
+    rule = code.meta.get("bit_rule", BIT_RULE)
+    return [bits_for(k, rule) for k in range(code.rank)]  # type: ignore[arg-type]
+
+
+def _svd_values(code: ModuleCode, side: str) -> torch.Tensor:
+    """The kept values of U or V, column by column, float32 (dequantised for "qsvd")."""
+    if code.layout == "svd":
+        return code.tensors[side].to(torch.float32)
+    streams = unpack(code.tensors[side], list(zip(_counts(code, side), column_bits(code))))
+    groups = code.tensors["groups"]
+    start = 0 if side == "u" else sum(n_groups(n) for n in _counts(code, "u"))
+    parts = []
+    for codes in streams:
+        g = n_groups(codes.shape[0])
+        parts.append(dequantize(codes, groups[start : start + g]))
+        start += g
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _counts(code: ModuleCode, side: str) -> list[int]:
+    rows = code.shape[0] if side == "u" else code.shape[1]
+    return [rows - d for d in code.tensors[f"{side}_drops"].long().tolist()]
+
+
 def _svd_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, inp = code.shape
     u_keep = keep_mask(int(str(code.meta["u_key"]), 16), out, code.tensors["u_drops"].long().tolist())
     v_keep = keep_mask(int(str(code.meta["v_key"]), 16), inp, code.tensors["v_drops"].long().tolist())
-    u = scatter_columns(code.tensors["u"], u_keep)
-    v = scatter_columns(code.tensors["v"], v_keep)
+    u = scatter_columns(_svd_values(code, "u"), u_keep)
+    v = scatter_columns(_svd_values(code, "v"), v_keep)
     return u, code.tensors["s"].to(torch.float32), v

@@ -28,10 +28,17 @@ class MethodParams:
     c: float = 0.5
     svd: SvdMode = "auto"
     device: str = "cpu"
+    bits: int = 4
+    """Bit width of DARE-Qt's kept values (ImPart-Qt uses its per-vector rule instead)."""
 
 
 def encode_dense(name: str, delta: torch.Tensor) -> ModuleCode:
     return ModuleCode(name, tuple(delta.shape), "dense", {"delta": delta.to(torch.float32).contiguous()})
+
+
+def encode_full(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """The whole 2-D delta in 16 bits (merged deltas; the uncompressed comparison)."""
+    return ModuleCode(name, tuple(delta.shape), "full", {"d": delta.to(VALUE_DTYPE).contiguous()})
 
 
 def encode_impart(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
@@ -67,8 +74,8 @@ def sparse_svd_code(
     v_vals = _kept_rescaled(v, keep_mask(keys["v"], shape[1], v_drops), v_drops)
     tensors = {
         "s": s.to(torch.float32).contiguous(),
-        "u": u_vals,
-        "v": v_vals,
+        "u": u_vals.to(VALUE_DTYPE).contiguous(),
+        "v": v_vals.to(VALUE_DTYPE).contiguous(),
         "u_drops": drops_tensor(u_drops, shape[0]),
         "v_drops": drops_tensor(v_drops, shape[1]),
     }
@@ -76,10 +83,10 @@ def sparse_svd_code(
 
 
 def _kept_rescaled(x: torch.Tensor, keep: torch.Tensor, drops: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """Survivors of x [rows, K] under keep, each column scaled by rows / (rows - drops): [nnz] float16."""
+    """Survivors of x [rows, K] under keep, each column scaled by rows / (rows - drops): [nnz] float32."""
     rows = x.shape[0]
     scale = torch.tensor([rows / (rows - d) for d in drops], dtype=torch.float32) if len(drops) else torch.ones(0)
-    return gather_columns(x * scale, keep).to(VALUE_DTYPE).contiguous()
+    return gather_columns(x.to(torch.float32) * scale, keep)
 
 
 def encode_dare(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
@@ -89,9 +96,7 @@ def encode_dare(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleC
     base, extra = divmod(total_drop, out)
     drops = [base + 1] * extra + [base] * (out - extra)
     key = mask_key(params.seed, name, "d")
-    values = _kept_rescaled(delta.t().to(torch.float32), keep_mask(key, inp, drops), drops)
+    values = _kept_rescaled(delta.t(), keep_mask(key, inp, drops), drops)
     meta = {"key": f"{key:016x}", "drop_base": base, "drop_extra": extra}
-    return ModuleCode(name, (out, inp), "sparse", {"d": values}, meta)
+    return ModuleCode(name, (out, inp), "sparse", {"d": values.to(VALUE_DTYPE).contiguous()}, meta)
 
-
-ENCODERS = {"impart": encode_impart, "lowrank": encode_lowrank, "dare": encode_dare}

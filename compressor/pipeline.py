@@ -6,6 +6,7 @@ codes already made). Progress: a tqdm bar per tensor with ETA, and the optional 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import re
@@ -20,10 +21,27 @@ from tqdm import tqdm
 from compressor.artifact import artifact_bytes, write_atomic
 from compressor.checkpoint import Checkpoint, base_fingerprint, check_compatible
 from compressor.codec import ModuleCode, decode_dense
-from compressor.methods import ENCODERS, MethodParams, encode_dense
+from compressor.methods import (
+    MethodParams,
+    encode_dare,
+    encode_dense,
+    encode_full,
+    encode_impart,
+    encode_lowrank,
+)
+from compressor.qt import encode_dare_qt, encode_impart_qt
+from compressor.summary import ideal_bytes
 
 TOOL = "deltaserve-compressor 0.1"
-METHODS = ("impart", "dare", "lowrank")
+ENCODERS = {
+    "impart": encode_impart,
+    "lowrank": encode_lowrank,
+    "dare": encode_dare,
+    "impart-qt": encode_impart_qt,
+    "dare-qt": encode_dare_qt,
+    "full": encode_full,
+}
+QUANTISED = ("impart-qt", "dare-qt")
 LINEAR_RE = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 Progress = Callable[[int, int, str], None]
 
@@ -39,6 +57,8 @@ class ModuleReport:
     kept: int
     rel_error: float
     """||D - D_hat||_F / ||D||_F (0 when D is 0)."""
+    ideal_bytes: int
+    """Bytes the module's information needs (summary.ideal_bytes)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,8 @@ class CompressionReport:
     ratio: float
     linear_cr: float
     """The paper's CR: dense entries / kept values, over the linear layers."""
+    linear_bytes_ratio: float
+    """Bytes of the linear layers' dense 16-bit delta / their ideal stored bytes (CR_qt for -qt methods)."""
     whole_ratio: float
     """Bytes of the dense 16-bit delta / bytes of the artifact."""
     dense_delta_bytes: int
@@ -80,12 +102,32 @@ def compress(
         raise ValueError(f"ratio must be > 1 (got {ratio})")
     check_compatible(base_dir, finetuned_dir)
     started = time.perf_counter()
-    params = MethodParams(ratio=float(ratio), seed=seed, **method_params)  # type: ignore[arg-type]
+    params = method_params_of(ratio, seed, method_params)
     codes, reports = _encode_all(Checkpoint(base_dir), Checkpoint(finetuned_dir), method, params, progress)
-    manifest = _manifest(base_dir, method, params, reports)
-    data = artifact_bytes(manifest, codes)
-    write_atomic(Path(out_path), data)
-    return _report(Path(out_path), data, method, params, reports, time.perf_counter() - started)
+    return write_artifact(codes, reports, base_dir, method, dataclasses.asdict(params), Path(out_path), started)
+
+
+def method_params_of(ratio: float, seed: int, extra: dict[str, object]) -> MethodParams:
+    known = {f.name for f in dataclasses.fields(MethodParams)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"unknown method parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return MethodParams(ratio=float(ratio), seed=seed, **extra)  # type: ignore[arg-type]
+
+
+def write_artifact(
+    codes: list[ModuleCode],
+    reports: list[ModuleReport],
+    base_dir: Path | str,
+    method: str,
+    params: dict[str, object],
+    out_path: Path,
+    started: float,
+) -> CompressionReport:
+    """Serialise codes with their manifest to out_path (atomically) and report on it."""
+    data = artifact_bytes(_manifest(base_dir, method, params, reports), codes)
+    write_atomic(out_path, data)
+    return _report(out_path, data, method, float(params.get("ratio", 0.0)), reports, time.perf_counter() - started)
 
 
 def _encode_all(
@@ -111,22 +153,24 @@ def encode_tensor(name: str, delta: torch.Tensor, method: str, params: MethodPar
     code = encode_dense(name, delta) if group == "dense" else ENCODERS[method](name, delta, params)
     norm = float(torch.linalg.vector_norm(delta))
     err = float(torch.linalg.vector_norm(delta - decode_dense(code))) / norm if norm > 0 else 0.0
-    return code, ModuleReport(name, tuple(delta.shape), group, code.layout, code.rank, code.kept, err)
+    return code, ModuleReport(name, tuple(delta.shape), group, code.layout, code.rank, code.kept, err, ideal_bytes(code))
 
 
 def _manifest(
-    base_dir: Path | str, method: str, params: MethodParams, reports: list[ModuleReport]
+    base_dir: Path | str, method: str, params: dict[str, object], reports: list[ModuleReport]
 ) -> dict[str, object]:
     return {
         "tool": TOOL,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_fingerprint": base_fingerprint(base_dir),
         "method": method,
-        "params": {"ratio": params.ratio, "seed": params.seed, "beta": params.beta, "c": params.c},
+        "ratio": params.get("ratio"),
+        "params": params,
         "mask_scheme": "splitmix64-rank-v1",
         "quality": {r.name: {"group": r.group, "rank": r.rank, "kept": r.kept, "rel_error": r.rel_error}
                     for r in reports},
         "linear_cr": linear_cr(reports),
+        "linear_bytes_ratio": linear_bytes_ratio(reports),
         "dense_delta_bytes": dense_delta_bytes(reports),
     }
 
@@ -138,13 +182,19 @@ def linear_cr(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> float:
     return dense / kept if kept else float("inf")
 
 
+def linear_bytes_ratio(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> float:
+    linear = [r for r in reports if r.group == "linear"]
+    stored = sum(r.ideal_bytes for r in linear)
+    return dense_delta_bytes(linear) / stored if stored else float("inf")
+
+
 def dense_delta_bytes(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> int:
     """Bytes of the whole delta stored densely in 16 bits."""
     return sum(2 * int(torch.Size(r.shape).numel()) for r in reports)
 
 
 def _report(
-    path: Path, data: bytes, method: str, params: MethodParams, reports: list[ModuleReport], seconds: float
+    path: Path, data: bytes, method: str, ratio: float, reports: list[ModuleReport], seconds: float
 ) -> CompressionReport:
     dense = dense_delta_bytes(reports)
     return CompressionReport(
@@ -152,8 +202,9 @@ def _report(
         sha256=hashlib.sha256(data).hexdigest(),
         artifact_bytes=len(data),
         method=method,
-        ratio=params.ratio,
+        ratio=ratio,
         linear_cr=linear_cr(reports),
+        linear_bytes_ratio=linear_bytes_ratio(reports),
         whole_ratio=dense / len(data),
         dense_delta_bytes=dense,
         seconds=seconds,

@@ -1,0 +1,85 @@
+"""ImPart-Qt and DARE-Qt: the sparsified values quantised, the sparsity found by binary search so
+the module's stored bits meet CR_qt against the dense 16-bit delta (out * in * 16 / CR_qt bits).
+
+Counted bits: every kept value at its width, each group's float16 (min, scale), and the float32
+singular values. Quantisation is round-to-nearest (quantize.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from compressor.budget import DropPlan, plan_drops, pre_prune
+from compressor.codec import ModuleCode
+from compressor.methods import MethodParams, encode_dare, sparse_svd_code
+from compressor.quantize import BIT_RULE, GROUP, PARAM_BITS, bits_for, n_groups, pack, quantize
+from compressor.svd import top_svd
+
+SEARCH_STEPS = 40
+
+
+def plan_bits(plan: DropPlan, shape: tuple[int, int]) -> int:
+    """Bits an ImPart-Qt module with these drop counts stores."""
+    total = 0
+    for k, (du, dv) in enumerate(zip(plan.u_drops, plan.v_drops)):
+        nu, nv = shape[0] - du, shape[1] - dv
+        total += (nu + nv) * bits_for(k) + (n_groups(nu) + n_groups(nv)) * PARAM_BITS + 32
+    return total
+
+
+def search_ratio(bits_at: Callable[[float], int], target_bits: float, lo: float, hi: float) -> float:
+    """The smallest parameter ratio in [lo, hi] whose bits fit target_bits (bits fall as the ratio rises)."""
+    if bits_at(lo) <= target_bits:
+        return lo
+    for _ in range(SEARCH_STEPS):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if bits_at(mid) <= target_bits else (mid, hi)
+    return hi
+
+
+def encode_impart_qt(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """ImPart at the sparsity whose mixed-precision codes meet CR_qt = params.ratio."""
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    target = shape[0] * shape[1] * 16 / params.ratio
+    lo, hi = max(1.05, params.ratio / 8), params.ratio * 4
+    k, _ = pre_prune(shape, lo, params.beta)
+    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    ratio = search_ratio(lambda r: plan_bits(plan_drops(s, shape, r, params.beta, params.c), shape), target, lo, hi)
+    plan = plan_drops(s, shape, ratio, params.beta, params.c)
+    m = len(plan.u_drops)
+    code = sparse_svd_code(name, shape, (u[:, :m], s[:m], v[:, :m]), plan.u_drops, plan.v_drops, params.seed)
+    return quantize_svd_code(code, ratio)
+
+
+def quantize_svd_code(code: ModuleCode, param_ratio: float) -> ModuleCode:
+    """An "svd" code with its U and V values quantised per column by the bit rule -> "qsvd"."""
+    tensors = dict(code.tensors)
+    groups, total_bits = [], 0
+    for side, rows in (("u", code.shape[0]), ("v", code.shape[1])):
+        counts = [rows - d for d in code.tensors[f"{side}_drops"].long().tolist()]
+        streams = []
+        for k, column in enumerate(torch.split(code.tensors[side].float(), counts)):
+            codes, params = quantize(column, bits_for(k))
+            streams.append((codes, bits_for(k)))
+            groups.append(params)
+            total_bits += codes.size * bits_for(k)
+        tensors[side] = pack(streams)
+    tensors["groups"] = torch.cat(groups) if groups else torch.zeros(0, 2, dtype=torch.float16)
+    meta = {**code.meta, "bit_rule": [list(r) for r in BIT_RULE], "group": GROUP, "code_bits": total_bits,
+            "param_ratio": param_ratio}
+    return replace(code, layout="qsvd", tensors=tensors, meta=meta)
+
+
+def encode_dare_qt(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
+    """DARE keeping as many values as fit CR_qt at params.bits each (plus group parameters)."""
+    numel = int(delta.shape[0]) * int(delta.shape[1])
+    per_value = params.bits + PARAM_BITS / GROUP
+    kept = max(int(delta.shape[0]), int(numel * 16 / params.ratio / per_value))
+    code = encode_dare(name, delta, replace(params, ratio=numel / kept))
+    codes, groups = quantize(code.tensors["d"].float(), params.bits)
+    meta = {**code.meta, "bits": params.bits, "group": GROUP, "code_bits": int(codes.size * params.bits),
+            "param_ratio": numel / kept}
+    return replace(code, layout="qsparse", tensors={"d": pack([(codes, params.bits)]), "groups": groups}, meta=meta)
