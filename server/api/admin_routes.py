@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import APIError, bad_request, from_engine, not_found
+from server.api.errors import bad_request, from_engine, not_found
 from server.api.uploads import receive_checkpoint, receive_raw
 from server.engine.types import EngineError
 from server.jobs import JobSpec
@@ -61,6 +61,19 @@ async def upload_artifact(task: str, request: Request) -> JSONResponse:
     finally:
         path.unlink(missing_ok=True)
     return JSONResponse(_version_dict(published), status_code=201)
+
+
+@router.get("/tasks/{task:path}/artifact")
+async def download_artifact(task: str, request: Request, version: int | None = Query(None, ge=1)) -> Response:
+    """The artifact bytes of the task's current version (or of `version`), sha256-checked."""
+    ctx = context_of(request)
+    entry = await _entry(ctx, task)
+    chosen = [v for v in entry.versions if v.version == (version or entry.current)]
+    if not chosen:
+        raise not_found(f"task {task!r} has no version {version}")
+    data = await asyncio.to_thread(ctx.registry.read, chosen[0].to_ref())
+    return Response(data, media_type="application/octet-stream",
+                    headers={"X-Artifact-Sha256": chosen[0].sha256, "X-Task-Version": str(chosen[0].version)})
 
 
 @router.get("/tasks")
