@@ -68,7 +68,7 @@ class Engine:
         self._accepting = False
         self._shutdown = False
         self._thread: threading.Thread | None = None
-        self._counts = {"steps": 0, "tokens": 0, "waiting": 0, "running": 0}
+        self._counts = {"steps": 0, "tokens": 0}
 
     @property
     def ready(self) -> bool:
@@ -142,7 +142,7 @@ class Engine:
 
     def _submit(self, seq: Sequence) -> None:
         with self._cond:
-            if self._counts["waiting"] + len(self._inbox) >= self.settings.max_queue:
+            if self._queue_depth() >= self.settings.max_queue:
                 raise QueueFullError(f"{self.settings.max_queue} requests are already waiting")
             if seq.request_id in self._active:
                 raise EngineError(f"request id {seq.request_id!r} is already running")
@@ -174,8 +174,8 @@ class Engine:
         counters = self.deltas.counters if hasattr(self, "deltas") else None
         kv = getattr(self, "kv", None)
         return EngineStats(
-            queue_depth=self._counts["waiting"] + len(self._inbox),
-            running=self._counts["running"],
+            queue_depth=self._queue_depth(),
+            running=len(self.scheduler.running) if hasattr(self, "scheduler") else 0,
             kv_blocks_used=kv.used_blocks if kv else 0,
             kv_blocks_total=kv.num_blocks if kv else 0,
             delta_hits=counters.hits if counters else 0,
@@ -188,6 +188,10 @@ class Engine:
             steps=self._counts["steps"],
             generated_tokens=self._counts["tokens"],
         )
+
+    def _queue_depth(self) -> int:
+        waiting = len(self.scheduler.waiting) if hasattr(self, "scheduler") else 0
+        return waiting + len(self._inbox)
 
     def _wake(self) -> None:
         with self._cond:
@@ -228,7 +232,6 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq, error in plan.failed:
             self._fail(seq, error if isinstance(error, EngineError) else DeltaLoadError(str(error)))
-        self._counts["waiting"], self._counts["running"] = len(self.scheduler.waiting), len(self.scheduler.running)
         if not plan.chunks:
             with self._cond:
                 self._cond.wait(LOAD_WAIT_S)
