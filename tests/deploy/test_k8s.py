@@ -176,8 +176,9 @@ def test_every_selector_selects_pods(docs: list[dict]) -> None:
 
 def test_autoscaler_targets_the_server_deployment(docs: list[dict]) -> None:
     hpa = _one(docs, "HorizontalPodAutoscaler", "deltaserve")["spec"]
-    _one(docs, hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"])
+    target = _one(docs, hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"])
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert "replicas" not in target["spec"], "kubectl apply would reset what the autoscaler chose"
 
 
 def test_pods_meet_the_restricted_pod_security_standard(docs: list[dict]) -> None:
