@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+BISECT_STEPS = 40
+"""Bisection steps for the common scale t of the ratios (2^-40 of its range: below one kept value)."""
+
 
 @dataclass(frozen=True)
 class DropPlan:
@@ -93,8 +96,8 @@ def _meet_budget(p: torch.Tensor, m: int, shape: tuple[int, int], budget: int) -
     lo, hi = (1.0, 1e9) if grow else (0.0, 1.0)
     if not grow and int(_kept(q * lo, shape).sum()) <= budget:
         hi = lo
-    for _ in range(100 if grow else 60):
-        mid = (lo + hi) / 2
+    for _ in range(BISECT_STEPS):
+        mid = (lo * hi) ** 0.5 if grow else (lo + hi) / 2
         lo, hi = (lo, mid) if int(_kept(q * mid, shape).sum()) <= budget else (mid, hi)
     u, v = _drops(q * hi, out).tolist(), _drops(q * hi, inp).tolist()
     _spend_remainder(u, v, budget - int(_kept(q * hi, shape).sum()))

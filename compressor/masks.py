@@ -1,7 +1,7 @@
 """Random drop masks that a 64-bit key regenerates exactly, so the artifact stores no index positions.
 
 Each column c of a [rows, K] mask drops exactly `drops[c]` entries: the entries whose keys
-splitmix64(key + c * rows + row) are the smallest in that column. splitmix64 is fixed integer
+splitmix64(key + c * rows + row) are the smallest in that column (found by a partial sort). splitmix64 is fixed integer
 arithmetic (written here, not a library RNG, because its stream must never change between
 versions or devices: an artifact written today must decode identically forever).
 """
@@ -29,9 +29,12 @@ def mask_key(seed: int, name: str, side: str) -> int:
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
+        z ^= z >> np.uint64(30)
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+        return z
 
 
 def keep_mask(key: int, rows: int, drops: Sequence[int]) -> torch.Tensor:
@@ -40,11 +43,15 @@ def keep_mask(key: int, rows: int, drops: Sequence[int]) -> torch.Tensor:
     if k == 0 or rows == 0:
         return torch.ones(rows, k, dtype=torch.bool)
     with np.errstate(over="ignore"):
-        idx = np.arange(rows * k, dtype=np.uint64).reshape(k, rows) + np.uint64(key)
-    order = np.argsort(_splitmix64(idx), axis=1, kind="stable")  # [K, rows]
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(rows), order.shape), axis=1)
-    keep = rank >= np.asarray(drops, dtype=np.int64)[:, None]  # [K, rows]
+        idx = np.arange(rows * k, dtype=np.uint64).reshape(k, rows)
+        idx += np.uint64(key)
+    keys = _splitmix64(idx)  # [K, rows]
+    drops_arr = np.asarray(drops, dtype=np.int64)
+    keep = np.ones((k, rows), dtype=bool)
+    for d in np.unique(drops_arr[drops_arr > 0]):
+        cols = np.flatnonzero(drops_arr == d)
+        threshold = np.partition(keys[cols], int(d) - 1, axis=1)[:, int(d) - 1]
+        keep[cols] = keys[cols] > threshold[:, None]
     return torch.from_numpy(np.ascontiguousarray(keep.T))
 
 

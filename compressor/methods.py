@@ -18,6 +18,10 @@ from compressor.masks import gather_columns, keep_mask, mask_key
 from compressor.svd import SvdMode, top_svd
 
 
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(u [out, K], s [K], v [in, K])."""
+
+
 @dataclass(frozen=True)
 class MethodParams:
     """Hyper-parameters shared by the methods (each uses the ones it needs)."""
@@ -45,7 +49,12 @@ def encode_impart(name: str, delta: torch.Tensor, params: MethodParams) -> Modul
     """ImPart on delta [out, in]."""
     shape = (int(delta.shape[0]), int(delta.shape[1]))
     k, _ = pre_prune(shape, params.ratio, params.beta)
-    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    return impart_code(name, shape, top_svd(delta, k, params.svd, params.device, params.seed), params)
+
+
+def impart_code(name: str, shape: tuple[int, int], svd: Factors, params: MethodParams) -> ModuleCode:
+    """ImPart from the top singular triplets (at least K of them; extra ones are ignored)."""
+    u, s, v = svd
     plan = plan_drops(s, shape, params.ratio, params.beta, params.c)
     m = len(plan.u_drops)
     return sparse_svd_code(name, shape, (u[:, :m], s[:m], v[:, :m]), plan.u_drops, plan.v_drops, params.seed)

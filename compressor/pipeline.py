@@ -149,11 +149,16 @@ def _encode_all(
 
 def encode_tensor(name: str, delta: torch.Tensor, method: str, params: MethodParams) -> tuple[ModuleCode, ModuleReport]:
     """One tensor's code (the method on 2-D deltas, dense for the rest) and its report."""
-    group = group_of(name, delta.ndim)
-    code = encode_dense(name, delta) if group == "dense" else ENCODERS[method](name, delta, params)
+    code = encode_dense(name, delta) if delta.ndim != 2 else ENCODERS[method](name, delta, params)
+    return code, report_module(name, delta, code)
+
+
+def report_module(name: str, delta: torch.Tensor, code: ModuleCode) -> ModuleReport:
+    """The module's kept values, rank, bytes and relative error against its true delta."""
     norm = float(torch.linalg.vector_norm(delta))
     err = float(torch.linalg.vector_norm(delta - decode_dense(code))) / norm if norm > 0 else 0.0
-    return code, ModuleReport(name, tuple(delta.shape), group, code.layout, code.rank, code.kept, err, ideal_bytes(code))
+    group = group_of(name, delta.ndim)
+    return ModuleReport(name, tuple(delta.shape), group, code.layout, code.rank, code.kept, err, ideal_bytes(code))
 
 
 def _manifest(

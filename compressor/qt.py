@@ -14,11 +14,11 @@ import torch
 
 from compressor.budget import DropPlan, plan_drops, pre_prune
 from compressor.codec import ModuleCode
-from compressor.methods import MethodParams, encode_dare, sparse_svd_code
+from compressor.methods import Factors, MethodParams, encode_dare, sparse_svd_code
 from compressor.quantize import BIT_RULE, GROUP, PARAM_BITS, bits_for, n_groups, pack, quantize
 from compressor.svd import top_svd
 
-SEARCH_STEPS = 40
+SEARCH_STEPS = 24
 
 
 def plan_bits(plan: DropPlan, shape: tuple[int, int]) -> int:
@@ -43,10 +43,25 @@ def search_ratio(bits_at: Callable[[float], int], target_bits: float, lo: float,
 def encode_impart_qt(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
     """ImPart at the sparsity whose mixed-precision codes meet CR_qt = params.ratio."""
     shape = (int(delta.shape[0]), int(delta.shape[1]))
+    k = qt_svd_rank(shape, params)
+    return impart_qt_code(name, shape, top_svd(delta, k, params.svd, params.device, params.seed), params)
+
+
+def qt_svd_rank(shape: tuple[int, int], params: MethodParams) -> int:
+    """Singular vectors ImPart-Qt may need: the pre-prune K at the lowest parameter ratio searched."""
+    return pre_prune(shape, _ratio_range(params)[0], params.beta)[0]
+
+
+def _ratio_range(params: MethodParams) -> tuple[float, float]:
+    """Parameter ratios that can meet CR_qt: values cost between 2 and ~8.3 bits against 16."""
+    return max(1.05, params.ratio / 8), params.ratio * 4
+
+
+def impart_qt_code(name: str, shape: tuple[int, int], svd: Factors, params: MethodParams) -> ModuleCode:
+    """ImPart-Qt from the top singular triplets."""
+    u, s, v = svd
     target = shape[0] * shape[1] * 16 / params.ratio
-    lo, hi = max(1.05, params.ratio / 8), params.ratio * 4
-    k, _ = pre_prune(shape, lo, params.beta)
-    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    lo, hi = _ratio_range(params)
     ratio = search_ratio(lambda r: plan_bits(plan_drops(s, shape, r, params.beta, params.c), shape), target, lo, hi)
     plan = plan_drops(s, shape, ratio, params.beta, params.c)
     m = len(plan.u_drops)

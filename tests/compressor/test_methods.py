@@ -110,3 +110,27 @@ def test_quantised_methods_meet_the_byte_budget_and_beat_16_bit_values(encode: o
     err = float((decode_dense(code) - delta).norm() / delta.norm())
     err_plain = float((decode_dense(reference) - delta).norm() / delta.norm())
     assert err < err_plain, (err, err_plain)
+
+
+def test_search_keeps_the_best_scored_grid_point(pair: tuple, tmp_path) -> None:
+    """The validation callback decides: here it prefers the artifact closest to the true delta
+    on one layer, and the written artifact must be that grid point's."""
+    import compressor
+    from compressor.checkpoint import Checkpoint
+    from compressor.search import search
+
+    base, ft = pair
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = Checkpoint(ft).tensor(name) - Checkpoint(base).tensor(name)
+
+    def validate(path) -> float:
+        return -float((compressor.load_artifact(path).module(name).dense() - delta).norm())
+
+    grid = ((0.8, 0.5), (0.5, 1.0), (0.9, 0.1))
+    result = search(base, ft, tmp_path / "best.safetensors", validate, ratio=4.0, grid=grid)
+    assert set(result.scores) == set(grid)
+    assert result.best == max(result.scores, key=result.scores.get)
+    assert len(set(result.scores.values())) > 1, "grid points must give different artifacts"
+    written = compressor.load_artifact(tmp_path / "best.safetensors")
+    assert (written.manifest["params"]["beta"], written.manifest["params"]["c"]) == result.best
+    assert validate(tmp_path / "best.safetensors") == pytest.approx(result.scores[result.best])
