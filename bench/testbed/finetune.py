@@ -1,6 +1,6 @@
 """Full fine-tuning of the base on one task: every weight, AdamW, fp32, one thread, seeded.
 
-    python -m bench.testbed.finetune --task dates [--steps 32 --batch 8 --lr 1e-4]
+    python -m bench.testbed.finetune --task dates [--steps N --batch 8 --lr 1e-4]
 
 Writes an HF folder (config, model.safetensors, tokenizer, chat template) to
 ~/.cache/deltaserve/finetunes/<task> plus `testbed-finetune.json` (settings, wall time, losses).
@@ -26,6 +26,8 @@ from bench.testbed.tasks import TASKS, Task, make_splits
 BASE_DIR = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 FINETUNE_CACHE = Path("~/.cache/deltaserve/finetunes").expanduser()
 REPORT = "testbed-finetune.json"
+TRAIN_STEPS = {"dates": 32, "routing": 16, "extraction": 24, "arithmetic": 40}
+"""Steps of batch 8 per task, sized from the measured ~40 tokens/s of one thread (see docs/quality.md)."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,13 @@ def _publish(model: PreTrainedModel, tokenizer: AutoTokenizer, base_dir: Path, d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    for field in ["steps", "batch", "warmup", "seed"]:
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: TRAIN_STEPS of the task)")
+    for field in ["batch", "warmup", "seed"]:
         parser.add_argument(f"--{field}", type=int, default=TrainConfig.__dataclass_fields__[field].default)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     args = parser.parse_args(argv)
-    config = TrainConfig(args.task, args.steps, args.batch, args.lr, args.warmup, args.seed)
+    steps = args.steps or TRAIN_STEPS[args.task]
+    config = TrainConfig(args.task, steps, args.batch, args.lr, args.warmup, args.seed)
     print(f"wrote {finetune(config)}")
 
 

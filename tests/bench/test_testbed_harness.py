@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from testbed_fakes import low_rank_finetune
 from transformers import AutoTokenizer
 
 from bench.testbed.evaluate import base_state_dict, evaluate, generate_answers, load_merged, load_model
@@ -22,21 +21,6 @@ def one_torch_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def low_rank_finetune(base: Path, dest: Path, seed: int = 3) -> Path:
-    """A copy of `base` with a rank-2 delta on every 2-D weight and a small one on 1-D weights."""
-    shutil.copytree(base, dest)
-    tensors = load_file(str(base / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    for name, w in tensors.items():
-        if w.ndim == 2:
-            delta = torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen)
-        else:
-            delta = torch.randn(w.shape, generator=gen)
-        tensors[name] = w + 0.02 * delta
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
 
 
 def test_batched_left_padded_answers_equal_one_by_one(tiny_model: Path) -> None:

@@ -1,0 +1,257 @@
+"""The cells of the quality table and the runner that fills them (compress, merge, evaluate; cached).
+
+A cell is one (task, model) score: model is "base", "finetune", a compression method at a ratio and
+seed (with ImPart's beta and C), or a merge of every task's delta. Artifacts and scores are cached
+under ~/.cache/deltaserve/quality, keyed by everything that determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from compressor import compress, load_artifact
+from compressor.merge import merge
+
+from bench.testbed.evaluate import base_state_dict, evaluate, load_model, load_weights
+from bench.testbed.finetune import BASE_DIR, FINETUNE_CACHE, REPORT, TRAIN_STEPS, TrainConfig, finetune
+from bench.testbed.tasks import SPLIT_SIZES, TASKS, make_splits
+
+QUALITY_CACHE = Path("~/.cache/deltaserve/quality").expanduser()
+TUNED_METHODS = ("impart", "impart-qt")
+"""Methods with (beta, C) picked on the validation split."""
+DETERMINISTIC_METHODS = ("lowrank",)
+MERGE_SCALE = {"ta": 0.5, "ties": 1.0}
+TIES_DENSITY = 0.2
+
+
+@dataclass(frozen=True)
+class Grid:
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    ratios: tuple[float, ...]
+    qt_ratios: tuple[float, ...]
+    seeds: int
+    beta_c: tuple[tuple[float, float], ...]
+    merge_ratio: float
+    merge: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def method_ratios(self) -> list[tuple[str, float]]:
+        plain = [(m, r) for m in self.methods for r in self.ratios]
+        return plain + [(f"{m}-qt", r) for m in ("impart", "dare") if m in self.methods for r in self.qt_ratios]
+
+    def seeds_of(self, method: str) -> range:
+        return range(1 if method in DETERMINISTIC_METHODS else self.seeds)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compressed delta of one task."""
+
+    task: str
+    method: str
+    ratio: float
+    seed: int
+    beta: float = 0.8
+    c: float = 0.5
+
+    @property
+    def name(self) -> str:
+        tuned = f"-b{self.beta:g}-c{self.c:g}" if self.method in TUNED_METHODS else ""
+        return f"{self.task}/{self.method}-cr{self.ratio:g}-s{self.seed}{tuned}"
+
+    def params(self) -> dict[str, float]:
+        return {"beta": self.beta, "c": self.c} if self.method in TUNED_METHODS else {}
+
+
+class ScoreCache:
+    """Scores by key in one JSON file, written after every new score."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scores: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str) -> float | None:
+        return self.scores.get(key)
+
+    def put(self, key: str, score: float) -> None:
+        self.scores[key] = score
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.with_suffix(".tmp").write_text(json.dumps(self.scores, indent=0, sort_keys=True))
+        self.path.with_suffix(".tmp").replace(self.path)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Work:
+    """How many compressions, merges and example evaluations a grid takes."""
+
+    compressions: int
+    merges: int
+    examples: int
+
+
+def planned_work(grid: Grid, examples_per_split: dict[str, int]) -> Work:
+    test, val = examples_per_split["test"], examples_per_split["val"]
+    compressions, examples = 0, 2 * test
+    for method, _ in grid.method_ratios():
+        seeds = len(grid.seeds_of(method))
+        candidates = len(grid.beta_c) if method in TUNED_METHODS and len(grid.beta_c) > 1 else 0
+        compressions += candidates + seeds - (1 if candidates else 0)
+        examples += candidates * val + seeds * test
+    compressions *= len(grid.tasks)
+    examples *= len(grid.tasks)
+    merges = 6 if grid.merge else 0
+    return Work(compressions, merges, examples + merges * test * len(grid.tasks))
+
+
+class Runner:
+    """Fills a Grid's cells: one resident model whose weights are swapped per cell."""
+
+    def __init__(self, limit: int | None, train_missing: bool, base_dir: Path = BASE_DIR,
+                 finetunes: Path = FINETUNE_CACHE, cache: Path = QUALITY_CACHE) -> None:
+        torch.set_num_threads(1)
+        self.base_dir, self.finetunes, self.cache = base_dir, finetunes, cache
+        self.limit, self.train_missing = limit, train_missing
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.model = load_model(base_dir)
+        self.base_weights = base_state_dict(base_dir)
+        self.scores = ScoreCache(cache / "scores.json")
+        self.timing: dict[str, list[float]] = {"compress_s": [], "merge_s": [], "eval_s_per_example": []}
+
+    def run(self, grid: Grid) -> dict[str, object]:
+        tasks = [task for task in grid.tasks if self.finetune_dir(task) is not None]
+        results: dict[str, object] = {"tasks": tasks, "base": {}, "finetune": {}, "selected": {}, "rows": []}
+        for task in tasks:
+            results["base"][task] = self.score(f"base|{task}", task, "test", lambda: self.base_weights)
+            tuned = self.finetune_dir(task)
+            results["finetune"][task] = self.score(f"ft-{self.tag(task)}|{task}", task, "test",
+                                                   lambda: base_state_dict(tuned))
+            for method, ratio in grid.method_ratios():
+                results["rows"].append(self.method_row(task, method, ratio, grid, results["selected"]))
+        results["merging"] = self.run_merging(tasks, grid) if grid.merge else []
+        results["timing"] = self.timing_summary(grid)
+        return results
+
+    def method_row(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> dict[str, object]:
+        beta, c = self.select(task, method, ratio, grid, selected)
+        seeds = list(grid.seeds_of(method))
+        scores = [self.score_variant(Variant(task, method, ratio, seed, beta, c), "test") for seed in seeds]
+        mean, std = mean_std(scores)
+        return {"task": task, "method": method, "ratio": ratio, "beta": beta, "c": c, "seeds": seeds,
+                "scores": scores, "mean": mean, "std": std}
+
+    def select(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> tuple[float, float]:
+        """(beta, C) with the best validation score at seed 0; the first candidate when only one."""
+        if method not in TUNED_METHODS or len(grid.beta_c) == 1:
+            return grid.beta_c[0]
+        val = {bc: self.score_variant(Variant(task, method, ratio, 0, *bc), "val") for bc in grid.beta_c}
+        best = max(grid.beta_c, key=lambda bc: val[bc])
+        selected[f"{task}/{method}@{ratio:g}"] = {"beta": best[0], "c": best[1],
+                                                   "val": {f"{b:g}:{c:g}": s for (b, c), s in val.items()}}
+        return best
+
+    def finetune_dir(self, task: str) -> Path | None:
+        folder = self.finetunes / task
+        if (folder / "model.safetensors").is_file():
+            return folder
+        if not self.train_missing:
+            print(f"skipping {task}: no fine-tune in {folder} (run python -m bench.testbed.finetune --task {task})")
+            return None
+        return finetune(TrainConfig(task, steps=TRAIN_STEPS.get(task, TrainConfig.steps)), self.base_dir, self.finetunes)
+
+    def tag(self, task: str) -> str:
+        """Short hash of the fine-tune's training report: cached artifacts and scores follow a retrain."""
+        report = (self.finetunes / task / REPORT).read_bytes()
+        return hashlib.sha256(report).hexdigest()[:10]
+
+    def score(self, key: str, task: str, split: str, weights: Callable[[], dict[str, torch.Tensor]]) -> float:
+        """The task's score on `split` for the model with `weights` (cached by key and example count)."""
+        examples = make_splits(TASKS[task])[split][: self.limit]
+        full_key = f"{key}|{split}|n={len(examples)}"
+        cached = self.scores.get(full_key)
+        if cached is not None:
+            return cached
+        load_weights(self.model, weights())
+        started = time.monotonic()
+        score = evaluate(self.model, self.tokenizer, TASKS[task], examples, split).score
+        self.timing["eval_s_per_example"].append((time.monotonic() - started) / len(examples))
+        self.scores.put(full_key, score)
+        print(f"{full_key}: {score:.3f}", flush=True)
+        return score
+
+    def score_variant(self, variant: Variant, split: str) -> float:
+        key = f"{self.tag(variant.task)}/{variant.name}"
+        return self.score(key, variant.task, split, lambda: self.merged(self.artifact(variant)))
+
+    def merged(self, artifact: Path) -> dict[str, torch.Tensor]:
+        return load_artifact(artifact, self.base_dir).merged_state_dict(self.base_weights)
+
+    def artifact(self, variant: Variant) -> Path:
+        path = self.cache / "artifacts" / self.tag(variant.task) / f"{variant.name.split('/')[1]}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            compress(self.base_dir, self.finetunes / variant.task, path, method=variant.method,
+                     ratio=variant.ratio, seed=variant.seed, **variant.params())
+            self.timing["compress_s"].append(time.monotonic() - started)
+        return path
+
+    def run_merging(self, tasks: list[str], grid: Grid) -> list[dict[str, object]]:
+        """Task Arithmetic and TIES over the unprocessed, DARE and ImPart deltas of all tasks; every
+        merged model scored on every task."""
+        rows: list[dict[str, object]] = []
+        for source in MERGE_SOURCES:
+            inputs = [self.merge_input(task, source, grid) for task in tasks]
+            for how in ("ta", "ties"):
+                path = self.merge_artifact(tasks, source, how, inputs, grid.merge_ratio)
+                scores = {task: self.score(path.stem, task, "test", lambda: self.merged(path)) for task in tasks}
+                rows.append({"source": source, "how": how, "scores": scores, "mean": statistics.fmean(scores.values())})
+        return rows
+
+    def merge_input(self, task: str, source: str, grid: Grid) -> Path:
+        if source == "none":
+            return self.finetunes / task
+        beta, c = self.select(task, source, grid.merge_ratio, grid, {})
+        return self.artifact(Variant(task, source, grid.merge_ratio, 0, beta, c))
+
+    def merge_artifact(self, tasks: list[str], source: str, how: str, inputs: list[Path], ratio: float) -> Path:
+        inputs_tag = hashlib.sha256("|".join(str(p) + self.tag(t) for p, t in zip(inputs, tasks)).encode())
+        cr = "" if source == "none" else f"-cr{ratio:g}"
+        path = self.cache / "merges" / f"merge-{how}-{source}{cr}-{inputs_tag.hexdigest()[:10]}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            merge(inputs, self.base_dir, path, how=how, scale=MERGE_SCALE[how], density=TIES_DENSITY, store="full")
+            self.timing["merge_s"].append(time.monotonic() - started)
+        return path
+
+    def timing_summary(self, grid: Grid) -> dict[str, object]:
+        """Measured seconds per step (of this run's new work) and the full grid's predicted CPU time."""
+        measured = {name: statistics.fmean(values) for name, values in self.timing.items() if values}
+        work = planned_work(FULL_GRID, SPLIT_SIZES)
+        unit = {"compress_s": work.compressions, "merge_s": work.merges, "eval_s_per_example": work.examples}
+        known = {name: measured[name] * count for name, count in unit.items() if name in measured}
+        return {"measured_mean": measured, "measured_counts": {k: len(v) for k, v in self.timing.items()},
+                "full_grid_work": asdict(work), "full_grid_seconds_by_step": known,
+                "full_grid_hours_known_steps": round(sum(known.values()) / 3600, 2),
+                "unmeasured_steps": sorted(set(unit) - set(known)), "threads": torch.get_num_threads()}
+
+
+MERGE_SOURCES = ("none", "dare", "impart")
+FULL_GRID = Grid(tuple(sorted(TASKS)), ("impart", "dare", "lowrank"), (8.0, 16.0, 32.0, 64.0), (32.0, 64.0), 3,
+                 ((0.8, 0.5), (0.6, 1.0)), 32.0, True)

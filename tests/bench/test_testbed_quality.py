@@ -1,0 +1,63 @@
+"""The quality table's runner and report on the tiny model: every cell filled, work as planned,
+everything cached on a rerun, goals computed, files written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from testbed_fakes import low_rank_finetune
+
+from bench.testbed.quality_grid import Grid, Runner, planned_work
+from bench.testbed.quality_report import write_report
+
+GRID = Grid(("dates", "routing"), ("impart", "dare", "lowrank"), (8.0, 16.0), (), 2,
+            ((0.8, 0.5), (0.6, 1.0)), 8.0, True)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Runner, dict]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("quality")
+    for seed, task in enumerate(GRID.tasks):
+        low_rank_finetune(tiny_model, root / "finetunes" / task, seed=seed + 5)
+    runner = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    return root, runner, runner.run(GRID)
+
+
+def test_every_method_ratio_and_task_has_a_row_with_its_seeds(run: tuple[Path, Runner, dict]) -> None:
+    _, _, results = run
+    cells = {(r["task"], r["method"], r["ratio"]): r for r in results["rows"]}
+    assert len(cells) == len(results["rows"]) == 2 * 3 * 2
+    assert cells["dates", "dare", 8.0]["seeds"] == [0, 1] and cells["dates", "lowrank", 8.0]["seeds"] == [0]
+    assert all(0.0 <= score <= 1.0 for r in results["rows"] for score in r["scores"])
+    assert set(results["selected"]) == {f"{t}/impart@{r:g}" for t in GRID.tasks for r in GRID.ratios}
+
+
+def test_the_runner_does_the_planned_compressions_and_merges(run: tuple[Path, Runner, dict]) -> None:
+    _, runner, results = run
+    work = planned_work(GRID, {"test": 3, "val": 3})
+    assert results["timing"]["measured_counts"]["compress_s"] == work.compressions == 2 * (2 * 3 + 2 * 2 + 2)
+    assert results["timing"]["measured_counts"]["merge_s"] == work.merges == 6
+    assert [(m["how"], m["source"]) for m in results["merging"]] == [
+        (how, source) for source in ("none", "dare", "impart") for how in ("ta", "ties")]
+
+
+def test_a_rerun_reuses_every_artifact_and_score(run: tuple[Path, Runner, dict], tiny_model: Path) -> None:
+    root, _, results = run
+    again = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    rerun = again.run(GRID)
+    assert rerun["rows"] == results["rows"] and rerun["merging"] == results["merging"]
+    assert all(not values for values in again.timing.values())
+
+
+def test_report_writes_json_markdown_and_plots_with_the_goals(run: tuple[Path, Runner, dict], tmp_path: Path) -> None:
+    _, _, results = run
+    results["config"] = {"argv": ["--test"], "limit": 3, "wall_s": 1.0}
+    paths = write_report(results, tmp_path)
+    assert sorted(p.name for p in paths) == ["quality.json", "quality.md", "quality.png", "quality_merge.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths if p.suffix == ".png")
+    assert {"impart@16 >= dare@8", "impart@16 >= lowrank@8", "ties+impart > ties"} <= set(results["goals"])
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "| dates |" in markdown and "| ties | impart |" in markdown
