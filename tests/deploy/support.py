@@ -1,4 +1,4 @@
-"""Shared paths and helpers of the deploy checks: everything here runs offline, with no Docker engine."""
+"""Shared paths and helpers of the deploy checks (imported by the tests; no fixtures). All offline."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, known_setting
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, known_setting
 
 SCHEMA = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
 REQUIRED_FROM_ENV = re.compile(r"^\$\{(DELTASERVE_[A-Z_]+):\?[^}]+\}$")

@@ -28,7 +28,7 @@ import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
-from tests.deploy.conftest import GATEWAY, GATEWAY_VAR, render_gateway_template, tool
+from .support import GATEWAY, GATEWAY_VAR, render_gateway_template, tool
 
 REPLICA_HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 RESOLVE_WAIT_S = 12.0  # the template's `resolver ... valid=10s`, plus a margin

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from tests.deploy.conftest import DEPLOY, REPO, tool
+from .support import DEPLOY, REPO, tool
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, known_setting, tool
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, known_setting, tool
 
 K8S_VERSION = "1.37.0"
 OVERLAYS = ["cpu", "gpu"]
