@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import socket
 import subprocess
 from functools import lru_cache
 
@@ -79,6 +80,19 @@ def test_overlays_render_every_component(docs: list[dict]) -> None:
 def test_every_manifest_passes_strict_validation(docs: list[dict]) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_validation_and_rendering_need_no_network(docs: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kustomizations = [*(DEPLOY / "k8s").rglob("kustomization.yaml"), GATEWAY / "kustomization.yaml"]
+    for path in kustomizations:
+        entries = yaml.safe_load(path.read_text()).get("resources", [])
+        assert all("://" not in e and (path.parent / e).exists() for e in entries), f"{path}: remote resource"
 
 
 def test_strict_validation_rejects_a_misspelt_field(docs: list[dict]) -> None:
