@@ -49,12 +49,14 @@ def drop_ratios(s: torch.Tensor, gamma: float, c: float) -> torch.Tensor:
 
 def pre_prune(shape: tuple[int, int], ratio: float, beta: float) -> tuple[int, float]:
     """(K, gamma): vectors kept by the pre-prune and their mean drop ratio. When the budget allows
-    more than r (1 - beta) dense vectors (low CR), beta is lowered to alpha and gamma is 0."""
+    more than r (1 - beta) dense vectors (low CR), beta is lowered to just under alpha."""
     r = min(shape)
-    alpha = drop_alpha(shape, ratio)
-    beta_eff = min(beta, max(alpha, 0.0))
-    gamma = (alpha - beta_eff) / (1.0 - beta_eff) if beta_eff < 1.0 else 0.0
-    return min(r, int(math.floor(r * (1.0 - beta_eff) + 1e-9))), gamma
+    alpha = max(drop_alpha(shape, ratio), 0.0)
+    k = int(math.floor(r * (1.0 - beta) + 1e-9))
+    if alpha < beta:
+        k = min(r, int(math.ceil(r * (1.0 - alpha) - 1e-9)))
+    beta_eff = 1.0 - k / r
+    return k, max(0.0, (alpha - beta_eff) / (1.0 - beta_eff)) if k else 0.0
 
 
 def plan_drops(s: torch.Tensor, shape: tuple[int, int], ratio: float, beta: float, c: float) -> DropPlan:

@@ -34,6 +34,10 @@ class MethodParams:
     device: str = "cpu"
     bits: int = 4
     """Bit width of DARE-Qt's kept values (ImPart-Qt uses its per-vector rule instead)."""
+    embedding_method: str | None = None
+    """Method for the embedding / LM head (other 2-D tensors): None = the main method; "full" = 16-bit."""
+    embedding_ratio: float | None = None
+    """Ratio for the embedding / LM head: None = the main ratio."""
 
 
 def encode_dense(name: str, delta: torch.Tensor) -> ModuleCode:

@@ -149,7 +149,14 @@ def _encode_all(
 
 def encode_tensor(name: str, delta: torch.Tensor, method: str, params: MethodParams) -> tuple[ModuleCode, ModuleReport]:
     """One tensor's code (the method on 2-D deltas, dense for the rest) and its report."""
-    code = encode_dense(name, delta) if delta.ndim != 2 else ENCODERS[method](name, delta, params)
+    if delta.ndim != 2:
+        return (code := encode_dense(name, delta)), report_module(name, delta, code)
+    if group_of(name, 2) == "embedding":
+        method = params.embedding_method or method
+        params = dataclasses.replace(params, ratio=params.embedding_ratio or params.ratio)
+    if method not in ENCODERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(ENCODERS))}")
+    code = ENCODERS[method](name, delta, params)
     return code, report_module(name, delta, code)
 
 

@@ -165,3 +165,19 @@ def test_incompatible_checkpoints_are_rejected(pair: tuple[Path, Path], tmp_path
     (bad / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(compressor.IncompatibleCheckpointError):
         compressor.check_compatible(base, bad)
+
+
+def test_embedding_can_use_its_own_method_and_ratio(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    report = compressor.compress(base, ft, tmp_path / "e.safetensors", ratio=16.0, embedding_method="full")
+    art = compressor.load_artifact(report.out_path)
+    emb = art.module("model.embed_tokens.weight")
+    truth = Checkpoint(ft).tensor(emb.name) - Checkpoint(base).tensor(emb.name)
+    torch.testing.assert_close(emb.dense(), truth, atol=1e-4, rtol=1e-3)
+    assert art.module("model.layers.0.mlp.up_proj.weight").code.layout == "svd"
+    lower = compressor.compress(base, ft, tmp_path / "f.safetensors", ratio=16.0, embedding_ratio=4.0)
+    kept = {m.name: m.kept for m in lower.modules}
+    assert kept["model.embed_tokens.weight"] == round(413 * 64 / 4.0)
+    assert lower.linear_cr == pytest.approx(16.0, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown method parameter"):
+        compressor.compress(base, ft, tmp_path / "g.safetensors", gamma=3)
