@@ -6,10 +6,12 @@ No Docker engine runs here: the Dockerfiles are linted and parsed, never built.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -139,6 +141,43 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest(dockerfile:
         assert not _ignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
     for heavy in (".venv", ".git", "tests", "bench/results", "server/__pycache__/x.pyc"):
         assert _ignored(heavy, patterns), f"{heavy} would be sent to the build context"
+
+
+def _build_stage_copies(dockerfile: Path) -> list[tuple[str, str]]:
+    """(source, destination) of each COPY from the build context in the `build` stage."""
+    stage = next(st for st in _stages(dockerfile) if st[0]["value"].split()[-1] == "build")
+    copies = []
+    for instruction in stage:
+        words = instruction["value"].split()
+        if instruction["instruction"] == "COPY":
+            copies += [(source, words[-1]) for source in words[:-1]]
+    return copies
+
+
+def test_both_images_install_from_the_same_sources() -> None:
+    cpu, cuda = (_build_stage_copies(d) for d in DOCKERFILES)
+    assert cpu == cuda
+
+
+def test_what_the_build_stage_copies_builds_the_package(tmp_path: Path) -> None:
+    """`pip install .` in the image sees only the copied paths: they must make a complete package."""
+    for source, dest in _build_stage_copies(DOCKERFILES[0]):
+        target = tmp_path / "src" / dest
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / source, target)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path / "dist"), str(tmp_path / "src")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    wheel = next((tmp_path / "dist").glob("deltaserve-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        scripts = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert "deltaserve = server.cli:main" in scripts
+    assert {"server/cli.py", "server/app.py", "compressor/__init__.py", "kernels/__init__.py"} <= names
 
 
 class _Server(BaseHTTPRequestHandler):
