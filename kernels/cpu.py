@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import native
 from kernels.layout import ResidentFactors
 from kernels.plan import BatchPlan, SlotRows
+
+USE_NATIVE = True
+"""Use the C kernel for add_delta when it builds (tests switch it off to check the torch path)."""
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -66,10 +70,22 @@ def expand(y: Tensor, h: Tensor, plan: BatchPlan, factors: Sequence[ResidentFact
 
 
 def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, factors: Sequence[ResidentFactors | None]) -> Tensor:
-    """y[rows of slot j] += delta_j(x[rows of slot j]), in place. Semantics: kernels.reference.add_delta."""
-    for rows, f in _active(plan, factors):
+    """y[rows of slot j] += delta_j(x[rows of slot j]), in place. Semantics: kernels.reference.add_delta.
+
+    CSR slots go to the C kernel in one call (kernels.native); dense-stored slots, and every slot when
+    the C kernel is unavailable, go through torch (MKL) one slot at a time.
+    """
+    active = _active(plan, factors)
+    csr = [(rows, f) for rows, f in active if _native_ok(f)]
+    if csr and USE_NATIVE and native.add_delta(y, x, plan, csr):
+        active = [(rows, f) for rows, f in active if not _native_ok(f)]
+    for rows, f in active:
         _add_rows(y, rows, _mm(f.u_torch, _shrink_t(rows.take(x), f)))
     return y
+
+
+def _native_ok(f: ResidentFactors) -> bool:
+    return not (f.u.dense or f.vt.dense) and f.u.values.dtype == f.vt.values.dtype == torch.float32
 
 
 def delta_linear(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -108,6 +109,13 @@ class ResidentFactors:
     @property
     def device(self) -> torch.device:
         return self.vt.values.device
+
+    @cached_property
+    def addresses(self) -> tuple[int, int, int, int, int, int, int]:
+        """(vt crow, vt col, vt values, K, u crow, u col, u values): the C kernel's view of this delta."""
+        vt, u = self.vt, self.u
+        ptrs = (vt.crow, vt.col, vt.values)
+        return (*(t.data_ptr() for t in ptrs), self.rank, u.crow.data_ptr(), u.col.data_ptr(), u.values.data_ptr())
 
     def dense_delta(self) -> Tensor:
         """[out, in] float32: u @ diag(s) @ v.T, reconstructed from the layout."""

@@ -1,0 +1,114 @@
+/* Fused shrink + expand for every task slot of a step, in one call (kernels/native.py loads it).
+ *
+ * For slot j with rows order[off_j .. off_j + n_j):
+ *   h[k][n]  = sum over stored e of vt row k:  val[e] * x[row_n][col[e]]      (k < K_j)
+ *   y[row_n][o] += sum over stored e of u row o: val[e] * h[col[e]][n]        (o < out)
+ * Both factors are CSR with int32 indices and float32 values (s folded into vt). Activations are
+ * float32 or bfloat16; accumulation is float32. Single-threaded on purpose: no second OpenMP
+ * runtime next to torch's, and one call per product keeps per-call costs to microseconds.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { META = 9 }; /* per slot: vt crow, vt col, vt val, K, u crow, u col, u val, offset, count */
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                             /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* xt[c][n] = x[rows[n]][c] as float32: the slot's rows, transposed so the inner loop runs over n. */
+static void gather_rows_t(const void *x, int x_bf16, int64_t x_stride, const int32_t *rows, int64_t n,
+                          int64_t in, float *xt) {
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t c = 0; c < in; c++) {
+            int64_t at = rows[i] * x_stride + c;
+            xt[c * n + i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+        }
+    }
+}
+
+/* out[r] = sum_e val[e] * inp[col[e]] for every CSR row r (one activation row: a sparse dot per row). */
+static void csr_times_vector(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
+                             int64_t num_rows, const float *restrict inp, float *restrict out) {
+    for (int64_t r = 0; r < num_rows; r++) {
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int32_t e = crow[r];
+        const int32_t end = crow[r + 1];
+        for (; e + 4 <= end; e += 4) {
+            a0 += val[e] * inp[col[e]];
+            a1 += val[e + 1] * inp[col[e + 1]];
+            a2 += val[e + 2] * inp[col[e + 2]];
+            a3 += val[e + 3] * inp[col[e + 3]];
+        }
+        for (; e < end; e++) a0 += val[e] * inp[col[e]];
+        out[r] = (a0 + a1) + (a2 + a3);
+    }
+}
+
+/* out[r][n] = sum_e val[e] * inp[col[e]][n] for every CSR row r (n activation rows, inner loop over n). */
+static void csr_times_block(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
+                            int64_t num_rows, const float *restrict inp, int64_t n, float *restrict out) {
+    if (n == 1) {
+        csr_times_vector(crow, col, val, num_rows, inp, out);
+        return;
+    }
+    for (int64_t r = 0; r < num_rows; r++) {
+        float *restrict acc = out + r * n;
+        for (int64_t i = 0; i < n; i++) acc[i] = 0.0f;
+        for (int32_t e = crow[r]; e < crow[r + 1]; e++) {
+            const float v = val[e];
+            const float *restrict src = inp + (int64_t)col[e] * n;
+            for (int64_t i = 0; i < n; i++) acc[i] += v * src[i];
+        }
+    }
+}
+
+static void add_into_rows(void *y, int y_bf16, int64_t y_stride, const int32_t *rows, int64_t n, int64_t out,
+                          const float *d) {
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t o = 0; o < out; o++) {
+            int64_t at = rows[i] * y_stride + o;
+            if (y_bf16) {
+                uint16_t *p = (uint16_t *)y + at;
+                *p = f32_to_bf16(bf16_to_f32(*p) + d[o * n + i]);
+            } else {
+                ((float *)y)[at] += d[o * n + i];
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be had. */
+int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const void *x, int x_bf16,
+                         int64_t x_stride, int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
+    for (int64_t j = 0; j < num_slots; j++) {
+        const int64_t *m = meta + j * META;
+        const int64_t k = m[3], n = m[8];
+        const int32_t *rows = order + m[7];
+        float *xt = malloc(sizeof(float) * (size_t)(in * n));
+        float *h = malloc(sizeof(float) * (size_t)(k * n));
+        float *d = malloc(sizeof(float) * (size_t)(out * n));
+        if (!xt || !h || !d) {
+            free(xt), free(h), free(d);
+            return -1;
+        }
+        gather_rows_t(x, x_bf16, x_stride, rows, n, in, xt);
+        csr_times_block((const int32_t *)m[0], (const int32_t *)m[1], (const float *)m[2], k, xt, n, h);
+        csr_times_block((const int32_t *)m[4], (const int32_t *)m[5], (const float *)m[6], out, h, n, d);
+        add_into_rows(y, y_bf16, y_stride, rows, n, out, d);
+        free(xt), free(h), free(d);
+    }
+    return 0;
+}
