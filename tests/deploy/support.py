@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from server.config import ENV_PREFIX, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -33,8 +36,6 @@ def tool(name: str) -> Path:
 
 def known_setting(env_name: str) -> bool:
     """True when `env_name` is a DELTASERVE_ variable that Settings reads or contract E reserves."""
-    from server.config import ENV_PREFIX, Settings
-
     if not env_name.startswith(ENV_PREFIX):
         return False
     field = env_name[len(ENV_PREFIX):].lower()
@@ -44,3 +45,15 @@ def known_setting(env_name: str) -> bool:
 def render_gateway_template(text: str, values: dict[str, str]) -> str:
     """envsubst as the nginx image runs it (filter GATEWAY_): only ${GATEWAY_*} names are replaced."""
     return GATEWAY_VAR.sub(lambda m: values[m.group(1)], text)
+
+
+SAMPLE_KEYS = {"DELTASERVE_ADMIN_KEYS": "admin-key", "DELTASERVE_API_KEYS": '{"client-key": ["*"]}'}
+
+
+def parse_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings the server would read from exactly `env` (plus sample keys); raises on a bad value."""
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for name, value in {**env, **SAMPLE_KEYS}.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from .support import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, known_setting
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, known_setting, parse_settings
 
 SCHEMA = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
 REQUIRED_FROM_ENV = re.compile(r"^\$\{(DELTASERVE_[A-Z_]+):\?[^}]+\}$")
@@ -80,6 +80,13 @@ def test_server_settings_are_real_settings_and_keys_come_from_the_environment(co
     for secret in SECRET_SETTINGS:
         match = REQUIRED_FROM_ENV.match(env[secret])
         assert match and match.group(1) == secret, f"{secret} must be required from the environment"
+
+
+def test_server_environment_parses_into_the_server_settings(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: v for k, v in compose["services"]["deltaserve"]["environment"].items() if k not in SECRET_SETTINGS}
+    settings = parse_settings(env, monkeypatch)
+    assert settings.host == "0.0.0.0" and settings.redis_url == "redis://redis:6379/0"
+    assert "redis" in compose["services"]
 
 
 def test_gateway_gets_every_template_variable_and_its_files(compose: dict) -> None:

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .support import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, known_setting, tool
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, known_setting, parse_settings, tool
 
 K8S_VERSION = "1.37.0"
 OVERLAYS = ["cpu", "gpu"]
@@ -137,6 +137,12 @@ def test_settings_are_real_settings_and_hold_no_keys(docs: list[dict]) -> None:
     assert settings["DELTASERVE_HOST"] == "0.0.0.0" and settings["DELTASERVE_REGISTRY"] == "redis"
     redis_host = settings["DELTASERVE_REDIS_URL"].split("//")[1].split(":")[0]
     _one(docs, "Service", redis_host)
+
+
+def test_settings_parse_into_the_server_settings(docs: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = parse_settings(_settings(docs), monkeypatch)
+    assert settings.host == "0.0.0.0" and settings.registry == "redis"
+    assert str(settings.model_cache) == _settings(docs)["DELTASERVE_MODEL_CACHE"]
 
 
 def test_keys_come_from_the_secret_which_git_leaves_empty(docs: list[dict]) -> None:
