@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ RESERVED_SETTINGS = {
     "work_dir",
 }
 SECRET_SETTINGS = {"DELTASERVE_ADMIN_KEYS", "DELTASERVE_API_KEYS"}
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 def tool(name: str) -> Path:

@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from .support import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, known_setting, parse_settings
+from .support import (DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, VERSION, known_setting,
+                      parse_settings)
 
 SCHEMA = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
 REQUIRED_FROM_ENV = re.compile(r"^\$\{(DELTASERVE_[A-Z_]+):\?[^}]+\}$")
@@ -100,6 +101,7 @@ def test_gateway_gets_every_template_variable_and_its_files(compose: dict) -> No
 
 def test_build_uses_the_cpu_dockerfile(compose: dict) -> None:
     build = compose["services"]["deltaserve"]["build"]
+    assert compose["services"]["deltaserve"]["image"] == f"deltaserve:{VERSION}-cpu"
     assert (REPO / build["context"] / build["dockerfile"]).is_file()
     assert Path(build["dockerfile"]).name == "Dockerfile.cpu"
 

@@ -14,7 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .support import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, known_setting, parse_settings, tool
+from .support import (DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, VERSION, known_setting, parse_settings,
+                      tool)
 
 K8S_VERSION = "1.37.0"
 OVERLAYS = ["cpu", "gpu"]
@@ -127,7 +128,8 @@ def test_images_are_pinned_and_match_the_overlay(docs: list[dict]) -> None:
         tag = image.rpartition(":")[2]
         assert ":" in image and tag != "latest", f"{image} is not pinned"
     server_tag = _server(docs)["image"].rpartition(":")[2]
-    assert server_tag.endswith("-cuda" if _settings(docs)["DELTASERVE_DEVICE"] == "cuda" else "-cpu")
+    flavour = "cuda" if _settings(docs)["DELTASERVE_DEVICE"] == "cuda" else "cpu"
+    assert server_tag == f"{VERSION}-{flavour}", "the image tag follows the project version"
 
 
 def test_settings_are_real_settings_and_hold_no_keys(docs: list[dict]) -> None:
