@@ -1,0 +1,277 @@
+"""Serving benchmark (issue 6): output tokens/s and time per output token of the engine, one run, ratios.
+
+Scenarios, each at every concurrency (closed loop: C clients, each sending its next request when the
+previous one ends), all in the same process and run:
+  base     every request on the base alone
+  one      every request on one task
+  mix4     requests spread round-robin over 4 distinct tasks
+  mix16    ... over 16 tasks
+  swap16   the naive alternative: one set of merged full weights (W_base + delta) resident at a time;
+           each wave of C requests is grouped by task and the merged weights are swapped in per group
+Deltas: the testbed's artifacts when --tasks-dir holds them, else same-ratio synthetic ones: a random
+fine-tune of the base (server.model.provision.write_synthetic_finetune) compressed by ImPart at --ratio;
+with fewer distinct artifacts than tasks, names reuse them round-robin (same sizes, same compute).
+
+    .venv/bin/python bench/serving.py --quick          # concurrency 1 and 8, short outputs (a few minutes)
+    .venv/bin/python bench/serving.py                  # concurrency 1, 8, 32
+Results: bench/results/serving.json (--out); docs/engine.md holds the table. The machine is shared:
+compare the ratios inside one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
+    sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
+
+import torch  # noqa: E402
+
+from server.config import load_settings  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.sources import LocalDirDeltaSource  # noqa: E402
+from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from server.model.llama import load_state_dict  # noqa: E402
+
+DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
+WORK = Path("/tmp/deltaserve-bench-serving")
+
+
+@dataclass(frozen=True)
+class Result:
+    scenario: str
+    concurrency: int
+    requests: int
+    output_tokens: int
+    seconds: float
+    tokens_per_s: float
+    tpot_ms: float
+    """Mean over requests of (last token time - first token time) / (tokens - 1)."""
+    ttft_ms: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    tokens: int
+    first: float
+    last: float
+    started: float
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p.add_argument("--tasks-dir", type=Path, default=None, help="folder of <task>.safetensors artifacts")
+    p.add_argument("--distinct", type=int, default=2, help="synthetic artifacts to make when --tasks-dir is absent")
+    p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of synthetic artifacts")
+    p.add_argument("--quick", action="store_true", help="concurrency 1 and 8, short prompts and outputs")
+    p.add_argument("--concurrency", type=str, default=None, help="comma-separated (default 1,8,32; quick 1,8)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; quick 32)")
+    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 32; quick 12)")
+    p.add_argument("--waves", type=int, default=2, help="requests per client")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--scenarios", default="base,one,mix4,mix16,swap16")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,8" if args.quick else "1,8,32")).split(",")]
+    args.prompt_len = args.prompt_len or (32 if args.quick else 64)
+    args.max_tokens = args.max_tokens or (12 if args.quick else 32)
+    return args
+
+
+def synthetic_artifacts(base: Path, count: int, ratio: float) -> tuple[Path, list[float]]:
+    """`count` ImPart artifacts of random fine-tunes of `base` (cached under WORK); compress seconds."""
+    from compressor import compress
+    from server.model.provision import write_synthetic_finetune
+
+    out = WORK / base.name / f"artifacts-r{ratio:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = []
+    for i in range(count):
+        target = out / f"syn{i}.safetensors"
+        if not target.exists():
+            tuned = write_synthetic_finetune(base, WORK / base.name / "finetune", seed=1000 + i, scale=0.05)
+            started = time.perf_counter()
+            compress(base, tuned, target, method="impart", ratio=ratio, seed=i)
+            seconds.append(time.perf_counter() - started)
+            shutil.rmtree(tuned)
+    return out, seconds
+
+
+def task_folder(artifacts: Path, names: int) -> tuple[Path, dict[str, Path]]:
+    """A folder naming `names` tasks t0.. over the distinct artifacts, round-robin (hard links)."""
+    sources = sorted(artifacts.glob("*.safetensors"))
+    folder = WORK / "tasks"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    mapping = {}
+    for i in range(names):
+        src = sources[i % len(sources)]
+        (folder / f"t{i}.safetensors").hardlink_to(src)
+        mapping[f"t{i}"] = src
+    return folder, mapping
+
+
+def make_engine(args: argparse.Namespace, tasks: Path) -> Engine:
+    settings = load_settings(
+        base_model=str(args.base), device=args.device, kv_cache_bytes=1 << 30, delta_cache_bytes=4 << 30,
+        max_running=64, max_batch_tokens=1024,
+    )
+    return Engine(settings, LocalDirDeltaSource(tasks))
+
+
+async def one_request(engine: Engine, rid: str, task: str | None, prompt: tuple[int, ...], max_tokens: int) -> Timing:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    async for chunk in engine.generate(GenerationRequest(rid, task, prompt, params)):
+        last = time.perf_counter()
+        first = first or last
+        tokens += len(chunk.token_ids)
+    return Timing(tokens, first, last, started)
+
+
+async def closed_loop(
+    engine: Engine, tasks: list[str | None], concurrency: int, waves: int, prompt: tuple[int, ...], max_tokens: int
+) -> list[Timing]:
+    async def client(c: int) -> list[Timing]:
+        out = []
+        for w in range(waves):
+            i = w * concurrency + c
+            out.append(await one_request(engine, f"c{c}w{w}", tasks[i % len(tasks)], prompt, max_tokens))
+        return out
+
+    return [t for ts in await asyncio.gather(*(client(c) for c in range(concurrency))) for t in ts]
+
+
+def summarise(name: str, concurrency: int, timings: list[Timing], seconds: float) -> Result:
+    tokens = sum(t.tokens for t in timings)
+    tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]
+    return Result(
+        name, concurrency, len(timings), tokens, round(seconds, 3), round(tokens / seconds, 2),
+        round(1000 * statistics.mean(tpot), 2) if tpot else 0.0,
+        round(1000 * statistics.mean(t.first - t.started for t in timings), 2),
+    )
+
+
+async def run_deltas(engine: Engine, name: str, tasks: list[str | None], args: argparse.Namespace) -> list[Result]:
+    prompt = tuple(range(100, 100 + args.prompt_len))
+    for task in {t for t in tasks if t is not None}:
+        await engine.prefetch(task)
+    await closed_loop(engine, tasks, 1, 1, prompt, 2)  # warm-up
+    results = []
+    for c in args.concurrency:
+        started = time.perf_counter()
+        timings = await closed_loop(engine, tasks, c, args.waves, prompt, args.max_tokens)
+        results.append(summarise(name, c, timings, time.perf_counter() - started))
+        print(json.dumps(asdict(results[-1])), flush=True)
+    return results
+
+
+async def run_swap(engine: Engine, mapping: dict[str, Path], tasks: list[str], args: argparse.Namespace) -> list[Result]:
+    """Merged full weights per task, swapped into the resident model per same-task group of each wave."""
+    from compressor import load_artifact
+
+    base_state = load_state_dict(args.base, engine.model.device, engine.model.dtype)
+    merged_by_file: dict[Path, dict[str, torch.Tensor]] = {}
+    for src in {mapping[t] for t in tasks}:
+        merged_by_file[src] = load_artifact(src, args.base).merged_state_dict(base_state)
+    prompt = tuple(range(100, 100 + args.prompt_len))
+    results = []
+    for c in args.concurrency:
+        started = time.perf_counter()
+        timings: list[Timing] = []
+        for w in range(args.waves):
+            wave = [tasks[(w * c + i) % len(tasks)] for i in range(c)]
+            for task in dict.fromkeys(wave):
+                _swap_in(engine, merged_by_file[mapping[task]])
+                group = [None] * wave.count(task)
+                timings += await closed_loop(engine, group, len(group), 1, prompt, args.max_tokens)
+        results.append(summarise("swap16", c, timings, time.perf_counter() - started))
+        print(json.dumps(asdict(results[-1])), flush=True)
+    _swap_in(engine, base_state)
+    return results
+
+
+def _swap_in(engine: Engine, weights: dict[str, torch.Tensor]) -> None:
+    for name, tensor in engine.model.weights.items():
+        tensor.copy_(weights[name])
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    by = {(r.scenario, r.concurrency): r.tokens_per_s for r in results}
+    out = {}
+    for (scenario, c), value in by.items():
+        if scenario != "base" and ("base", c) in by:
+            out[f"{scenario}/base@{c}"] = round(value / by[("base", c)], 3)
+        if scenario == "mix16" and ("swap16", c) in by:
+            out[f"mix16/swap16@{c}"] = round(value / by[("swap16", c)], 3)
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    notes = []
+    if args.tasks_dir is None:
+        artifacts, compress_s = synthetic_artifacts(args.base, args.distinct, args.ratio)
+        notes.append(f"synthetic deltas: {args.distinct} random fine-tunes, ImPart CR {args.ratio:g}, reused round-robin")
+    else:
+        artifacts, compress_s = args.tasks_dir, []
+    folder, mapping = task_folder(artifacts, 16)
+    names = list(mapping)
+    engine = make_engine(args, folder)
+    await engine.start()
+    plans = {"base": [None], "one": names[:1], "mix4": names[:4], "mix16": names}
+    results: list[Result] = []
+    wanted = args.scenarios.split(",")
+    for scenario, tasks in plans.items():
+        if scenario in wanted:
+            results += await run_deltas(engine, scenario, tasks, args)
+    stats = engine.stats()
+    if "swap16" in wanted:
+        results += await run_swap(engine, mapping, names, args)
+    await engine.stop()
+    return report(args, results, stats, artifacts, compress_s, notes)
+
+
+def report(args: argparse.Namespace, results: list[Result], stats: object, artifacts: Path,
+           compress_s: list[float], notes: list[str]) -> dict[str, object]:
+    sizes = [p.stat().st_size for p in sorted(artifacts.glob("*.safetensors"))]
+    return {
+        "command": "python bench/serving.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": args.device},
+        "config": {"base": str(args.base), "ratio": args.ratio, "prompt_len": args.prompt_len,
+                   "max_tokens": args.max_tokens, "waves": args.waves, "concurrency": args.concurrency},
+        "deltas": {"artifact_bytes": sizes, "compress_seconds": compress_s,
+                   "resident_bytes_16_tasks": stats.resident_bytes, "loads": stats.delta_loads,  # type: ignore[attr-defined]
+                   "load_seconds_mean": stats.load_seconds / max(1, stats.delta_loads)},  # type: ignore[attr-defined]
+        "results": [asdict(r) for r in results],
+        "ratios": ratios(results),
+        "notes": notes,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = asyncio.run(main_async(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out["ratios"], indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
