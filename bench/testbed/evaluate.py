@@ -64,12 +64,13 @@ def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> Pr
 
 
 @torch.inference_mode()
-def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
-                     prompts: list[str], batch_size: int = 40) -> list[str]:
-    """Greedy answers, left-padded batches of similar length; returned in the order of `prompts`."""
+def generate_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                       prompts: list[str], batch_size: int = 40) -> list[list[int]]:
+    """Greedy answer tokens (up to the end of turn, exclusive), left-padded batches of similar length;
+    returned in the order of `prompts`."""
     texts = [prompt_text(tokenizer, task, prompt) for prompt in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: dict[int, str] = {}
+    answers: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         for index, answer in zip(chunk, _generate_batch(model, tokenizer, task, [texts[i] for i in chunk])):
@@ -77,14 +78,24 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return [answers[i] for i in range(len(texts))]
 
 
-def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, texts: list[str]) -> list[str]:
+def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                     prompts: list[str], batch_size: int = 40) -> list[str]:
+    """Greedy answers as text, stripped."""
+    ids = generate_token_ids(model, tokenizer, task, prompts, batch_size)
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def until_end(tokens: list[int], end: int) -> list[int]:
+    return tokens[: tokens.index(end)] if end in tokens else tokens
+
+
+def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, texts: list[str]) -> list[list[int]]:
     tokenizer.padding_side = "left"
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     output = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=end)  # [B, T + new]
-    new_tokens = output[:, inputs.input_ids.shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [until_end(row, end) for row in output[:, inputs.input_ids.shape[1] :].tolist()]
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
@@ -101,13 +112,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact", type=Path, help="a compressed delta to merge into --model")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--engine", action="store_true", help="also decode through the serving engine and "
+                        "report how many answers agree token for token with the merged weights'")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_merged(args.model, args.artifact) if args.artifact else load_model(args.model)
-    task = TASKS[args.task]
+    task, tokenizer = TASKS[args.task], AutoTokenizer.from_pretrained(args.model)
     examples = make_splits(task)[args.split][: args.limit]
-    result = evaluate(model, AutoTokenizer.from_pretrained(args.model), task, examples, args.split)
-    print(json.dumps({k: v for k, v in asdict(result).items() if k != "predictions"} | {"sample": result.predictions[:5]}))
+    result = evaluate(model, tokenizer, task, examples, args.split)
+    summary = {k: v for k, v in asdict(result).items() if k != "predictions"} | {"sample": result.predictions[:5]}
+    if args.engine:
+        summary["engine_agreement"] = engine_agreement(model, tokenizer, task, examples, args.model, args.artifact)
+    print(json.dumps(summary))
+
+
+def engine_agreement(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
+                     base_dir: Path, artifact: Path | None) -> float:
+    """Share of prompts whose engine answer equals the merged-weights answer token for token."""
+    from bench.testbed.engine_eval import engine_token_ids
+
+    prompts = [example.prompt for example in examples]
+    reference = generate_token_ids(model, tokenizer, task, prompts)
+    served = engine_token_ids(base_dir, artifact, task, prompts)
+    return sum(a == b for a, b in zip(reference, served)) / max(len(prompts), 1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ import torch
 from testbed_fakes import low_rank_finetune
 from transformers import AutoTokenizer
 
-from bench.testbed.evaluate import base_state_dict, evaluate, generate_answers, load_merged, load_model
+from bench.testbed.evaluate import (
+    base_state_dict,
+    evaluate,
+    generate_answers,
+    generate_token_ids,
+    load_merged,
+    load_model,
+)
 from bench.testbed.tasks import TASKS, Example, make_splits
 
 SMALL = {"train": 4, "val": 4, "test": 8}
@@ -56,3 +63,18 @@ def test_base_plus_artifact_carries_the_reconstructed_delta(tiny_model: Path, tm
     for module in artifact.modules():
         torch.testing.assert_close(merged[module.name], base[module.name] + module.dense())
     assert any(module.dense().abs().sum() > 0 for module in artifact.modules())
+
+
+def test_engine_answer_tokens_agree_with_merged_weights(tiny_model: Path, tmp_path: Path) -> None:
+    from compressor import compress
+
+    from bench.testbed.engine_eval import engine_token_ids
+
+    task = TASKS["routing"]
+    prompts = [example.prompt for example in make_splits(task, SMALL)["test"]]
+    finetuned = low_rank_finetune(tiny_model, tmp_path / "ft")
+    compress(tiny_model, finetuned, tmp_path / "delta.safetensors", method="impart", ratio=8.0)
+    merged = load_merged(tiny_model, tmp_path / "delta.safetensors")
+    expected = generate_token_ids(merged, AutoTokenizer.from_pretrained(tiny_model), task, prompts)
+    assert engine_token_ids(tiny_model, tmp_path / "delta.safetensors", task, prompts) == expected
+    assert engine_token_ids(tiny_model, None, task, prompts) != expected, "the delta should change some answer"
