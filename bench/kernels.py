@@ -228,6 +228,68 @@ def measure_grouping(tasks: int, rows: int, device: str, min_time: float) -> dic
             "speedup": t["separate"] / t["stacked"]}  # fmt: skip
 
 
+def layout_bytes(vt: Tensor, block: int = 16) -> dict[str, int]:
+    """Bytes of one factor [K, in] (values + index positions) in each candidate layout, same nnz.
+
+    block16 assumes the mask is drawn in blocks of 16 consecutive entries (one int32 per block)."""
+    k, inn = vt.shape
+    nnz = int((vt != 0).sum())
+    return {
+        "csr_int32_fp32": nnz * 8 + (k + 1) * 4,
+        "csr_int16_bf16": nnz * 4 + (k + 1) * 4,
+        "bitmask_bf16": nnz * 2 + k * inn // 8,
+        "seed_bf16": nnz * 2 + k * 8,
+        "block16_bf16": -(-nnz // block) * (block * 2 + 4) + (k + 1) * 4,
+    }
+
+
+def _unpack_bitmask(bits: Tensor, shape: tuple[int, int]) -> Tensor:
+    """uint8 [K * in / 8] -> the positions (flat int64) of set bits: the per-call decode a bitmask costs."""
+    weights = 2 ** torch.arange(8, dtype=torch.uint8)
+    return ((bits[:, None] & weights) != 0).reshape(-1).nonzero().squeeze(1)
+
+
+def _affine_positions(counts: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+    """Positions regenerated from per-vector (a, b): j -> (a * j + b) mod rows, a odd (rows a power of 2)."""
+    a = torch.randint(0, rows // 2, (counts.numel(),), generator=gen) * 2 + 1
+    b = torch.randint(0, rows, (counts.numel(),), generator=gen)
+    vec = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    j = torch.arange(vec.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return (a[vec] * j + b[vec]) % rows
+
+
+def measure_layouts(name: str, ratio: float, min_time: float) -> dict:
+    """Index cost of one shrink at decode (N = 1): bytes per layout, and what decoding positions costs per call."""
+    out, inn = SHAPES[name]
+    gen = torch.Generator().manual_seed(3)
+    u, s, v = impart_like(out, inn, ratio, gen)
+    f = kernels.pack_factors(u, s, v)
+    vt = (v * s).T.contiguous()
+    x = torch.randn(1, inn, generator=gen)
+    plan = kernels.plan_batch(torch.zeros(1, dtype=torch.int64), 1)
+    y = torch.zeros(1, out)
+    flat = (vt != 0).reshape(-1)
+    counts = (vt != 0).sum(1)
+    bits = (flat.reshape(-1, 8).to(torch.uint8) * 2 ** torch.arange(8, dtype=torch.uint8)).sum(1).to(torch.uint8)
+    keep_blocks = torch.rand(vt.shape[0], inn // 16, generator=gen) < counts[:, None] / inn
+    blk_vec, blk_id = keep_blocks.nonzero(as_tuple=True)
+    blk_vals = torch.randn(blk_vec.numel(), 16, generator=gen)
+    fns = {
+        "csr_int32_torch_shrink": lambda: torch.sparse.mm(f.vt_torch, x.T),
+        "c_kernel_add_delta": lambda: kernels.add_delta(y, x, plan, [f]),
+        "bitmask_decode_only": lambda: _unpack_bitmask(bits, vt.shape),
+        "seed_randperm_decode_only": lambda: [torch.randperm(inn, generator=gen)[: int(c)] for c in counts[:64]],
+        "seed_affine_decode_only": lambda: _affine_positions(counts, inn, gen),
+    }
+    fns["block16_torch_shrink"] = lambda: torch.zeros(vt.shape[0]).index_add_(
+        0, blk_vec, (x.view(-1, 16)[blk_id] * blk_vals).sum(1)
+    )
+    times = time_interleaved(fns, min_time)
+    times["seed_randperm_decode_only"] *= vt.shape[0] / 64
+    return {"shape": name, "ratio": ratio, "K": int(vt.shape[0]), "nnz_vt": int(flat.sum()),
+            "bytes_vt": layout_bytes(vt), "seconds": times}  # fmt: skip
+
+
 def run_grid(grid: dict, dtype: torch.dtype, device: str, bw: float, min_time: float) -> list[Point]:
     points = []
     for shape in grid["shapes"]:
@@ -277,18 +339,22 @@ def main(argv: list[str] | None = None) -> None:
     grouping = [measure_grouping(t, 16, args.device, min_time) for t in (1, 4, 16)]
     for g in grouping:
         print("grouping (SmolLM2 q/k/v, 16 rows):", json.dumps({k: round(v, 6) for k, v in g.items()}))
+    layouts = [measure_layouts(n, 32, min_time) for n in ("smollm2_attn", "7b_attn")] if args.device == "cpu" else []
+    for lay in layouts:
+        print("layouts:", json.dumps(lay))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_report(args, bw, points, grouping), indent=1))
+    args.out.write_text(json.dumps(_report(args, bw, points, grouping, layouts), indent=1))
     print(f"wrote {args.out}")
 
 
-def _report(args: argparse.Namespace, bw: float, points: list[Point], grouping: list[dict]) -> dict:
+def _report(args: argparse.Namespace, bw: float, points: list[Point], grouping: list[dict], layouts: list[dict]) -> dict:
     return {
         "command": "bench/kernels.py" + (" --quick" if args.quick else "") + f" --device {args.device} --dtype {args.dtype}",
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "copy_bandwidth_read_Bps": bw},
         "points": [{**asdict(p), **p.ratios} for p in points],
         "grouping": grouping,
+        "layouts": layouts,
     }  # fmt: skip
 
 
