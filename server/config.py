@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     """Most requests waiting for admission; beyond it new requests get HTTP 429."""
     kv_block_size: int = Field(16, ge=1)
     """Tokens per block of the paged KV cache."""
+    torch_threads: int = Field(0, ge=0)
+    """CPU threads of the engine's torch ops (0: torch's default, one per core); 1 is faster on a busy shared CPU."""
     admin_keys: str = ""
     """Admin keys for /admin, comma-separated; each a plain key or `sha256:<hex digest of the key>`."""
     api_keys: dict[str, list[str]] = {}

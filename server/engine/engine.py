@@ -83,6 +83,8 @@ class Engine:
 
     def _build(self) -> None:
         started = time.perf_counter()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         self.model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
         self.kv = KVCache(self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype)
         self.deltas = DeltaCache(self.source, self.settings.delta_cache_bytes, self._unpack, self._wake)

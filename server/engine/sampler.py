@@ -26,7 +26,8 @@ def sample(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [R, vocab] float32 -> the chosen token of each row, and its logprob entry if asked."""
     logits = _apply_penalties(logits, rows)
-    chosen = [_choose(logits[i], row) for i, row in enumerate(rows)]
+    greedy = torch.argmax(logits, dim=-1).tolist() if logits.shape[0] else []
+    chosen = [greedy[i] if _is_greedy(row.params) else _draw(logits[i], row) for i, row in enumerate(rows)]
     return chosen, [_logprob_entry(logits[i], chosen[i], row, token_text) for i, row in enumerate(rows)]
 
 
@@ -43,11 +44,13 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Te
     return logits
 
 
-def _choose(logits: torch.Tensor, row: RowState) -> int:
-    """logits: [vocab] -> one token id."""
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature <= 0.0 or params.top_k == 1
+
+
+def _draw(logits: torch.Tensor, row: RowState) -> int:
+    """logits: [vocab] -> one token id drawn with the row's temperature, top-k, top-p and generator."""
     p = row.params
-    if p.temperature <= 0.0 or p.top_k == 1:
-        return int(torch.argmax(logits))
     scaled = logits / p.temperature
     if 0 < p.top_k < scaled.shape[0]:
         kth = torch.topk(scaled, p.top_k).values[-1]
