@@ -35,6 +35,8 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    return_token_ids: bool = False
+    """Extension (as in vLLM): each choice also carries the generated token ids."""
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -80,6 +82,7 @@ class Usage(OpenAIModel):
 class ChatDelta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatChoice(OpenAIModel):
@@ -87,6 +90,7 @@ class ChatChoice(OpenAIModel):
     message: dict[str, Any]
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
+    token_ids: list[int] | None = None
 
 
 class ChatStreamChoice(OpenAIModel):
@@ -101,6 +105,7 @@ class CompletionChoice(OpenAIModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
 
 
 def new_id(prefix: str) -> str:

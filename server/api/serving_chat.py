@@ -45,8 +45,8 @@ class ChatServing:
         request = GenerationRequest(request_id, target.task, tuple(prompt), params)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
-            return self._stream(run, target, request_id, req.include_usage)
-        return await self._collect(run, target, request_id, top is not None)
+            return self._stream(run, target, request_id, req)
+        return await self._collect(run, target, request_id, req)
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
         """The base tokenizer's chat template applied to the messages, as token ids."""
@@ -58,22 +58,24 @@ class ChatServing:
         return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
     async def _collect(self, run: Generation, target: Target, request_id: str,
-                       wants_logprobs: bool) -> ChatCompletionResponse:
+                       req: ChatCompletionRequest) -> ChatCompletionResponse:
         texts: list[str] = []
+        token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
         try:
             async for chunk in run.chunks():
                 texts.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
                 logprobs.extend(chunk.logprobs or ())
         finally:
             await run.aclose()
         choice = ChatChoice(message={"role": "assistant", "content": "".join(texts)},
-                            logprobs=chat_logprobs(logprobs) if wants_logprobs else None,
-                            finish_reason=run.finish_reason)
+                            logprobs=chat_logprobs(logprobs) if req.logprobs else None,
+                            finish_reason=run.finish_reason, token_ids=token_ids if req.return_token_ids else None)
         return ChatCompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
 
     async def _stream(self, run: Generation, target: Target, request_id: str,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      req: ChatCompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
 
         def event(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
@@ -84,12 +86,14 @@ class ChatServing:
         try:
             yield event([ChatStreamChoice(delta=ChatDelta(role="assistant", content=""))])
             async for chunk in run.chunks():
-                if chunk.text or chunk.logprobs:
+                if chunk.text or chunk.logprobs or (req.return_token_ids and chunk.token_ids):
                     logprobs = chat_logprobs(list(chunk.logprobs)) if chunk.logprobs else None
-                    yield event([ChatStreamChoice(delta=ChatDelta(content=chunk.text), logprobs=logprobs)])
+                    ids = list(chunk.token_ids) if req.return_token_ids else None
+                    yield event([ChatStreamChoice(delta=ChatDelta(content=chunk.text, token_ids=ids),
+                                                  logprobs=logprobs)])
                 if chunk.finish_reason is not None:
                     yield event([ChatStreamChoice(delta=ChatDelta(), finish_reason=chunk.finish_reason)])
-            if include_usage:
+            if req.include_usage:
                 yield event([], usage_of(run))
         except EngineError as exc:
             yield sse_error(from_engine(exc, target.model))

@@ -39,8 +39,8 @@ class CompletionServing:
         request = GenerationRequest(request_id, target.task, tuple(prompt), params)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
-            return self._stream(run, target, request_id, req.include_usage)
-        return await self._collect(run, target, request_id, req.logprobs is not None)
+            return self._stream(run, target, request_id, req)
+        return await self._collect(run, target, request_id, req)
 
     def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
         """Token ids of the one prompt: text is encoded with the base tokenizer, ids pass through."""
@@ -59,21 +59,24 @@ class CompletionServing:
         return ids
 
     async def _collect(self, run: Generation, target: Target, request_id: str,
-                       wants_logprobs: bool) -> CompletionResponse:
+                       req: CompletionRequest) -> CompletionResponse:
         texts: list[str] = []
+        token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
         try:
             async for chunk in run.chunks():
                 texts.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
                 logprobs.extend(chunk.logprobs or ())
         finally:
             await run.aclose()
         choice = CompletionChoice(text="".join(texts), finish_reason=run.finish_reason,
-                                  logprobs=completion_logprobs(logprobs, 0) if wants_logprobs else None)
+                                  logprobs=completion_logprobs(logprobs, 0) if req.logprobs is not None else None,
+                                  token_ids=token_ids if req.return_token_ids else None)
         return CompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
 
     async def _stream(self, run: Generation, target: Target, request_id: str,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      req: CompletionRequest) -> AsyncIterator[str]:
         created, offset = int(time.time()), 0
 
         def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -85,10 +88,11 @@ class CompletionServing:
             async for chunk in run.chunks():
                 logprobs = completion_logprobs(list(chunk.logprobs), offset) if chunk.logprobs else None
                 offset += len(chunk.text)
-                if chunk.text or chunk.finish_reason is not None or logprobs:
-                    yield event([CompletionChoice(text=chunk.text, logprobs=logprobs,
+                ids = list(chunk.token_ids) if req.return_token_ids else None
+                if chunk.text or chunk.finish_reason is not None or logprobs or ids:
+                    yield event([CompletionChoice(text=chunk.text, logprobs=logprobs, token_ids=ids,
                                                   finish_reason=chunk.finish_reason)])
-            if include_usage:
+            if req.include_usage:
                 yield event([], usage_of(run))
         except EngineError as exc:
             yield sse_error(from_engine(exc, target.model))

@@ -18,8 +18,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from server.api.errors import APIError, bad_request, too_large
 
 CHECKPOINT_FILES = re.compile(r"(config\.json|[A-Za-z0-9._-]+\.safetensors|model\.safetensors\.index\.json)")
-IGNORED_FILES = re.compile(r"(generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
-                           r"special_tokens_map\.json|vocab\.json|merges\.txt|README\.md|\.gitattributes)")
+SKIPPED_SUFFIXES = (".json", ".txt", ".md", ".jinja", ".model", ".gitattributes")
+"""Side files of an HF folder (tokenizer, generation config, model card): accepted and dropped."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 
 
@@ -39,7 +39,7 @@ def checkpoint_filename(name: str) -> str | None:
                           f"(convert with `save_pretrained(..., safe_serialization=True)`).", "file")
     if CHECKPOINT_FILES.fullmatch(base):
         return base
-    if IGNORED_FILES.fullmatch(base):
+    if base.lower().endswith(SKIPPED_SUFFIXES):
         return None
     raise bad_request(f"`{base}` is not part of a checkpoint: send config.json and *.safetensors "
                       f"(and model.safetensors.index.json when sharded).", "file")
@@ -51,12 +51,14 @@ async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes
     boundary = _boundary(content_type)
     sink = _PartSink(folder, limit)
     parser = MultipartParser(boundary, sink.callbacks())
-    async for data in body:
-        parser.write(data)
-        if sink.error is not None:
-            raise sink.error
-    parser.finalize()
-    sink.close()
+    try:
+        async for data in body:
+            parser.write(data)
+            if sink.error is not None:
+                raise sink.error
+        parser.finalize()
+    finally:
+        sink.close()
     if sink.error is not None:
         raise sink.error
     names = sink.upload.files

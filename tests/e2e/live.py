@@ -51,6 +51,13 @@ def free_port() -> int:
 
 def start_server(base: Path, tmp: Path, **env: str) -> LiveServer:
     """A server process on a free port, ready (GET /ready is 200) when returned."""
+    server = launch_server(base, tmp, **env)
+    wait_ready(server)
+    return server
+
+
+def launch_server(base: Path, tmp: Path, **env: str) -> LiveServer:
+    """A server process on a free port, still starting; `wait_ready` waits for it."""
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     variables = {
@@ -62,12 +69,10 @@ def start_server(base: Path, tmp: Path, **env: str) -> LiveServer:
     log = tmp / f"server-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=os.environ | variables,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", proc, log, tmp / "work")
-    _wait_ready(server)
-    return server
+    return LiveServer(f"http://127.0.0.1:{port}", proc, log, tmp / "work")
 
 
-def _wait_ready(server: LiveServer) -> None:
+def wait_ready(server: LiveServer) -> None:
     end = time.monotonic() + READY_DEADLINE_S
     while time.monotonic() < end:
         if server.proc.poll() is not None:
@@ -80,23 +85,6 @@ def _wait_ready(server: LiveServer) -> None:
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise AssertionError(f"server not ready after {READY_DEADLINE_S}s:\n{server.log.read_text()[-3000:]}")
-
-
-def write_finetune(base: Path, dest: Path, seed: int, scale: float = 0.6) -> Path:
-    """config.json + model.safetensors: the base plus a rank-4 change of every tensor, large enough to
-    change a tiny model's greedy tokens."""
-    dest.mkdir(parents=True)
-    (dest / "config.json").write_text((base / "config.json").read_text())
-    tensors = load_file(str(base / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    for name, weight in tensors.items():
-        if weight.ndim == 2:
-            low = torch.randn(weight.shape[0], 4, generator=gen) @ torch.randn(4, weight.shape[1], generator=gen)
-            tensors[name] = weight + scale * weight.std() * low / 2.0
-        else:
-            tensors[name] = weight + 0.05 * torch.randn(weight.shape, generator=gen)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
 
 
 def shard(folder: Path, dest: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from live import ADMIN_KEY, LiveServer, checkpoint_files, start_server, wait_job
+from live import ADMIN_KEY, LiveServer, checkpoint_files, launch_server, wait_job, wait_ready
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
@@ -17,15 +17,14 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 @pytest.fixture()
 def replicas(redis_url: str, tiny_model: Path, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
     env = {"DELTASERVE_REGISTRY": "redis", "DELTASERVE_REDIS_URL": redis_url}
-    first = start_server(tiny_model, tmp_path / "a", **env)
+    first, second = launch_server(tiny_model, tmp_path / "a", **env), launch_server(tiny_model, tmp_path / "b", **env)
     try:
-        second = start_server(tiny_model, tmp_path / "b", **env)
-    except BaseException:
+        wait_ready(first)
+        wait_ready(second)
+        yield first, second
+    finally:
         first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+        second.stop()
 
 
 def _say(server: LiveServer, task: str) -> str:

@@ -48,14 +48,26 @@ def _client(server: LiveServer, key: str = ALL_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
 
 
-def _expected(tiny_model: Path, server: LiveServer, tokenizer: object, task: str | None, max_tokens: int) -> str:
+def _expected(tiny_model: Path, server: LiveServer, tokenizer: object, task: str | None, max_tokens: int) -> list[int]:
+    """Greedy token ids of the merged-weights reference for MESSAGES (stopping before end of sequence)."""
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     artifact = None
     if task is not None:
         with server.admin() as admin:
             artifact = admin.get(f"/admin/v1/tasks/{task}/artifact").content
-    return tokenizer.decode(greedy_reference(tiny_model, artifact, ids, max_tokens), skip_special_tokens=True)
+    return greedy_reference(tiny_model, artifact, ids, max_tokens)
+
+
+def _generated(token_ids: list[int], eos: set[int]) -> list[int]:
+    """The server's token ids without the end-of-sequence token it reports last."""
+    return token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
+
+
+def _eos(tiny_model: Path) -> set[int]:
+    from server.model.config import ModelConfig
+
+    return set(ModelConfig.from_dir(tiny_model).eos_token_ids)
 
 
 def test_jobs_compress_and_publish_both_uploads(published: dict[str, dict], server: LiveServer) -> None:
@@ -69,33 +81,38 @@ def test_jobs_compress_and_publish_both_uploads(published: dict[str, dict], serv
 
 def test_chat_with_x_task_gives_the_merged_models_greedy_tokens(
         published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
-    client = _client(server)
+    client, ids = _client(server), {"return_token_ids": True}
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
-                                           extra_headers={"X-Task": "math"})
-    base = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+                                           extra_headers={"X-Task": "math"}, extra_body=ids)
+    base = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                          extra_body=ids)
     expected_math = _expected(tiny_model, server, tiny_tokenizer, "math", 8)
-    assert expected_math != _expected(tiny_model, server, tiny_tokenizer, None, 8), "the delta must matter"
-    assert reply.choices[0].message.content == expected_math and reply.model == "math"
-    assert base.choices[0].message.content == _expected(tiny_model, server, tiny_tokenizer, None, 8)
+    expected_base = _expected(tiny_model, server, tiny_tokenizer, None, 8)
+    assert expected_math != expected_base, "the delta must change the greedy tokens"
+    assert _generated(reply.choices[0].token_ids, _eos(tiny_model)) == expected_math and reply.model == "math"
+    assert _generated(base.choices[0].token_ids, _eos(tiny_model)) == expected_base
 
 
 def test_async_and_streaming_clients_agree_on_a_sharded_upload(
         published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
-    expected = _expected(tiny_model, server, tiny_tokenizer, "code", 6)
+    expected, eos, ids = _expected(tiny_model, server, tiny_tokenizer, "code", 6), _eos(tiny_model), {
+        "return_token_ids": True}
 
-    async def ask() -> str:
+    async def ask() -> list[int]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=ALL_KEY, max_retries=0)
         reply = await client.chat.completions.create(model="tiny:code", messages=MESSAGES, max_tokens=6,
-                                                     temperature=0)
+                                                     temperature=0, extra_body=ids)
         await client.close()
-        return reply.choices[0].message.content
+        return reply.choices[0].token_ids
 
-    assert asyncio.run(ask()) == expected
+    assert _generated(asyncio.run(ask()), eos) == expected
     stream = _client(server).chat.completions.create(model="code", messages=MESSAGES, max_tokens=6, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True})
+                                                     stream=True, stream_options={"include_usage": True},
+                                                     extra_body=ids)
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
+    streamed = [t for c in chunks if c.choices for t in (getattr(c.choices[0].delta, "token_ids", None) or [])]
+    assert _generated(streamed, eos) == expected
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(streamed)
 
 
 def test_completions_endpoint_serves_a_task(published: dict, server: LiveServer) -> None:
@@ -130,7 +147,9 @@ def test_new_version_rollback_and_delete_take_effect(
         code_artifact = admin.get("/admin/v1/tasks/code/artifact").content
         put = admin.put("/admin/v1/tasks/math/artifact", content=code_artifact)
         assert put.status_code == 201 and put.json()["version"] == 2
-        assert math_says() == _expected(tiny_model, server, tiny_tokenizer, "code", 8) != original
+        code_says = client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=8,
+                                                   temperature=0).choices[0].message.content
+        assert math_says() == code_says != original
         assert admin.post("/admin/v1/tasks/math/rollback", json={"version": 1}).json()["version"] == 1
         assert math_says() == original
         versions = admin.get("/admin/v1/tasks/math/versions").json()
