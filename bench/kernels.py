@@ -12,7 +12,8 @@ The machine is shared and busy: compare the ratios inside one row, not absolute 
     .venv/bin/python bench/kernels.py --quick        # a few points, < 1 minute
     .venv/bin/python bench/kernels.py                # the issue's full grid (long on 2 cores)
     .venv/bin/python bench/kernels.py --device cuda  # on a GPU (Triton path)
-Results: bench/results/kernels.json (--out to change); docs/kernels.md holds the table.
+Results: bench/results/kernels.json (--quick: kernels-quick.json; --out to change); docs/kernels.md
+holds the table. On this 2-core shared machine the recorded run used --threads 1 --min-time 0.05.
 """
 
 from __future__ import annotations
@@ -319,19 +320,36 @@ TABLE_HEAD = (
 )
 
 
+def print_table(path: Path) -> None:
+    """The markdown table of a results file (what docs/kernels.md shows)."""
+    report = json.loads(path.read_text())
+    print(f"`{report['command']}`, copy read bandwidth {report['machine']['copy_bandwidth_read_Bps'] / 1e9:.2f} GB/s\n")
+    print(TABLE_HEAD)
+    fields = {f for f in Point.__dataclass_fields__}
+    for row in report["points"]:
+        print(_row(Point(**{k: v for k, v in row.items() if k in fields})))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few points (< 1 minute)")
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a results file and exit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per timing")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/kernels.json (--quick: kernels-quick.json)")
     args = ap.parse_args(argv)
+    if args.table:
+        print_table(args.table)
+        return
+    results = Path(__file__).parent / "results"
+    args.out = args.out or results / ("kernels-quick.json" if args.quick else "kernels.json")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
+    args.min_time = min_time
     bw = copy_bandwidth(torch.device(args.device))
     print(f"copy bandwidth (read): {bw / 1e9:.2f} GB/s; threads {torch.get_num_threads()}")
     print(TABLE_HEAD)
@@ -349,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _report(args: argparse.Namespace, bw: float, points: list[Point], grouping: list[dict], layouts: list[dict]) -> dict:
     return {
-        "command": "bench/kernels.py" + (" --quick" if args.quick else "") + f" --device {args.device} --dtype {args.dtype}",
+        "command": "bench/kernels.py" + (" --quick" if args.quick else "")
+        + f" --device {args.device} --dtype {args.dtype} --threads {args.threads} --min-time {args.min_time}",
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "copy_bandwidth_read_Bps": bw},
         "points": [{**asdict(p), **p.ratios} for p in points],
