@@ -78,8 +78,9 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
 
 @router.get("/tasks")
 async def list_tasks(request: Request) -> dict[str, Any]:
-    entries = await asyncio.to_thread(context_of(request).registry.entries)
-    return {"object": "list", "data": [_entry_dict(entry) for entry in entries]}
+    ctx = context_of(request)
+    entries = await asyncio.to_thread(ctx.registry.entries)
+    return {"object": "list", "data": [_entry_dict(entry, ctx) for entry in entries]}
 
 
 @router.get("/tasks/{task:path}/versions")
@@ -121,7 +122,8 @@ async def delete_task(task: str, request: Request) -> dict[str, Any]:
 
 @router.get("/tasks/{task:path}")
 async def get_task(task: str, request: Request) -> dict[str, Any]:
-    return _entry_dict(await _entry(context_of(request), task))
+    ctx = context_of(request)
+    return _entry_dict(await _entry(ctx, task), ctx)
 
 
 @router.get("/jobs")
@@ -191,8 +193,10 @@ def _version_dict(version: Any) -> dict[str, Any]:
     return asdict(version)
 
 
-def _entry_dict(entry: TaskEntry) -> dict[str, Any]:
+def _entry_dict(entry: TaskEntry, ctx: ServerContext) -> dict[str, Any]:
+    """A task as the admin API shows it; status `updating` while a job for it is queued or running."""
     current = entry.current_version
-    return {"task": entry.task, "current": entry.current, "status": "ready", "method": current.method,
+    status = "updating" if ctx.jobs.active(entry.task) else "ready"
+    return {"task": entry.task, "current": entry.current, "status": status, "method": current.method,
             "ratio": current.ratio, "sha256": current.sha256, "size": current.size, "created": current.created,
             "quality": current.quality, "versions": [_version_dict(v) for v in entry.versions]}

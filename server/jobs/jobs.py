@@ -66,6 +66,8 @@ class JobManager:
     def __init__(self, registry: Registry, base_dir: Path, work_dir: Path) -> None:
         self.registry, self.base_dir, self.work_dir = registry, base_dir, work_dir
         self._jobs: dict[str, Job] = {}
+        self._specs: dict[str, JobSpec] = {}
+        """Specs of jobs not finished yet (their uploads are removed when the job ends or is cancelled)."""
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
 
@@ -73,6 +75,7 @@ class JobManager:
         job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio)
         with self._lock:
             self._jobs[job.id] = job
+            self._specs[job.id] = spec
             self._forget_old()
         self._pool.submit(self._run, job.id, spec)
         log.info("job %s queued: compress %s with %s at ratio %g", job.id, spec.task, spec.method, spec.ratio)
@@ -92,10 +95,23 @@ class JobManager:
             counts[job.state] += 1
         return counts
 
+    def active(self, task: str) -> bool:
+        """A job for `task` is queued or running."""
+        return any(job.task == task and job.state in ("queued", "running") for job in self.list())
+
     def shutdown(self, wait: bool = False) -> None:
+        """Cancel queued jobs (removing their uploads); a running job finishes on its thread."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
+        with self._lock:
+            queued = [job.id for job in self._jobs.values() if job.state == "queued"]
+        for job_id in queued:
+            self._update(job_id, state="failed", error="cancelled: the server shut down", finished=time.time())
+            shutil.rmtree(self._specs.pop(job_id).checkpoint_dir, ignore_errors=True)
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
+        with self._lock:
+            if self._jobs[job_id].state != "queued":
+                return
         self._update(job_id, state="running", started=time.time())
         scratch = self.work_dir / "jobs" / f"{os.getpid()}-{job_id}"
         try:
@@ -109,6 +125,8 @@ class JobManager:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
+            with self._lock:
+                self._specs.pop(job_id, None)
 
     def _compress_and_publish(self, job_id: str, spec: JobSpec, scratch: Path) -> TaskVersion:
         import compressor
