@@ -54,7 +54,7 @@ def _checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(f"\n{name}|{t.dtype}|{list(t.shape)}\n".encode())
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

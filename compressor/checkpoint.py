@@ -143,5 +143,5 @@ def _fingerprint(folder: Path, state: tuple[tuple[str, int, int], ...]) -> str:
     for name, tensor in checkpoint.tensors():
         info = checkpoint.infos[name]
         digest.update(f"{name}|{info.dtype}|{list(info.shape)}\n".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()

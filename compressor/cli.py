@@ -9,6 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from compressor.summary import ArtifactSummary
 
 METHOD_CHOICES = ["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
 
@@ -42,6 +46,11 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svd", choices=["auto", "full", "lowrank"], default="auto", help="SVD algorithm")
     p.add_argument("--device", default=None, help="torch device for the SVD (default: cuda when present)")
     p.add_argument("--bits", type=int, default=4, help="DARE-Qt bit width")
+    p.add_argument("--gptq-prompts", type=int, default=0,
+                   help="impart-qt: quantise V by GPTQ on this many built-in calibration prompts (loads the model)")
+    p.add_argument("--embedding-method", choices=[*METHOD_CHOICES, "full"], default=None,
+                   help="method for the embedding / LM head (default: --method)")
+    p.add_argument("--embedding-ratio", type=float, default=None, help="ratio for the embedding / LM head")
     p.set_defaults(handler=_cmd_compress)
 
 
@@ -67,7 +76,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         report = compress(args.base, args.finetuned, args.out, method=args.method, ratio=args.ratio, seed=args.seed,
-                          beta=args.beta, c=args.c, svd=args.svd, device=device, bits=args.bits)
+                          beta=args.beta, c=args.c, svd=args.svd, device=device, bits=args.bits,
+                          gptq_prompts=args.gptq_prompts, embedding_method=args.embedding_method,
+                          embedding_ratio=args.embedding_ratio)
     except IncompatibleCheckpointError as exc:
         print(f"deltaserve compress: {exc}", file=sys.stderr)
         return 2
@@ -103,8 +114,7 @@ def _manifest_head(manifest: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in manifest.items() if k not in ("modules", "quality")}
 
 
-def _describe(summary: object, manifest: dict[str, object]) -> str:
-    s = summary
+def _describe(s: ArtifactSummary, manifest: dict[str, object]) -> str:
     errors = [q["rel_error"] for q in s.quality.values() if q["group"] == "linear"]
     mean_err = sum(errors) / len(errors) if errors else 0.0
     return "\n".join([

@@ -67,9 +67,9 @@ def decode_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def decode_dense(code: ModuleCode) -> torch.Tensor:
-    """The full reconstructed delta, float32, shaped like the base tensor."""
+    """The full reconstructed delta, float32, shaped like the base tensor (a fresh tensor)."""
     if code.layout == "dense":
-        return code.tensors["delta"].to(torch.float32).reshape(code.shape)
+        return code.tensors["delta"].to(torch.float32, copy=True).reshape(code.shape)
     if code.layout == "full":
         return code.tensors["d"].to(torch.float32).reshape(code.shape)
     if code.layout in ("sparse", "qsparse"):

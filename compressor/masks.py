@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 MASK_SCHEME = "splitmix64-rank-v1"
+CHUNK_KEYS = 1 << 22
+"""Keys generated at a time (32 MiB of uint64): bounds the memory of a large mask."""
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -40,19 +42,28 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def keep_mask(key: int, rows: int, drops: Sequence[int]) -> torch.Tensor:
     """Bool keep-mask [rows, K]; column c keeps rows - drops[c] entries, chosen by `key`."""
     k = len(drops)
-    if k == 0 or rows == 0:
-        return torch.ones(rows, k, dtype=torch.bool)
-    with np.errstate(over="ignore"):
-        idx = np.arange(rows * k, dtype=np.uint64).reshape(k, rows)
-        idx += np.uint64(key)
-    keys = _splitmix64(idx)  # [K, rows]
-    drops_arr = np.asarray(drops, dtype=np.int64)
     keep = np.ones((k, rows), dtype=bool)
-    for d in np.unique(drops_arr[drops_arr > 0]):
-        cols = np.flatnonzero(drops_arr == d)
-        threshold = np.partition(keys[cols], int(d) - 1, axis=1)[:, int(d) - 1]
-        keep[cols] = keys[cols] > threshold[:, None]
+    drops_arr = np.asarray(drops, dtype=np.int64)
+    step = max(1, CHUNK_KEYS // max(rows, 1))
+    for c0 in range(0, k if rows else 0, step):
+        c1 = min(k, c0 + step)
+        keep[c0:c1] = _keep_block(key, rows, c0, drops_arr[c0:c1])
     return torch.from_numpy(np.ascontiguousarray(keep.T))
+
+
+def _keep_block(key: int, rows: int, c0: int, drops: np.ndarray) -> np.ndarray:
+    """Keep-mask rows of columns c0 .. c0 + len(drops) - 1: [n, rows] bool."""
+    with np.errstate(over="ignore"):
+        keys = np.arange(c0 * rows, (c0 + len(drops)) * rows, dtype=np.uint64).reshape(len(drops), rows)
+        keys += np.uint64(key)
+    keys = _splitmix64(keys)
+    keep = np.ones(keys.shape, dtype=bool)
+    for d in np.unique(drops[drops > 0]):
+        cols = np.flatnonzero(drops == d)
+        block = keys if cols.size == len(drops) else keys[cols]
+        threshold = np.partition(block, int(d) - 1, axis=1)[:, int(d) - 1]
+        keep[cols] = block > threshold[:, None]
+    return keep
 
 
 def gather_columns(matrix: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

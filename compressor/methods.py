@@ -38,6 +38,8 @@ class MethodParams:
     """Method for the embedding / LM head (other 2-D tensors): None = the main method; "full" = 16-bit."""
     embedding_ratio: float | None = None
     """Ratio for the embedding / LM head: None = the main ratio."""
+    gptq_prompts: int = 0
+    """ImPart-Qt: quantise V by GPTQ on this many built-in calibration prompts (0 = round-to-nearest)."""
 
 
 def encode_dense(name: str, delta: torch.Tensor) -> ModuleCode:
@@ -67,8 +69,18 @@ def impart_code(name: str, shape: tuple[int, int], svd: Factors, params: MethodP
 def encode_lowrank(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleCode:
     """Truncated SVD with as many dense vectors as the budget holds."""
     shape = (int(delta.shape[0]), int(delta.shape[1]))
-    k = min(min(shape), kept_budget(shape, params.ratio) // (shape[0] + shape[1]))
-    u, s, v = top_svd(delta, k, params.svd, params.device, params.seed)
+    k = lowrank_rank(shape, params.ratio)
+    return lowrank_code(name, shape, top_svd(delta, k, params.svd, params.device, params.seed), params)
+
+
+def lowrank_rank(shape: tuple[int, int], ratio: float) -> int:
+    return min(min(shape), kept_budget(shape, ratio) // (shape[0] + shape[1]))
+
+
+def lowrank_code(name: str, shape: tuple[int, int], svd: Factors, params: MethodParams) -> ModuleCode:
+    """The top singular triplets that fit the budget, dense."""
+    k = lowrank_rank(shape, params.ratio)
+    u, s, v = (t[..., :k] for t in svd)
     return sparse_svd_code(name, shape, (u, s, v), [0] * k, [0] * k, params.seed)
 
 

@@ -41,7 +41,6 @@ ENCODERS = {
     "dare-qt": encode_dare_qt,
     "full": encode_full,
 }
-QUANTISED = ("impart-qt", "dare-qt")
 LINEAR_RE = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 Progress = Callable[[int, int, str], None]
 
@@ -103,8 +102,20 @@ def compress(
     check_compatible(base_dir, finetuned_dir)
     started = time.perf_counter()
     params = method_params_of(ratio, seed, method_params)
-    codes, reports = _encode_all(Checkpoint(base_dir), Checkpoint(finetuned_dir), method, params, progress)
+    inputs = _calibration(finetuned_dir, method, params)
+    codes, reports = _encode_all(Checkpoint(base_dir), Checkpoint(finetuned_dir), method, params, progress, inputs)
     return write_artifact(codes, reports, base_dir, method, dataclasses.asdict(params), Path(out_path), started)
+
+
+def _calibration(finetuned_dir: Path | str, method: str, params: MethodParams) -> dict[str, torch.Tensor]:
+    """Each linear layer's inputs on the calibration prompts, when GPTQ asks for them."""
+    if params.gptq_prompts <= 0:
+        return {}
+    if method != "impart-qt":
+        raise ValueError(f"gptq_prompts applies to impart-qt, not {method}")
+    from compressor.calibration import PROMPTS, capture_inputs
+
+    return capture_inputs(finetuned_dir, PROMPTS[: params.gptq_prompts])
 
 
 def method_params_of(ratio: float, seed: int, extra: dict[str, object]) -> MethodParams:
@@ -131,15 +142,20 @@ def write_artifact(
 
 
 def _encode_all(
-    base: Checkpoint, tuned: Checkpoint, method: str, params: MethodParams, progress: Progress | None
+    base: Checkpoint,
+    tuned: Checkpoint,
+    method: str,
+    params: MethodParams,
+    progress: Progress | None,
+    inputs: dict[str, torch.Tensor],
 ) -> tuple[list[ModuleCode], list[ModuleReport]]:
     codes, reports = [], []
     names = base.names
     with tqdm(names, desc=f"compress {method}", unit="tensor", leave=False) as bar:
         for done, name in enumerate(bar, start=1):
             bar.set_postfix_str(name, refresh=False)
-            delta = tuned.tensor(name).to(torch.float32) - base.tensor(name).to(torch.float32)
-            code, report = encode_tensor(name, delta, method, params)
+            delta = tensor_delta(base, tuned, name)
+            code, report = encode_tensor(name, delta, method, params, inputs.get(name))
             codes.append(code)
             reports.append(report)
             if progress is not None:
@@ -147,7 +163,16 @@ def _encode_all(
     return codes, reports
 
 
-def encode_tensor(name: str, delta: torch.Tensor, method: str, params: MethodParams) -> tuple[ModuleCode, ModuleReport]:
+def tensor_delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor:
+    """finetuned - base as float32, with one full-size temporary (the embedding is the largest)."""
+    delta = tuned.tensor(name).to(torch.float32)
+    delta -= base.tensor(name).to(torch.float32)
+    return delta
+
+
+def encode_tensor(
+    name: str, delta: torch.Tensor, method: str, params: MethodParams, inputs: torch.Tensor | None = None
+) -> tuple[ModuleCode, ModuleReport]:
     """One tensor's code (the method on 2-D deltas, dense for the rest) and its report."""
     if delta.ndim != 2:
         return (code := encode_dense(name, delta)), report_module(name, delta, code)
@@ -156,14 +181,17 @@ def encode_tensor(name: str, delta: torch.Tensor, method: str, params: MethodPar
         params = dataclasses.replace(params, ratio=params.embedding_ratio or params.ratio)
     if method not in ENCODERS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(ENCODERS))}")
-    code = ENCODERS[method](name, delta, params)
+    if method == "impart-qt" and inputs is not None and group_of(name, 2) == "linear":
+        code = encode_impart_qt(name, delta, params, inputs)
+    else:
+        code = ENCODERS[method](name, delta, params)
     return code, report_module(name, delta, code)
 
 
 def report_module(name: str, delta: torch.Tensor, code: ModuleCode) -> ModuleReport:
     """The module's kept values, rank, bytes and relative error against its true delta."""
     norm = float(torch.linalg.vector_norm(delta))
-    err = float(torch.linalg.vector_norm(delta - decode_dense(code))) / norm if norm > 0 else 0.0
+    err = float(torch.linalg.vector_norm(decode_dense(code).sub_(delta))) / norm if norm > 0 else 0.0
     group = group_of(name, delta.ndim)
     return ModuleReport(name, tuple(delta.shape), group, code.layout, code.rank, code.kept, err, ideal_bytes(code))
 

@@ -22,7 +22,14 @@ from compressor.budget import pre_prune
 from compressor.checkpoint import Checkpoint, check_compatible
 from compressor.codec import ModuleCode
 from compressor.methods import MethodParams, encode_dense, impart_code
-from compressor.pipeline import CompressionReport, ModuleReport, method_params_of, report_module, write_artifact
+from compressor.pipeline import (
+    CompressionReport,
+    ModuleReport,
+    method_params_of,
+    report_module,
+    tensor_delta,
+    write_artifact,
+)
 from compressor.qt import impart_qt_code, qt_svd_rank
 from compressor.svd import top_svd
 
@@ -77,7 +84,7 @@ def _encode_grid(
 ) -> list[tuple[list[ModuleCode], list[ModuleReport]]]:
     out: list[tuple[list[ModuleCode], list[ModuleReport]]] = [([], []) for _ in points]
     for name in tqdm(base.names, desc=f"search {method}", unit="tensor", leave=False):
-        delta = tuned.tensor(name).to(torch.float32) - base.tensor(name).to(torch.float32)
+        delta = tensor_delta(base, tuned, name)
         codes = _grid_codes(name, delta, method, points)
         for (code_list, reports), code in zip(out, codes):
             code_list.append(code)

@@ -165,6 +165,14 @@ def test_incompatible_checkpoints_are_rejected(pair: tuple[Path, Path], tmp_path
     (bad / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(compressor.IncompatibleCheckpointError):
         compressor.check_compatible(base, bad)
+    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    with pytest.raises(compressor.IncompatibleCheckpointError, match="safetensors"):
+        compressor.check_compatible(base, bad)
+    other = perturb(base, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(compressor.IncompatibleCheckpointError, match="architecture"):
+        compressor.check_compatible(base, other)
 
 
 def test_embedding_can_use_its_own_method_and_ratio(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -181,3 +189,15 @@ def test_embedding_can_use_its_own_method_and_ratio(pair: tuple[Path, Path], tmp
     assert lower.linear_cr == pytest.approx(16.0, rel=1e-3)
     with pytest.raises(ValueError, match="unknown method parameter"):
         compressor.compress(base, ft, tmp_path / "g.safetensors", gamma=3)
+
+
+def test_impart_qt_with_gptq_calibrates_on_the_fine_tune(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = pair
+    report = compressor.compress(base, ft, tmp_path / "q.safetensors", method="impart-qt", ratio=8.0, gptq_prompts=2)
+    art = compressor.load_artifact(report.out_path, base_dir=base)
+    linear = art.module("model.layers.0.self_attn.q_proj.weight")
+    assert linear.code.layout == "qsvd" and linear.code.meta["quantiser"] == "gptq-v"
+    assert art.module("model.embed_tokens.weight").code.meta["quantiser"] == "rtn"
+    assert report.linear_bytes_ratio == pytest.approx(8.0, rel=0.05)
+    u, s, v = linear.factors()
+    torch.testing.assert_close((u * s) @ v.t(), linear.dense())

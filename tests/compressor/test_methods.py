@@ -32,6 +32,15 @@ def test_masks_drop_exact_counts_and_regenerate_from_the_key() -> None:
     assert (64 - a.sum(0)).tolist() == drops
 
 
+def test_masks_do_not_depend_on_how_they_are_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compressor.masks
+
+    drops = list(range(0, 290, 7)) * 3
+    whole = keep_mask(11, 300, drops)
+    monkeypatch.setattr(compressor.masks, "CHUNK_KEYS", 1000)
+    assert torch.equal(keep_mask(11, 300, drops), whole)
+
+
 def test_impart_is_unbiased_over_seeds() -> None:
     """E[u_hat diag(s) v_hat^T] = the kept vectors' sum: averaging many seeds approaches it."""
     delta = lowrank_plus_noise(48, 40)
@@ -134,3 +143,22 @@ def test_search_keeps_the_best_scored_grid_point(pair: tuple, tmp_path) -> None:
     written = compressor.load_artifact(tmp_path / "best.safetensors")
     assert (written.manifest["params"]["beta"], written.manifest["params"]["c"]) == result.best
     assert validate(tmp_path / "best.safetensors") == pytest.approx(result.scores[result.best])
+
+
+def test_gptq_lowers_the_output_error_of_the_quantised_v_factor() -> None:
+    """GPTQ on V must beat round-to-nearest on the layer's outputs ||(D - D_hat) x|| for inputs
+    with the correlated, uneven scales real activations have, and decode through the same layout."""
+    from compressor.qt import impart_qt_code
+    from compressor.svd import top_svd as svd_of
+
+    g = torch.Generator().manual_seed(3)
+    delta = lowrank_plus_noise(96, 256, rank=8)
+    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 256, generator=g) * torch.logspace(0, 1, 256)
+    params = MethodParams(ratio=16.0)
+    svd = svd_of(delta, 64, "full")
+    rtn = impart_qt_code("w", (96, 256), svd, params)
+    gptq = impart_qt_code("w", (96, 256), svd, params, inputs=x)
+    assert gptq.meta["quantiser"] == "gptq-v" and gptq.kept == rtn.kept
+    assert torch.equal(gptq.tensors["u"], rtn.tensors["u"]), "U stays round-to-nearest"
+    out_err = {name: float(((decode_dense(c) - delta) @ x.t()).norm()) for name, c in (("rtn", rtn), ("gptq", gptq))}
+    assert out_err["gptq"] < 0.95 * out_err["rtn"], out_err
