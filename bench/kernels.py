@@ -195,7 +195,7 @@ def run_lora_delta(y: Tensor, case: Case) -> Tensor:
 def measure(name: str, ratio: float, rows: int, tasks: int, dtype: torch.dtype, device: str, bw: float, min_time: float) -> Point:
     out, inn = SHAPES[name]
     case = build_case(out, inn, ratio, rows, tasks, dtype, device)
-    dense_weights = [(case.weight.float() + u @ torch.diag(s) @ v.T.to(device)).to(dtype) for u, s, v in case.raw[:MAX_DENSE_COPIES]]
+    dense_weights = [(case.weight.float() + (u @ torch.diag(s) @ v.T).to(device)).to(dtype) for u, s, v in case.raw[:MAX_DENSE_COPIES]]
     y = torch.empty(rows, out, dtype=dtype, device=device)
     t = time_interleaved({
         "base": lambda: _synced(F.linear, case.x, case.weight),

@@ -11,6 +11,7 @@ the layout and the measurements. This package imports nothing else of deltaserve
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -36,7 +37,8 @@ __all__ = [
 Factors = Sequence[ResidentFactors | None]
 
 
-def _backend(t: Tensor):  # noqa: ANN202 - returns a module (kernels.cpu or kernels.triton_ops)
+def _backend(t: Tensor) -> ModuleType:
+    """kernels.triton_ops for CUDA tensors, kernels.cpu otherwise."""
     if t.device.type == "cuda":
         from kernels import triton_ops
 

@@ -24,14 +24,19 @@ def sparse_vectors(rows: int, k: int, drop: Tensor, gen: torch.Generator) -> Ten
     return out / (1.0 - drop).clamp_min(1e-3)
 
 
-def impart_factors(out: int, inn: int, k: int, gen: torch.Generator, low: float = 0.6, high: float = 0.97):
+Factors = tuple[Tensor, Tensor, Tensor]
+
+
+def impart_factors(
+    out: int, inn: int, k: int, gen: torch.Generator, low: float = 0.6, high: float = 0.97
+) -> Factors:
     """u [out, k], s [k], v [in, k] like ImPart: drop ratio rising from low to high along k (sparse: CSR)."""
     drop = torch.linspace(low, high, k) if k > 1 else torch.full((k,), low)
     s = torch.sort(torch.rand(k, generator=gen) + 0.05, descending=True).values / math.sqrt(max(inn, 1))
     return sparse_vectors(out, k, drop, gen), s, sparse_vectors(inn, k, drop, gen)
 
 
-def dense_factors(out: int, inn: int, k: int, gen: torch.Generator):
+def dense_factors(out: int, inn: int, k: int, gen: torch.Generator) -> Factors:
     """u, s, v fully dense (a LowRank delta): exercises the dense-storage fallback."""
     return torch.randn(out, k, generator=gen), torch.rand(k, generator=gen), torch.randn(inn, k, generator=gen)
 
