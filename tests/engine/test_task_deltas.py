@@ -88,3 +88,19 @@ async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: P
         ours = torch.tensor([lp.logprob for c in chunks for lp in c.logprobs])
         expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert (ours - expected).abs().max() < 1e-4, task
+
+
+async def test_bfloat16_engine_serves_mixed_tasks_close_to_float32(tiny_model: Path, tiny_tasks: Path) -> None:
+    prompts = _prompts(len(ROW_TASKS), 400)
+    logprobs = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20, dtype=dtype)
+        await engine.start()
+        try:
+            requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(1, logprobs=0))
+                        for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))]
+            results = await asyncio.gather(*(collect(engine, r) for r in requests))
+        finally:
+            await engine.stop(timeout=1.0)
+        logprobs[dtype] = torch.tensor([r[-1].logprobs[0].logprob for r in results])
+    assert (logprobs["bfloat16"] - logprobs["float32"]).abs().max() < 0.1
