@@ -101,3 +101,29 @@ def load_base_state(base: Path) -> dict[str, torch.Tensor]:
     from server.model.llama import load_state_dict
 
     return load_state_dict(base, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2 (q/k/v biases) made from the tiny Llama, and a folder with one task "q" on it."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("qwen2")
+    base = root / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "deltaserve-model.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    for key in ("attention_bias", "mlp_bias"):
+        config.pop(key)
+    (base / "config.json").write_text(json.dumps(config))
+    weights = load_file(base / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(config["num_hidden_layers"]):
+        for name, size in (("q", 64), ("k", 32), ("v", 32)):
+            weights[f"model.layers.{i}.self_attn.{name}_proj.bias"] = torch.randn(size, generator=gen) * 0.1
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    return base, _publish_tasks(base, root, ("q",), 300)

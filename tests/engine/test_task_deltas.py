@@ -104,3 +104,17 @@ async def test_bfloat16_engine_serves_mixed_tasks_close_to_float32(tiny_model: P
             await engine.stop(timeout=1.0)
         logprobs[dtype] = torch.tensor([r[-1].logprobs[0].logprob for r in results])
     assert (logprobs["bfloat16"] - logprobs["float32"]).abs().max() < 0.1
+
+
+def test_qwen2_biases_and_bias_deltas_match_merged_model(tiny_qwen2: tuple[Path, Path]) -> None:
+    base, tasks_dir = tiny_qwen2
+    model = LlamaModel.from_dir(base)
+    assert model.config.attention_bias
+    prompts = _prompts(2, model.config.vocab_size)
+    logits = _mixed_prefill(model, tasks_dir, ("q", None), prompts)
+    for start, task, prompt in ((0, "q", prompts[0]), (len(prompts[0]), None, prompts[1])):
+        reference = merged_hf(base, tasks_dir / "q.safetensors" if task else None)
+        assert type(reference).__name__ == "Qwen2ForCausalLM"
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        assert (logits[start : start + len(prompt)] - expected).abs().max() < 1e-4
