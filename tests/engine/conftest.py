@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -52,8 +52,6 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[li
             ids = torch.tensor([[tokens[-1]]])
     return tokens, torch.stack(logits)
 
-
-LoadHF = Callable[[Path], torch.nn.Module]
 
 
 TASKS = ("alpha", "beta", "gamma", "delta")

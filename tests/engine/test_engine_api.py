@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from tests.engine.conftest import collect, greedy, make_engine, output_ids
 PROMPT = (5, 17, 40, 99, 3)
 
 
-async def _wait_for(predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+async def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"
