@@ -1,26 +1,27 @@
 """Compression jobs: an uploaded checkpoint -> check against the base -> compress -> verify -> publish.
 
-Jobs run one at a time on a worker thread, off the request path (torch releases the GIL in its
-kernels, so serving keeps its share of the CPU). A job publishes only after the artifact it made
-loads back cleanly against the base; on any failure nothing is published, the job records a clear
-error, and its upload and scratch files are removed either way.
+Jobs run one at a time, off the request path: a thread of the server orchestrates each job, and the
+compression itself runs in a worker process (worker.py says why), started with the first job and
+kept. A job publishes only after the artifact it made loads back cleanly against the base; on any
+failure nothing is published, the job records a clear error, and its upload and scratch files are
+removed either way. At shutdown queued jobs are cancelled and the worker is stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from server.jobs.worker import compress_checkpoint, init_worker, spawn_context
 from server.registry import Registry, TaskVersion
 
 log = logging.getLogger("deltaserve.jobs")
@@ -70,6 +71,9 @@ class JobManager:
         """Specs of jobs not finished yet (their uploads are removed when the job ends or is cancelled)."""
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
+        self._progress = spawn_context().Queue()
+        self._worker: ProcessPoolExecutor | None = None
+        threading.Thread(target=self._listen, name="compress-progress", daemon=True).start()
 
     def submit(self, spec: JobSpec) -> Job:
         job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio)
@@ -100,13 +104,19 @@ class JobManager:
         return any(job.task == task and job.state in ("queued", "running") for job in self.list())
 
     def shutdown(self, wait: bool = False) -> None:
-        """Cancel queued jobs (removing their uploads); a running job finishes on its thread."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """Cancel queued jobs (removing their uploads) and stop the worker; nothing half-made is published."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             queued = [job.id for job in self._jobs.values() if job.state == "queued"]
         for job_id in queued:
             self._update(job_id, state="failed", error="cancelled: the server shut down", finished=time.time())
             shutil.rmtree(self._specs.pop(job_id).checkpoint_dir, ignore_errors=True)
+        if self._worker is not None:
+            for process in list(getattr(self._worker, "_processes", {}).values()):
+                process.terminate()  # the executor has no public way to stop a running call
+            self._worker.shutdown(wait=wait, cancel_futures=True)
+        self._pool.shutdown(wait=wait)
+        self._progress.put(None)
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
         with self._lock:
@@ -129,20 +139,25 @@ class JobManager:
                 self._specs.pop(job_id, None)
 
     def _compress_and_publish(self, job_id: str, spec: JobSpec, scratch: Path) -> TaskVersion:
-        import compressor
-
-        compressor.check_compatible(self.base_dir, spec.checkpoint_dir)
         scratch.mkdir(parents=True, exist_ok=True)
         out = scratch / "artifact.safetensors"
-
-        def progress(done: int, total: int, tensor: str) -> None:
-            self._update(job_id, done=done, total=total, tensor=tensor)
-
-        report = compressor.compress(self.base_dir, spec.checkpoint_dir, out, method=spec.method, ratio=spec.ratio,
-                                     seed=spec.seed, progress=progress, **spec.params)
-        compressor.load_artifact(out, self.base_dir)
+        if self._worker is None:
+            self._worker = ProcessPoolExecutor(max_workers=1, mp_context=spawn_context(), initializer=init_worker,
+                                               initargs=(self._progress,))
+        quality, tensors = self._worker.submit(compress_checkpoint, job_id, self.base_dir, spec.checkpoint_dir,
+                                               out, spec.method, spec.ratio, spec.seed, spec.params).result()
+        self._update(job_id, done=tensors, total=tensors)
         return self.registry.publish(spec.task, out, method=spec.method, ratio=spec.ratio, origin="checkpoint",
-                                     quality=report_dict(report))
+                                     quality=quality)
+
+    def _listen(self) -> None:
+        """Apply the worker's progress reports to their jobs, until shutdown sends None."""
+        while (item := self._progress.get()) is not None:
+            job_id, done, total, tensor = item
+            with self._lock:
+                job = self._jobs.get(job_id)
+                if job is not None and job.state == "running" and done >= job.done:
+                    self._jobs[job_id] = replace(job, done=done, total=total, tensor=tensor)
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:
@@ -154,12 +169,6 @@ class JobManager:
                           key=lambda j: j.created)
         for job in finished[:max(0, len(finished) - KEPT_FINISHED_JOBS)]:
             self._jobs.pop(job.id, None)
-
-
-def report_dict(report: Any) -> dict[str, Any]:
-    """A CompressionReport (a dataclass or any object) as plain JSON values."""
-    raw = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
-    return json.loads(json.dumps(raw, default=str))
 
 
 def collect_leftovers(work_dir: Path, grace_s: float = 3600.0) -> list[str]:

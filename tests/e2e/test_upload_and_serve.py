@@ -79,6 +79,27 @@ def test_jobs_compress_and_publish_both_uploads(published: dict[str, dict], serv
     assert set(tasks) == {"math", "code"} and tasks["math"]["ratio"] == 8.0 and tasks["math"]["quality"]
 
 
+def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveServer,
+                                                finetunes: dict[str, Path]) -> None:
+    """Chats sent back to back while a job runs: some start and end inside the job, and the task
+    the job makes stays invisible until the job is done."""
+    client, inside = _client(server), 0
+    with server.admin() as admin:
+        job = admin.post("/admin/v1/tasks/side/checkpoint", params={"ratio": 8},
+                         files=checkpoint_files(finetunes["math"])).json()
+
+        def state() -> str:
+            return admin.get(f"/admin/v1/jobs/{job['id']}").json()["state"]
+
+        while (before := state()) in ("queued", "running"):
+            assert admin.get("/admin/v1/tasks/side").status_code == 404, "visible before its job finished"
+            reply = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=1)
+            assert reply.choices[0].finish_reason in ("stop", "length")
+            inside += before == "running" and state() == "running"
+        assert state() == "succeeded" and inside >= 1
+        admin.delete("/admin/v1/tasks/side").raise_for_status()
+
+
 def test_chat_with_x_task_gives_the_merged_models_greedy_tokens(
         published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
     client, ids = _client(server), {"return_token_ids": True}
@@ -189,7 +210,7 @@ def test_client_gone_mid_stream_frees_its_slot(published: dict, server: LiveServ
 def test_metrics_count_per_task_requests_and_job_states(published: dict, server: LiveServer) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'deltaserve_completion_tokens_total{task="math"}' in text
-    assert 'deltaserve_jobs{state="succeeded"} 2.0' in text
+    assert 'deltaserve_jobs{state="succeeded"} 3.0' in text
     assert "deltaserve_engine_delta_misses_total" in text
 
 
