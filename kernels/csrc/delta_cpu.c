@@ -57,12 +57,35 @@ static void csr_times_vector(const int32_t *restrict crow, const int32_t *restri
     }
 }
 
-/* out[r][n] = sum_e val[e] * inp[col[e]][n] for every CSR row r (n activation rows, inner loop over n). */
+/* out[r][n] = sum_e val[e] * inp[col[e]][n] for every CSR row r (n activation rows, inner loop over n).
+ * Inlined with a constant n for the small decode cases so the inner loop unrolls into registers. */
+static inline __attribute__((always_inline)) void csr_rows_n(const int32_t *restrict crow, const int32_t *restrict col,
+                                                             const float *restrict val, int64_t num_rows,
+                                                             const float *restrict inp, const int64_t n,
+                                                             float *restrict out) {
+    for (int64_t r = 0; r < num_rows; r++) {
+        float acc[8] = {0};
+        for (int32_t e = crow[r]; e < crow[r + 1]; e++) {
+            const float v = val[e];
+            const float *restrict src = inp + (int64_t)col[e] * n;
+            for (int64_t i = 0; i < n; i++) acc[i] += v * src[i];
+        }
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = acc[i];
+    }
+}
+
 static void csr_times_block(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
                             int64_t num_rows, const float *restrict inp, int64_t n, float *restrict out) {
-    if (n == 1) {
-        csr_times_vector(crow, col, val, num_rows, inp, out);
-        return;
+    switch (n) {
+    case 1: csr_times_vector(crow, col, val, num_rows, inp, out); return;
+    case 2: csr_rows_n(crow, col, val, num_rows, inp, 2, out); return;
+    case 3: csr_rows_n(crow, col, val, num_rows, inp, 3, out); return;
+    case 4: csr_rows_n(crow, col, val, num_rows, inp, 4, out); return;
+    case 5: csr_rows_n(crow, col, val, num_rows, inp, 5, out); return;
+    case 6: csr_rows_n(crow, col, val, num_rows, inp, 6, out); return;
+    case 7: csr_rows_n(crow, col, val, num_rows, inp, 7, out); return;
+    case 8: csr_rows_n(crow, col, val, num_rows, inp, 8, out); return;
+    default: break;
     }
     for (int64_t r = 0; r < num_rows; r++) {
         float *restrict acc = out + r * n;
