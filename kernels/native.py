@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _build(compiler: str) -> Path:
     digest = hashlib.sha256(key).hexdigest()[:16]
     target = _cache_dir() / f"delta_cpu-{digest}.so"
     if not target.exists():
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp = target.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     return target

@@ -51,8 +51,9 @@ def _tol(t: torch.Tensor, dtype: torch.dtype) -> dict:
 @pytest.mark.parametrize("mix", MIX_NAMES)
 @pytest.mark.parametrize("n", [1, 7, 130])
 def test_add_delta_matches_reference(mix: str, n: int, dtype: torch.dtype, cpu_backend: str) -> None:
-    gen = torch.Generator().manual_seed(seed_of((mix, n, dtype, cpu_backend)))
-    for shape in SHAPES.values():
+    seed = seed_of((mix, n, dtype, cpu_backend))
+    gen = torch.Generator().manual_seed(seed)
+    for shape in list(SHAPES.values())[seed % 2 :: 2]:  # half the shapes per case, all across the cases
         fast, slow = _factor_sets(*shape, gen)
         m = make_mix(mix, n, len(RANKS), gen)
         x = torch.randn(n, shape[1], generator=gen).to(dtype)
