@@ -88,9 +88,12 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, factors: Sequence[ResidentF
     return y
 
 
+def _csr32(f: ResidentFactors) -> bool:
+    return not (f.u.dense or f.vt.dense) and f.u.values.dtype == f.vt.values.dtype == torch.float32
+
+
 def _native_ok(rows: SlotRows, f: ResidentFactors) -> bool:
-    csr32 = not (f.u.dense or f.vt.dense) and f.u.values.dtype == f.vt.values.dtype == torch.float32
-    return csr32 and rows.count < NATIVE_MAX_ROWS
+    return _csr32(f) and rows.count < NATIVE_MAX_ROWS
 
 
 def delta_linear(
@@ -110,12 +113,17 @@ def embedding_delta(
 ) -> Tensor:
     """ids: [N] -> [N, hidden] delta rows in `dtype`. Semantics: kernels.reference.embedding_delta.
 
-    Row i of u is a sparse [K] vector; its delta row is vt.T @ u[ids[i]]. The rows of u a slot needs
-    are gathered (as a small dense block) and multiplied by vt.
+    Row i of u is a sparse [K] vector; its delta row is vt.T @ u[ids[i]]. CSR slots go to the C kernel
+    in one call (cost per token: nnz of its u row times nnz per vt row); otherwise the rows of u a
+    slot needs are gathered (as a small dense block) and multiplied by vt with torch ops.
     """
     width = _embedding_width(factors, hidden)
     out = torch.zeros(ids.shape[0], width, dtype=torch.float32, device=ids.device)
-    for rows, f in _active(plan, factors):
+    active = _active(plan, factors)
+    csr = [(rows, f) for rows, f in active if _csr32(f)]
+    if csr and USE_NATIVE and native.embedding_delta(out, ids, plan, csr):
+        active = [(rows, f) for rows, f in active if not _csr32(f)]
+    for rows, f in active:
         u_rows = _gather_rows(f, rows.take(ids))
         d_t = _mm_t(f.vt_torch, u_rows)
         _add_rows(out, rows, d_t)

@@ -82,6 +82,9 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, i64, i64]
     fn.restype = ctypes.c_int
+    emb = lib.deltaserve_embedding_delta
+    emb.argtypes = [i64, ptr, ptr, ptr, ptr, i64]
+    emb.restype = None
     return lib
 
 
@@ -94,10 +97,7 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, slots: list[tuple[SlotRows,
     lib = library()
     if lib is None or not _takes(y) or not _takes(x) or x.device.type != "cpu":
         return False
-    flat: list[int] = []
-    for rows, f in slots:
-        flat += (*f.addresses, rows.offset, rows.count)
-    meta = (ctypes.c_int64 * len(flat))(*flat)
+    meta = _slot_table(slots)
     status = lib.deltaserve_add_delta(
         len(slots), meta, plan.order.data_ptr(),
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[1],
@@ -106,6 +106,28 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, slots: list[tuple[SlotRows,
     if status != 0:
         raise MemoryError("deltaserve_add_delta could not allocate its scratch buffers")
     return True
+
+
+def embedding_delta(out: Tensor, ids: Tensor, plan: BatchPlan, slots: list[tuple[SlotRows, ResidentFactors]]) -> bool:
+    """out[rows of each slot] += (u[ids] * s) @ v.T in one C call; False when the kernel is unavailable.
+
+    out: [N, hidden] float32 contiguous (zeros on entry for the rows of `slots`), ids: [N] int64.
+    """
+    lib = library()
+    if lib is None or out.dtype != torch.float32 or not out.is_contiguous() or ids.device.type != "cpu":
+        return False
+    ids64 = ids.to(torch.int64).contiguous()
+    table = _slot_table(slots)
+    lib.deltaserve_embedding_delta(len(slots), table, plan.order.data_ptr(), ids64.data_ptr(), out.data_ptr(), out.shape[1])
+    return True
+
+
+def _slot_table(slots: list[tuple[SlotRows, ResidentFactors]]) -> ctypes.Array:
+    """The C kernels' slot table: META_COLS int64 per slot."""
+    flat: list[int] = []
+    for rows, f in slots:
+        flat += (*f.addresses, rows.offset, rows.count)
+    return (ctypes.c_int64 * len(flat))(*flat)
 
 
 def _takes(t: Tensor) -> bool:

@@ -135,3 +135,26 @@ int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *
     }
     return 0;
 }
+
+/* Embedding delta rows: out[row] = sum over stored (k, a) of u row ids[row]:  a * vt[k, :]
+ * for the rows of every slot (same slot table as deltaserve_add_delta); out is float32 [N, hidden],
+ * zeroed by the caller. Cost per token: nnz(u row) x nnz(vt row), no densified factor. */
+void deltaserve_embedding_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const int64_t *ids,
+                                float *out, int64_t hidden) {
+    for (int64_t j = 0; j < num_slots; j++) {
+        const int64_t *m = meta + j * META;
+        const int32_t *vcrow = (const int32_t *)m[0], *vcol = (const int32_t *)m[1];
+        const float *vval = (const float *)m[2];
+        const int32_t *ucrow = (const int32_t *)m[4], *ucol = (const int32_t *)m[5];
+        const float *uval = (const float *)m[6];
+        for (int64_t i = 0; i < m[8]; i++) {
+            const int64_t row = order[m[7] + i], id = ids[row];
+            float *restrict dst = out + row * hidden;
+            for (int32_t e = ucrow[id]; e < ucrow[id + 1]; e++) {
+                const float a = uval[e];
+                const int32_t k = ucol[e];
+                for (int32_t f = vcrow[k]; f < vcrow[k + 1]; f++) dst[vcol[f]] += a * vval[f];
+            }
+        }
+    }
+}
