@@ -23,7 +23,7 @@ from bench.testbed.quality_grid import Grid, Runner  # noqa: E402
 from bench.testbed.quality_report import write_report  # noqa: E402
 from bench.testbed.tasks import TASKS  # noqa: E402
 
-QUICK = {"methods": ["impart", "dare", "lowrank"], "ratios": [32.0], "qt_ratios": [], "seeds": 1, "limit": 60,
+QUICK = {"methods": ["impart", "dare", "lowrank"], "ratios": [32.0, 64.0], "qt_ratios": [], "seeds": 1, "limit": 60,
          "grid": [(0.8, 0.5)], "merge": False}
 
 
