@@ -12,7 +12,8 @@ Frobenius error is what truncated SVD minimises, so LowRank wins that column by 
 DARE's exceeds 1 at high CR; ImPart's claim is about task scores (bench/quality.py).
 
     .venv/bin/python bench/compress.py --quick     # tiny pair made in-process, seconds
-    .venv/bin/python bench/compress.py             # SmolLM2-135M and a fine-tune (minutes on 2 cores)
+    .venv/bin/python bench/compress.py             # SmolLM2-135M and a fine-tune (~20 min on 2 busy cores)
+    .venv/bin/python bench/compress.py --timing-only   # only the timed CR-32 compressions (~3 min)
 The full run uses a testbed fine-tune from ~/.cache/deltaserve/finetunes/ when one exists (or
 --finetuned DIR), else a perturbed copy of the base (low-rank + noise delta), and says which.
 Results: bench/results/compress.json (compress-quick.json for --quick); docs/compressor.md has the table.
@@ -237,8 +238,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on this shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="rerun only the timed compressions and update them in the existing results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "bench" / "results" / ("compress-quick.json" if args.quick else "compress.json")
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as tmp:
         work = Path(tmp)
         base, ft, pair_note = make_pair(args.quick, args.finetuned, work)
@@ -246,6 +250,10 @@ def main() -> int:
         timings = [timed_compress(base, ft, work, svd, args.threads) for svd in ("auto", "full")]
         for t in timings:
             print(f"compress impart CR 32, svd={t['svd']}: {t['seconds']:.1f} s, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
+        if args.timing_only:
+            out.write_text(json.dumps({**json.loads(out.read_text()), "compress_cr32": timings}, indent=1) + "\n")
+            print(f"updated compress_cr32 in {out}")
+            return 0
         cfgs = configs(QUICK if args.quick else FULL)
         svd_seconds = run_methods(base, ft, cfgs, capture_inputs(ft, PROMPTS), args.seed)
         rows = [summarise(cfg, base) for cfg in cfgs]
@@ -254,7 +262,6 @@ def main() -> int:
               "torch": torch.__version__, "compress_cr32": timings, "svd_seconds_all_methods": svd_seconds,
               "prompts": PROMPTS, "methods": rows,
               "reproduce": ".venv/bin/python bench/compress.py" + (" --quick" if args.quick else "")}
-    out = args.out or ROOT / "bench" / "results" / ("compress-quick.json" if args.quick else "compress.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
