@@ -98,7 +98,10 @@ def _launch(plan: BatchPlan, parts: Sequence[CsrPart | None], inp: Tensor, out: 
     if seg is None:
         return
     table, max_r, max_n = seg
-    val_dtype = next(p.values.dtype for p in parts if p is not None and p.rows and p.cols)
+    dtypes = {p.values.dtype for p in parts if p is not None and p.rows and p.cols}
+    if len(dtypes) != 1:
+        raise ValueError(f"all slots of one product must store one value dtype, got {sorted(map(str, dtypes))}")
+    val_dtype = dtypes.pop()
     block_n = min(16, triton.next_power_of_2(max_n))
     grid = (table.shape[0], triton.cdiv(max_r, BLOCK_R), triton.cdiv(max_n, block_n))
     _csr_segments_kernel[grid](
