@@ -162,3 +162,15 @@ def test_gptq_lowers_the_output_error_of_the_quantised_v_factor() -> None:
     assert torch.equal(gptq.tensors["u"], rtn.tensors["u"]), "U stays round-to-nearest"
     out_err = {name: float(((decode_dense(c) - delta) @ x.t()).norm()) for name, c in (("rtn", rtn), ("gptq", gptq))}
     assert out_err["gptq"] < 0.95 * out_err["rtn"], out_err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_svd_on_the_gpu_matches_the_cpu() -> None:
+    delta = lowrank_plus_noise(600, 300, rank=40)
+    for mode in ("full", "lowrank"):
+        u1, s1, v1 = top_svd(delta, 30, mode, "cpu")
+        u2, s2, v2 = top_svd(delta, 30, mode, "cuda")
+        assert u2.device.type == "cpu" and u2.dtype == torch.float32
+        torch.testing.assert_close(s2, s1, rtol=2e-2, atol=0)
+        torch.testing.assert_close((u2 * s2) @ v2.t(), (u1 * s1) @ v1.t(), rtol=0.05, atol=2e-3)
