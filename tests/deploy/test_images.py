@@ -214,3 +214,21 @@ def test_healthcheck_script_fails_when_nothing_listens() -> None:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     assert _probe("/health", closed_port) == 1
+
+
+def _runtime_lineage_runs(dockerfile: Path) -> str:
+    """RUN text of the runtime stage and of every stage it is built FROM, inside this Dockerfile."""
+    stages = {s[0]["value"].split()[-1]: s for s in _stages(dockerfile) if " AS " in s[0]["value"].upper()}
+    stage, runs = _stages(dockerfile)[-1], []
+    while stage is not None:
+        runs += [i["value"] for i in stage if i["instruction"] == "RUN"]
+        stage = stages.get(stage[0]["value"].split()[0])
+    return " ".join(runs)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_runtime_has_a_c_compiler_for_the_kernels(dockerfile: Path) -> None:
+    # The CPU delta kernel is compiled on first use (-march=native, on the node); Triton builds its
+    # launchers with the system compiler. Without one, serving silently falls back to slow paths.
+    runs = _runtime_lineage_runs(dockerfile)
+    assert "apt-get install" in runs and " gcc" in runs and "libc6-dev" in runs
