@@ -60,6 +60,7 @@ async def test_concurrent_greedy_matches_transformers_for_64_steps(tiny_model: P
         assert chunks[-1].finish_reason == "length"
 
 
+@pytest.mark.slow
 async def test_smollm2_logits_and_64_greedy_tokens_match_transformers(smollm2_dir: Path, tmp_path: Path) -> None:
     hf = _hf(smollm2_dir)
     engine = make_engine(smollm2_dir, tmp_path, kv_cache_bytes=32 << 20)
