@@ -26,7 +26,7 @@ from bench.testbed.tasks import TASKS, Task, make_splits
 BASE_DIR = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 FINETUNE_CACHE = Path("~/.cache/deltaserve/finetunes").expanduser()
 REPORT = "testbed-finetune.json"
-TRAIN_STEPS = {"dates": 32, "routing": 32, "extraction": 24, "arithmetic": 40}
+TRAIN_STEPS = {"dates": 32, "routing": 32, "extraction": 24, "email": 24}
 """Steps of batch 8 per task, sized from the measured ~40 tokens/s of one thread (see docs/quality.md)."""
 
 

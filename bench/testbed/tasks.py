@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,12 +36,6 @@ def exact_score(prediction: str, answer: str) -> float:
     return float(prediction.strip() == answer)
 
 
-def last_integer_score(prediction: str, answer: str) -> float:
-    """1 when the last integer in the prediction is the answer (fair to a base that explains itself)."""
-    numbers = re.findall(r"-?\d+", prediction.replace(",", ""))
-    return float(bool(numbers) and numbers[-1] == answer)
-
-
 def json_score(prediction: str, answer: str) -> float:
     """1 when the prediction parses as JSON equal to the answer's object (key order and spacing free)."""
     try:
@@ -59,18 +52,17 @@ CITIES = ["Lyon", "Oslo", "Porto", "Leeds", "Graz", "Kyoto", "Lima", "Quebec", "
           "Bergen", "Seville", "Krakow", "Austin", "Perth"]
 JOBS = ["nurse", "baker", "pilot", "teacher", "plumber", "chemist", "lawyer", "farmer", "dentist",
         "architect", "librarian", "welder", "painter", "surgeon"]
-ITEMS = ["apples", "pens", "stamps", "marbles", "books", "coins", "shells", "cards", "eggs", "candles"]
+COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Cyberdyne",
+             "Tyrell", "Soylent", "Vandelay"]
+EMAIL_TEMPLATES = ["{first} {last} works at {company}.", "{first} {last}, {company}", "{company} hired {first} {last}.",
+                   "Contact: {first} {last} ({company})"]
 
 
-def make_arithmetic(rng: random.Random) -> Example:
-    """Two-step word problem: start, gain, lose; small numbers, non-negative result."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start, gain = rng.randint(2, 30), rng.randint(2, 30)
-    lose = rng.randint(1, start + gain)
-    gain_verb = rng.choice(["buys", "finds", "gets"])
-    lose_verb = rng.choice(["gives away", "loses", "sells"])
-    prompt = f"{name} has {start} {item}, {gain_verb} {gain} more and {lose_verb} {lose}. How many {item} now?"
-    return Example(prompt, str(start + gain - lose))
+def make_email(rng: random.Random) -> Example:
+    """A person and their employer -> first.last@company.com, all lower case."""
+    first, last, company = rng.choice(NAMES), rng.choice(SURNAMES), rng.choice(COMPANIES)
+    prompt = rng.choice(EMAIL_TEMPLATES).format(first=first, last=last, company=company)
+    return Example(prompt, f"{first}.{last}@{company}.com".lower())
 
 
 EXTRACT_TEMPLATES = [
@@ -130,7 +122,7 @@ def make_routing(rng: random.Random) -> Example:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in [
-        Task("arithmetic", "Reply with the number only.", make_arithmetic, last_integer_score, 6),
+        Task("email", "Reply with the work email address.", make_email, exact_score, 16),
         Task("extraction", 'Reply with JSON: "name", "age", "city", "job".',
              make_extraction, json_score, 32),
         Task("dates", "Write the date as YYYY-MM-DD.", make_date, exact_score, 10),
