@@ -32,6 +32,7 @@ from server.engine.types import (
     EngineStats,
     GenerationChunk,
     GenerationRequest,
+    InvalidRequestError,
     QueueFullError,
     TaskNotFoundError,
 )
@@ -147,7 +148,7 @@ class Engine:
             if self._queue_depth() >= self.settings.max_queue:
                 raise QueueFullError(f"{self.settings.max_queue} requests are already waiting")
             if seq.request_id in self._active:
-                raise EngineError(f"request id {seq.request_id!r} is already running")
+                raise InvalidRequestError(f"request id {seq.request_id!r} is already running", "request_id")
             self._active[seq.request_id] = seq
             self._inbox.append(seq)
             self._cond.notify_all()
