@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from live import ADMIN_KEY, LiveServer, checkpoint_files, greedy_reference, start_server, wait_job
+from live import LiveServer, checkpoint_files, greedy_reference, start_server, wait_job
 
 MATH_KEY, ALL_KEY = "key-for-math", "key-for-all"
 UPLOAD_CAP = 1 << 20
