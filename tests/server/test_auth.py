@@ -57,3 +57,12 @@ def test_keys_come_from_settings() -> None:
     ring = KeyRing.from_settings(settings)
     assert ring.authenticate("Bearer two").admin
     assert ring.authenticate("Bearer three").tasks == frozenset({"t"})
+
+
+def test_without_keys_the_server_binds_to_loopback_only(caplog: object) -> None:
+    from server.app import _safe_host
+
+    assert _safe_host("0.0.0.0", KeyRing([], {})) == "127.0.0.1"
+    assert _safe_host("::1", KeyRing([], {})) == "::1"
+    assert _safe_host("0.0.0.0", KeyRing(["adm"], {})) == "0.0.0.0"
+    assert "binding to 127.0.0.1" in caplog.text
