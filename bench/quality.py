@@ -24,7 +24,7 @@ from bench.testbed.quality_report import write_report  # noqa: E402
 from bench.testbed.tasks import TASKS  # noqa: E402
 
 QUICK = {"methods": ["impart", "dare", "lowrank"], "ratios": [32.0, 64.0], "qt_ratios": [], "seeds": 1, "limit": 60,
-         "grid": [(0.8, 0.5)], "merge": False}
+         "grid": [(0.8, 0.5)], "merge": True, "merge_sources": ["none", "impart"], "merge_hows": ["ties"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,14 +33,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     parser.add_argument("--methods", nargs="+", default=["impart", "dare", "lowrank"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[8.0, 16.0, 32.0, 64.0])
-    parser.add_argument("--qt-ratios", nargs="+", type=float, default=[32.0, 64.0])
+    parser.add_argument("--qt-ratios", nargs="*", type=float, default=[32.0, 64.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each random method")
     parser.add_argument("--limit", type=int, help="score the first N examples of each split only")
     parser.add_argument("--grid", nargs="+", default=["0.8:0.5", "0.6:1.0"], help="ImPart beta:C candidates")
     parser.add_argument("--merge-ratio", type=float, default=32.0, help="CR of the DARE / ImPart merge inputs")
     parser.add_argument("--no-merge", dest="merge", action="store_false")
+    parser.add_argument("--merge-sources", nargs="+", default=["none", "dare", "impart"], choices=["none", "dare", "impart"])
+    parser.add_argument("--merge-hows", nargs="+", default=["ta", "ties"], choices=["ta", "ties"])
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip tasks with no cached fine-tune")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--stem", default="quality", help="output file names: STEM.json, STEM.md, STEM.png")
     args = parser.parse_args(argv)
     args.grid = [tuple(float(x) for x in pair.split(":")) for pair in args.grid]
     if args.quick:
@@ -52,12 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
     grid = Grid(tuple(args.tasks), tuple(args.methods), tuple(args.ratios), tuple(args.qt_ratios), args.seeds,
-                tuple(args.grid), args.merge_ratio, args.merge)
+                tuple(args.grid), args.merge_ratio, args.merge, tuple(args.merge_sources), tuple(args.merge_hows))
     runner = Runner(limit=args.limit, train_missing=args.train)
     results = runner.run(grid)
     results["config"] = {"argv": sys.argv[1:], "quick": args.quick, "limit": args.limit, "grid": grid.as_dict(),
                          "wall_s": round(time.monotonic() - started, 1)}
-    for path in write_report(results, args.out):
+    for path in write_report(results, args.out, args.stem):
         print(f"wrote {path}")
 
 

@@ -7,6 +7,7 @@ under ~/.cache/deltaserve/quality, keyed by everything that determines them.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import statistics
@@ -43,6 +44,9 @@ class Grid:
     beta_c: tuple[tuple[float, float], ...]
     merge_ratio: float
     merge: bool
+    merge_sources: tuple[str, ...] = ("none", "dare", "impart")
+    """Which deltas are merged: the unprocessed fine-tunes ("none"), or their DARE / ImPart artifacts."""
+    merge_hows: tuple[str, ...] = ("ta", "ties")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,20 +80,26 @@ class Variant:
 
 
 class ScoreCache:
-    """Scores by key in one JSON file, written after every new score."""
+    """Scores by key in one JSON file. Several runs may share it: each write happens under a file
+    lock and merges into what is on disk, so no run drops another's scores."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.scores: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.scores: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, key: str) -> float | None:
         return self.scores.get(key)
 
     def put(self, key: str, score: float) -> None:
-        self.scores[key] = score
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.with_suffix(".tmp").write_text(json.dumps(self.scores, indent=0, sort_keys=True))
-        self.path.with_suffix(".tmp").replace(self.path)
+        with self.path.with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.scores = self._read() | self.scores | {key: score}
+            self.path.with_suffix(".tmp").write_text(json.dumps(self.scores, indent=0, sort_keys=True))
+            self.path.with_suffix(".tmp").replace(self.path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -115,7 +125,7 @@ def planned_work(grid: Grid, examples_per_split: dict[str, int]) -> Work:
         examples += candidates * val + seeds * test
     compressions *= len(grid.tasks)
     examples *= len(grid.tasks)
-    merges = 6 if grid.merge else 0
+    merges = len(grid.merge_sources) * len(grid.merge_hows) if grid.merge else 0
     return Work(compressions, merges, examples + merges * test * len(grid.tasks))
 
 
@@ -215,11 +225,11 @@ class Runner:
         """Task Arithmetic and TIES over the unprocessed, DARE and ImPart deltas of all tasks; every
         merged model scored on every task."""
         rows: list[dict[str, object]] = []
-        for source in MERGE_SOURCES:
+        for source in grid.merge_sources:
             inputs = [self.merge_input(task, source, grid) for task in tasks]
-            for how in ("ta", "ties"):
+            for how in grid.merge_hows:
                 path = self.merge_artifact(tasks, source, how, inputs, grid.merge_ratio)
-                scores = {task: self.score(path.stem, task, "test", lambda: self.merged(path)) for task in tasks}
+                scores = {task: self.score(f"{path.stem}|{task}", task, "test", lambda: self.merged(path)) for task in tasks}
                 rows.append({"source": source, "how": how, "scores": scores, "mean": statistics.fmean(scores.values())})
         return rows
 
@@ -241,17 +251,27 @@ class Runner:
         return path
 
     def timing_summary(self, grid: Grid) -> dict[str, object]:
-        """Measured seconds per step (of this run's new work) and the full grid's predicted CPU time."""
-        measured = {name: statistics.fmean(values) for name, values in self.timing.items() if values}
+        """Seconds per step measured by this run and every earlier run on this cache (kept in
+        timing.json), and the full grid's predicted time from them."""
+        history = self.record_timing()
+        measured = {name: statistics.fmean(values) for name, values in history.items() if values}
         work = planned_work(FULL_GRID, SPLIT_SIZES)
         unit = {"compress_s": work.compressions, "merge_s": work.merges, "eval_s_per_example": work.examples}
         known = {name: measured[name] * count for name, count in unit.items() if name in measured}
-        return {"measured_mean": measured, "measured_counts": {k: len(v) for k, v in self.timing.items()},
-                "full_grid_work": asdict(work), "full_grid_seconds_by_step": known,
-                "full_grid_hours_known_steps": round(sum(known.values()) / 3600, 2),
+        return {"measured_counts": {k: len(v) for k, v in self.timing.items()}, "history_mean": measured,
+                "history_counts": {k: len(v) for k, v in history.items()}, "full_grid_work": asdict(work),
+                "full_grid_seconds_by_step": known, "full_grid_hours_known_steps": round(sum(known.values()) / 3600, 2),
                 "unmeasured_steps": sorted(set(unit) - set(known)), "threads": torch.get_num_threads()}
 
+    def record_timing(self) -> dict[str, list[float]]:
+        path = self.cache / "timing.json"
+        history: dict[str, list[float]] = json.loads(path.read_text()) if path.is_file() else {}
+        for name, values in self.timing.items():
+            history[name] = history.get(name, []) + values
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(history))
+        return history
 
-MERGE_SOURCES = ("none", "dare", "impart")
+
 FULL_GRID = Grid(tuple(sorted(TASKS)), ("impart", "dare", "lowrank"), (8.0, 16.0, 32.0, 64.0), (32.0, 64.0), 3,
                  ((0.8, 0.5), (0.6, 1.0)), 32.0, True)

@@ -9,15 +9,16 @@ from pathlib import Path
 METHOD_ORDER = ["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
 
 
-def write_report(results: dict, out: Path) -> list[Path]:
+def write_report(results: dict, out: Path, stem: str = "quality") -> list[Path]:
+    """Writes <stem>.json, <stem>.md, <stem>.png and, with merging results, <stem>_merge.png."""
     out.mkdir(parents=True, exist_ok=True)
     results["goals"] = goals(results)
-    paths = [out / "quality.json", out / "quality.md", out / "quality.png"]
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
     paths[0].write_text(json.dumps(results, indent=1) + "\n")
     paths[1].write_text(markdown(results))
     plot_scores(results, paths[2])
     if results.get("merging"):
-        paths.append(out / "quality_merge.png")
+        paths.append(out / f"{stem}_merge.png")
         plot_merging(results, paths[-1])
     return paths
 

@@ -42,6 +42,8 @@ def test_the_runner_does_the_planned_compressions_and_merges(run: tuple[Path, Ru
     assert results["timing"]["measured_counts"]["merge_s"] == work.merges == 6
     assert [(m["how"], m["source"]) for m in results["merging"]] == [
         (how, source) for source in ("none", "dare", "impart") for how in ("ta", "ties")]
+    merge_keys = [key for key in runner.scores.scores if key.startswith("merge-")]
+    assert len(merge_keys) == 6 * len(GRID.tasks), "each merged model is scored on each task"
 
 
 def test_a_rerun_reuses_every_artifact_and_score(run: tuple[Path, Runner, dict], tiny_model: Path) -> None:
@@ -61,3 +63,12 @@ def test_report_writes_json_markdown_and_plots_with_the_goals(run: tuple[Path, R
     assert {"impart@16 >= dare@8", "impart@16 >= lowrank@8", "ties+impart > ties"} <= set(results["goals"])
     markdown = (tmp_path / "quality.md").read_text()
     assert "| dates |" in markdown and "| ties | impart |" in markdown
+
+
+def test_two_score_caches_on_one_file_keep_each_others_scores(tmp_path: Path) -> None:
+    from bench.testbed.quality_grid import ScoreCache
+
+    first, second = ScoreCache(tmp_path / "scores.json"), ScoreCache(tmp_path / "scores.json")
+    first.put("a", 0.5)
+    second.put("b", 0.25)
+    assert ScoreCache(tmp_path / "scores.json").scores == {"a": 0.5, "b": 0.25}
