@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from server.model.provision import pull_smollm2, write_tiny
+# Triton reads TRITON_INTERPRET when it is first imported, and other tests (transformers' generate, for
+# one) may import it before the kernel tests run: set it for the whole session on a machine without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from server.model.provision import pull_smollm2, write_tiny  # noqa: E402
 
 REDIS_URL = os.environ.get("DELTASERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
