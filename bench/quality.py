@@ -24,7 +24,7 @@ from bench.testbed.quality_report import write_report  # noqa: E402
 from bench.testbed.tasks import TASKS  # noqa: E402
 
 QUICK = {"methods": ["impart", "dare", "lowrank"], "ratios": [32.0, 64.0], "qt_ratios": [], "seeds": 1, "limit": 60,
-         "grid": [(0.8, 0.5)], "merge": True, "merge_sources": ["none", "impart"], "merge_hows": ["ties"]}
+         "grid": [(0.8, 0.5)], "merge": True, "merge_sources": ["none", "impart"], "merge_hows": ["ta", "ties"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
