@@ -108,9 +108,12 @@ def sparse_svd_code(
 
 
 def _kept_rescaled(x: torch.Tensor, keep: torch.Tensor, drops: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """Survivors of x [rows, K] under keep, each column scaled by rows / (rows - drops): [nnz] float32."""
+    """Survivors of x [rows, K] under keep, each column scaled by rows / (rows - drops): [nnz] float32.
+
+    A column that drops every entry (DARE at a ratio above the row length) keeps nothing: scale 0."""
     rows = x.shape[0]
-    scale = torch.tensor([rows / (rows - d) for d in drops], dtype=torch.float32) if len(drops) else torch.ones(0)
+    scales = [rows / (rows - d) if d < rows else 0.0 for d in drops]
+    scale = torch.tensor(scales, dtype=torch.float32) if len(drops) else torch.ones(0)
     return gather_columns(x.to(torch.float32) * scale, keep)
 
 

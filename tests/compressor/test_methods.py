@@ -174,3 +174,13 @@ def test_svd_on_the_gpu_matches_the_cpu() -> None:
         assert u2.device.type == "cpu" and u2.dtype == torch.float32
         torch.testing.assert_close(s2, s1, rtol=2e-2, atol=0)
         torch.testing.assert_close((u2 * s2) @ v2.t(), (u1 * s1) @ v1.t(), rtol=0.05, atol=2e-3)
+
+
+def test_dare_above_the_row_length_keeps_whole_rows_out_instead_of_failing() -> None:
+    # 4 x 8 = 32 entries at CR 64: the budget rounds to (at most) one kept entry, so most rows keep none.
+    from compressor.methods import MethodParams, encode_dare
+
+    delta = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    code = encode_dare("w", delta, MethodParams(ratio=64.0, seed=0))
+    values = code.tensors["d"]
+    assert values.numel() <= 1 and torch.isfinite(values.float()).all()
