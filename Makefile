@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltaserve-installed
 
-.PHONY: install serve test redis settings-table bench-kernels bench-compress
+.PHONY: install serve test redis settings-table bench-kernels bench-compress bench-serving bench-load bench-quality
 
 # torch first, pinned to the CPU wheel this machine carries; the project's range then installs nothing more.
 $(STAMP): pyproject.toml
@@ -34,3 +34,13 @@ bench-kernels: install
 
 bench-compress: install
 	$(BIN)/python bench/compress.py
+
+bench-serving: install
+	$(BIN)/python bench/serving.py $(SERVING_ARGS)
+
+bench-load: install redis
+	$(BIN)/python bench/load.py $(LOAD_ARGS)
+
+# The compression quality table; reuses cached fine-tunes and scores. QUALITY_ARGS=--quick runs the reduced slice.
+bench-quality: install
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
