@@ -6,12 +6,14 @@ into the README's table, and a test keeps the two in step.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "DELTASERVE_"
 
@@ -22,7 +24,11 @@ class SettingsError(ValueError):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", use_attribute_docstrings=True
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        use_attribute_docstrings=True,
+        env_ignore_empty=True,  # DELTASERVE_X= (empty) means the default, as in compose/k8s env files
     )
 
     host: str = "127.0.0.1"
@@ -87,6 +93,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
+    except SourceError as exc:  # a value that is not even parseable (e.g. bad JSON for a dict field)
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a DELTASERVE_ variable"
+        raise SettingsError(f"invalid settings: {name}: cannot parse the value ({exc.__cause__ or exc})") from None
 
 
 @lru_cache(maxsize=1)

@@ -28,12 +28,20 @@ def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("DELTASERVE_PORT", "not-a-port"), ("DELTASERVE_PORT", "70000"), ("DELTASERVE_REGISTRY", "mongo")],
+    [("DELTASERVE_PORT", "not-a-port"), ("DELTASERVE_PORT", "70000"), ("DELTASERVE_REGISTRY", "mongo"),
+     ("DELTASERVE_API_KEYS", "{not json")],
 )
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         load_settings()
+
+
+def test_empty_variables_mean_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTASERVE_PORT", "")
+    monkeypatch.setenv("DELTASERVE_API_KEYS", "")
+    settings = load_settings()
+    assert (settings.port, settings.api_keys) == (8000, {})
 
 
 def test_cli_reports_bad_setting_without_traceback() -> None:
