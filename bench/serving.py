@@ -25,17 +25,18 @@ import asyncio
 import json
 import platform
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.measure import Result, Timing, best_of, summarise  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sources import LocalDirDeltaSource  # noqa: E402
@@ -44,27 +45,6 @@ from server.model.llama import load_state_dict  # noqa: E402
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-serving")
-
-
-@dataclass(frozen=True)
-class Result:
-    scenario: str
-    concurrency: int
-    requests: int
-    output_tokens: int
-    seconds: float
-    tokens_per_s: float
-    tpot_ms: float
-    """Mean over requests of (last token time - first token time) / (tokens - 1)."""
-    ttft_ms: float
-
-
-@dataclass(frozen=True)
-class Timing:
-    tokens: int
-    first: float
-    last: float
-    started: float
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,15 +135,6 @@ async def closed_loop(
 
     return [t for ts in await asyncio.gather(*(client(c) for c in range(concurrency))) for t in ts]
 
-
-def summarise(name: str, concurrency: int, timings: list[Timing], seconds: float) -> Result:
-    tokens = sum(t.tokens for t in timings)
-    tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]
-    return Result(
-        name, concurrency, len(timings), tokens, round(seconds, 3), round(tokens / seconds, 2),
-        round(1000 * statistics.mean(tpot), 2) if tpot else 0.0,
-        round(1000 * statistics.mean(t.first - t.started for t in timings), 2),
-    )
 
 
 async def prepare(engine: Engine, plans: dict[str, list[str | None]], args: argparse.Namespace) -> None:
@@ -256,15 +227,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     stats = engine.stats()
     await engine.stop()
     return report(args, best_of(rounds), rounds, stats, artifacts, compress_s, notes)
-
-
-def best_of(rounds: list[Result]) -> list[Result]:
-    best: dict[tuple[str, int], Result] = {}
-    for r in rounds:
-        key = (r.scenario, r.concurrency)
-        if key not in best or r.tokens_per_s > best[key].tokens_per_s:
-            best[key] = r
-    return list(best.values())
 
 
 def report(args: argparse.Namespace, results: list[Result], rounds: list[Result], stats: object, artifacts: Path,

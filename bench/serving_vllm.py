@@ -30,40 +30,21 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import Result, Timing, best_of, summarise  # noqa: E402
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-vllm")
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Result:
-    scenario: str
-    concurrency: int
-    requests: int
-    output_tokens: int
-    seconds: float
-    tokens_per_s: float
-    tpot_ms: float
-    """Mean over requests of (last token time - first token time) / (tokens - 1)."""
-    ttft_ms: float
-
-
-@dataclass(frozen=True)
-class Timing:
-    tokens: int
-    first: float
-    last: float
-    started: float
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -248,13 +229,6 @@ async def closed_loop(args: argparse.Namespace, models: list[str], c: int) -> tu
         return timings, time.perf_counter() - started
 
 
-def summarise(name: str, c: int, timings: list[Timing], seconds: float) -> Result:
-    tokens = sum(t.tokens for t in timings)
-    tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]
-    return Result(name, c, len(timings), tokens, round(seconds, 3), round(tokens / seconds, 2),
-                  round(1000 * statistics.mean(tpot), 2) if tpot else 0.0,
-                  round(1000 * statistics.mean(t.first - t.started for t in timings), 2))
-
 
 def run_scenario(args: argparse.Namespace, name: str, extra: list[str], models: list[str]) -> tuple[list[Result], dict]:
     server = Server(args, extra, WORK / f"{name}.log")
@@ -285,15 +259,6 @@ def run_ours(args: argparse.Namespace, tag: str) -> dict:
     data = json.loads(out.read_text())
     return {"command": " ".join(cmd[1:]), "seconds": round(time.perf_counter() - started, 1),
             "results": data["results"], "ratios": data["ratios"]}
-
-
-def best_of(rounds: list[Result]) -> list[Result]:
-    best: dict[tuple[str, int], Result] = {}
-    for r in rounds:
-        key = (r.scenario, r.concurrency)
-        if key not in best or r.tokens_per_s > best[key].tokens_per_s:
-            best[key] = r
-    return list(best.values())
 
 
 def ratios(results: list[dict], ours: dict[str, dict]) -> dict[str, float]:
