@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model.config import ModelConfig, UnsupportedModelError
+from server.model.config import ModelConfig
 from server.model.provision import MANIFEST, ProvisionError, resolve_base_model, verify_folder, write_tiny
 
 
