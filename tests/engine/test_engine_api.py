@@ -111,7 +111,9 @@ async def test_stop_finishes_in_flight_then_aborts_the_rest(tiny_model: Path, tm
     await engine.start()
     short = asyncio.ensure_future(collect(engine, GenerationRequest("a", None, PROMPT, greedy(3))))
     long = asyncio.ensure_future(collect(engine, GenerationRequest("b", None, PROMPT, greedy(100_000))))
-    await _wait_for(lambda: engine.stats().running == 2)
+    # On a quiet machine the 3-token request can finish before the long one is admitted: then only the
+    # long one is in flight at stop, and the assertions below still hold for both.
+    await _wait_for(lambda: engine.stats().running == 2 or (short.done() and engine.stats().running == 1))
     await engine.stop(timeout=0.3)
     assert (await short)[-1].finish_reason == "length"
     assert (await long)[-1].finish_reason == "abort"
