@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,11 @@ def best_of(rounds: list[Result]) -> list[Result]:
         if key not in best or r.tokens_per_s > best[key].tokens_per_s:
             best[key] = r
     return list(best.values())
+
+
+def write_results(out: dict, path: Path) -> None:
+    """Write a benchmark's results as JSON and print its ratios (what to read on a shared machine)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out["ratios"], indent=1))
+    print(f"wrote {path}")

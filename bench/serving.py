@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.measure import Result, Timing, best_of, summarise  # noqa: E402
+from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sources import LocalDirDeltaSource  # noqa: E402
@@ -252,10 +252,7 @@ def report(args: argparse.Namespace, results: list[Result], rounds: list[Result]
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = asyncio.run(main_async(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out["ratios"], indent=1))
-    print(f"wrote {args.out}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import Result, Timing, best_of, summarise  # noqa: E402
+from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-vllm")
@@ -322,10 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios(results, ours),
         "wall_s": round(time.perf_counter() - wall, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out["ratios"], indent=1))
-    print(f"wrote {args.out}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":
