@@ -21,6 +21,8 @@ USE_NATIVE = True
 NATIVE_MAX_ROWS = 8
 """Slots with this many rows or more go to torch.sparse: measured, MKL's CSR product wins from ~8 rows
 (7B 4096x4096 CR 32: 1 slot x 16 rows C 16.7 ms vs MKL 7.4 ms; 4 rows C 3.0 ms vs MKL 4.8 ms)."""
+NATIVE_MAX_ROWS_DENSE = 64
+"""The same for dense factors (C dot/axpy loops against two small torch GEMMs per slot)."""
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -89,11 +91,12 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, factors: Sequence[ResidentF
 
 
 def _csr32(f: ResidentFactors) -> bool:
-    return not (f.u.dense or f.vt.dense) and f.u.values.dtype == f.vt.values.dtype == torch.float32
+    return f.native_kind == 0
 
 
 def _native_ok(rows: SlotRows, f: ResidentFactors) -> bool:
-    return _csr32(f) and rows.count < NATIVE_MAX_ROWS
+    kind = f.native_kind
+    return kind is not None and rows.count < (NATIVE_MAX_ROWS if kind == 0 else NATIVE_MAX_ROWS_DENSE)
 
 
 def delta_linear(

@@ -6,7 +6,9 @@ delta = u @ diag(s) @ v.T is kept as
 so that both halves are the same product, "CSR rows times a dense activation block":
     shrink:  h.T = vt @ x.T        expand:  y.T += u @ h.T
 The Triton path reads the same (crow, col, values) arrays. A factor denser than DENSE_ABOVE is kept
-dense instead (CSR loses to a dense GEMM there; e.g. LowRank deltas). docs/kernels.md has the numbers.
+dense instead (CSR loses to a dense GEMM there; e.g. LowRank deltas, and ImPart's kept vectors on small
+models). A dense u is stored K-major (its [out, K] tensor is a transposed view of a contiguous [K, out]),
+so the C kernel's expand runs over contiguous columns. docs/kernels.md has the numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class CsrPart:
     col: Tensor
     """[nnz] int32 column indices (empty when dense)."""
     values: Tensor
-    """[nnz] values, or [rows, cols] when dense."""
+    """[nnz] values, or [rows, cols] when dense (row-major, or column-major when packed K-major)."""
     dense: bool
 
     @property
@@ -61,13 +63,21 @@ class CsrPart:
         return self.as_torch().to_dense().float() if not self.dense else self.values.float()
 
 
-def pack_csr(mat: Tensor, *, device: torch.device, dtype: torch.dtype, allow_dense: bool) -> CsrPart:
-    """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when allowed and denser than DENSE_ABOVE)."""
+def _dense_storage(mat: Tensor, column_major: bool) -> Tensor:
+    """mat itself, contiguous; or, column_major, a [rows, cols] view of a contiguous [cols, rows]."""
+    return mat.T.contiguous().T if column_major else mat.contiguous()
+
+
+def pack_csr(
+    mat: Tensor, *, device: torch.device, dtype: torch.dtype, allow_dense: bool, column_major: bool = False
+) -> CsrPart:
+    """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when allowed and denser than DENSE_ABOVE;
+    column_major then stores the dense values column by column)."""
     rows, cols = int(mat.shape[0]), int(mat.shape[1])
     nnz = int(torch.count_nonzero(mat))
     empty = torch.empty(0, dtype=torch.int32, device=device)
     if allow_dense and mat.numel() and nnz / mat.numel() > DENSE_ABOVE:
-        return CsrPart(rows, cols, empty, empty, mat.to(device=device, dtype=dtype).contiguous(), True)
+        return CsrPart(rows, cols, empty, empty, _dense_storage(mat.to(device=device, dtype=dtype), column_major), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr = mat.to_sparse_csr()
@@ -111,6 +121,19 @@ class ResidentFactors:
         return self.vt.values.device
 
     @cached_property
+    def native_kind(self) -> int | None:
+        """How the C kernel reads this delta: 0 both factors CSR float32, 1 both dense float32 (vt
+        row-major, u K-major); None when it cannot (mixed storage, other dtypes, not on the CPU)."""
+        vt, u = self.vt, self.u
+        if self.device.type != "cpu" or vt.values.dtype != torch.float32 or u.values.dtype != torch.float32:
+            return None
+        if not (vt.dense or u.dense):
+            return 0
+        if vt.dense and u.dense and vt.values.is_contiguous() and u.values.T.is_contiguous():
+            return 1
+        return None
+
+    @cached_property
     def addresses(self) -> tuple[int, int, int, int, int, int, int]:
         """(vt crow, vt col, vt values, K, u crow, u col, u values): the C kernel's view of this delta."""
         vt, u = self.vt, self.u
@@ -144,7 +167,7 @@ def pack_factors(
     on_cpu = (backend or ("triton" if dev.type == "cuda" else "cpu")) == "cpu"
     store = torch.float32 if on_cpu else dtype
     vt = pack_csr((v.float() * s.float()).T.contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
-    up = pack_csr(u.float().contiguous(), device=dev, dtype=store, allow_dense=on_cpu)
+    up = pack_csr(u.float().contiguous(), device=dev, dtype=store, allow_dense=on_cpu, column_major=True)
     return ResidentFactors(vt=vt, u=up, vt_torch=vt.as_torch(), u_torch=up.as_torch())
 
 
@@ -168,7 +191,7 @@ def stack_factors(
     u_entries = [_coo(f.u, row_off[i], k_off[i]) for i, f in enumerate(factors) if ranks[i]]
     like, allow_dense = present[0].vt, _allows_dense(present[0])
     vt = _from_coo(vt_entries, (sum(ranks), in_features), like, allow_dense)
-    u = _from_coo(u_entries, (sum(out_features), sum(ranks)), like, allow_dense)
+    u = _from_coo(u_entries, (sum(out_features), sum(ranks)), like, allow_dense, column_major=True)
     return ResidentFactors(vt=vt, u=u, vt_torch=vt.as_torch(), u_torch=u.as_torch())
 
 
@@ -185,13 +208,16 @@ def _coo(part: CsrPart, row_off: int, col_off: int) -> tuple[Tensor, Tensor]:
     return idx, coo.values()
 
 
-def _from_coo(entries: list[tuple[Tensor, Tensor]], shape: tuple[int, int], like: CsrPart, allow_dense: bool) -> CsrPart:
+def _from_coo(
+    entries: list[tuple[Tensor, Tensor]], shape: tuple[int, int], like: CsrPart, allow_dense: bool,
+    column_major: bool = False,
+) -> CsrPart:
     idx = torch.cat([e[0] for e in entries], 1)
     vals = torch.cat([e[1] for e in entries])
     mat = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False).coalesce()
     dev, dtype = like.values.device, like.values.dtype
     if allow_dense and mat._nnz() / max(shape[0] * shape[1], 1) > DENSE_ABOVE:
-        return CsrPart(shape[0], shape[1], _empty(dev), _empty(dev), mat.to_dense().to(dtype), True)
+        return CsrPart(shape[0], shape[1], _empty(dev), _empty(dev), _dense_storage(mat.to_dense().to(dtype), column_major), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr = mat.to_sparse_csr()

@@ -31,9 +31,10 @@ from kernels.plan import BatchPlan, SlotRows
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "delta_cpu.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
-META_COLS = 9
-"""Per slot: vt crow, vt col, vt values (addresses), K, u crow, u col, u values, order offset, row count."""
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
+META_COLS = 10
+"""Per slot: vt crow, vt col, vt values (addresses), K, u crow, u col, u values, order offset, row count,
+kind (ResidentFactors.native_kind: 0 CSR, 1 dense)."""
 
 
 def _cache_dir() -> Path:
@@ -91,7 +92,7 @@ def library() -> ctypes.CDLL | None:
 def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, slots: list[tuple[SlotRows, ResidentFactors]]) -> bool:
     """y[rows of each slot] += its delta(x[rows]) in one C call; False when the kernel cannot take it.
 
-    slots: (rows, factors) pairs whose factors are CSR with float32 values. y: [N, out], x: [N, in],
+    slots: (rows, factors) pairs whose factors have a native_kind. y: [N, out], x: [N, in],
     float32 or bfloat16 with unit stride along the last dimension.
     """
     lib = library()
@@ -103,8 +104,10 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, slots: list[tuple[SlotRows,
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[1],
         y.data_ptr(), int(y.dtype == torch.bfloat16), y.stride(0), y.shape[1],
     )  # fmt: skip
-    if status != 0:
+    if status == -1:
         raise MemoryError("deltaserve_add_delta could not allocate its scratch buffers")
+    if status != 0:
+        raise ValueError(f"deltaserve_add_delta refused a slot table (status {status})")
     return True
 
 
@@ -126,7 +129,10 @@ def _slot_table(slots: list[tuple[SlotRows, ResidentFactors]]) -> ctypes.Array:
     """The C kernels' slot table: META_COLS int64 per slot."""
     flat: list[int] = []
     for rows, f in slots:
-        flat += (*f.addresses, rows.offset, rows.count)
+        kind = f.native_kind
+        if kind is None:
+            raise ValueError("the C kernel cannot read these factors (see ResidentFactors.native_kind)")
+        flat += (*f.addresses, rows.offset, rows.count, kind)
     return (ctypes.c_int64 * len(flat))(*flat)
 
 

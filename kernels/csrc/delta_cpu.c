@@ -3,15 +3,19 @@
  * For slot j with rows order[off_j .. off_j + n_j):
  *   h[k][n]  = sum over stored e of vt row k:  val[e] * x[row_n][col[e]]      (k < K_j)
  *   y[row_n][o] += sum over stored e of u row o: val[e] * h[col[e]][n]        (o < out)
- * Both factors are CSR with int32 indices and float32 values (s folded into vt). Activations are
- * float32 or bfloat16; accumulation is float32. Single-threaded on purpose: no second OpenMP
- * runtime next to torch's, and one call per product keeps per-call costs to microseconds.
+ * A slot's factors are either both CSR (int32 indices, float32 values, s folded into vt) or both
+ * dense float32: vt [K][in] row-major and u stored K-major ([K][out]: column k of u is contiguous), so
+ * the shrink is K dot products and the expand K axpys, both unit-stride (`omp simd`, no OpenMP
+ * runtime: the build passes -fopenmp-simd only). Activations are float32 or bfloat16; accumulation
+ * is float32. Single-threaded on purpose: no second OpenMP runtime next to torch's, and one call per
+ * product keeps per-call costs to microseconds.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { META = 9 }; /* per slot: vt crow, vt col, vt val, K, u crow, u col, u val, offset, count */
+enum { META = 10 }; /* per slot: vt crow, vt col, vt val, K, u crow, u col, u val, offset, count, kind */
+enum { KIND_CSR = 0, KIND_DENSE = 1 };
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -113,25 +117,111 @@ static void add_into_rows(void *y, int y_bf16, int64_t y_stride, const int32_t *
     }
 }
 
-/* Returns 0, or -1 when scratch memory could not be had. */
-int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const void *x, int x_bf16,
-                         int64_t x_stride, int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
-    for (int64_t j = 0; j < num_slots; j++) {
-        const int64_t *m = meta + j * META;
-        const int64_t k = m[3], n = m[8];
-        const int32_t *rows = order + m[7];
-        float *xt = malloc(sizeof(float) * (size_t)(in * n));
-        float *h = malloc(sizeof(float) * (size_t)(k * n));
-        float *d = malloc(sizeof(float) * (size_t)(out * n));
-        if (!xt || !h || !d) {
-            free(xt), free(h), free(d);
-            return -1;
+/* xr[i][c] = x[rows[i]][c] as float32: the slot's rows, kept row-major for unit-stride dots. */
+static void gather_rows(const void *x, int x_bf16, int64_t x_stride, const int32_t *rows, int64_t n, int64_t in,
+                        float *xr) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t at = rows[i] * x_stride;
+        float *restrict dst = xr + i * in;
+        if (x_bf16) {
+            const uint16_t *restrict src = (const uint16_t *)x + at;
+#pragma omp simd
+            for (int64_t c = 0; c < in; c++) dst[c] = bf16_to_f32(src[c]);
+        } else {
+            memcpy(dst, (const float *)x + at, sizeof(float) * (size_t)in);
         }
+    }
+}
+
+/* Dense factors: h[i][k] = vt[k] . xr[i], then d[i][:] = sum_k h[i][k] * u_k[:] (u K-major). */
+static void dense_shrink_expand(const float *restrict vt, const float *restrict ut, int64_t k, int64_t n, int64_t in,
+                                int64_t out, const float *restrict xr, float *restrict h, float *restrict d) {
+    for (int64_t kk = 0; kk < k; kk++) {
+        const float *restrict v = vt + kk * in;
+        for (int64_t i = 0; i < n; i++) {
+            const float *restrict xi = xr + i * in;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < in; c++) acc += v[c] * xi[c];
+            h[i * k + kk] = acc;
+        }
+    }
+    memset(d, 0, sizeof(float) * (size_t)(n * out));
+    for (int64_t kk = 0; kk < k; kk++) {
+        const float *restrict u = ut + kk * out;
+        for (int64_t i = 0; i < n; i++) {
+            const float a = h[i * k + kk];
+            float *restrict di = d + i * out;
+#pragma omp simd
+            for (int64_t o = 0; o < out; o++) di[o] += a * u[o];
+        }
+    }
+}
+
+/* y[rows[i]][o] += d[i][o] (d row-major [n][out]). */
+static void add_rows(void *y, int y_bf16, int64_t y_stride, const int32_t *rows, int64_t n, int64_t out,
+                     const float *d) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict src = d + i * out;
+        const int64_t at = rows[i] * y_stride;
+        if (y_bf16) {
+            uint16_t *restrict dst = (uint16_t *)y + at;
+            for (int64_t o = 0; o < out; o++) dst[o] = f32_to_bf16(bf16_to_f32(dst[o]) + src[o]);
+        } else {
+            float *restrict dst = (float *)y + at;
+#pragma omp simd
+            for (int64_t o = 0; o < out; o++) dst[o] += src[o];
+        }
+    }
+}
+
+static int csr_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
+                    int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
+    const int64_t k = m[3];
+    float *xt = malloc(sizeof(float) * (size_t)(in * n));
+    float *h = malloc(sizeof(float) * (size_t)(k * n));
+    float *d = malloc(sizeof(float) * (size_t)(out * n));
+    int status = (xt && h && d) ? 0 : -1;
+    if (status == 0) {
         gather_rows_t(x, x_bf16, x_stride, rows, n, in, xt);
         csr_times_block((const int32_t *)m[0], (const int32_t *)m[1], (const float *)m[2], k, xt, n, h);
         csr_times_block((const int32_t *)m[4], (const int32_t *)m[5], (const float *)m[6], out, h, n, d);
         add_into_rows(y, y_bf16, y_stride, rows, n, out, d);
-        free(xt), free(h), free(d);
+    }
+    free(xt), free(h), free(d);
+    return status;
+}
+
+static int dense_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
+                      int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
+    const int64_t k = m[3];
+    float *xr = malloc(sizeof(float) * (size_t)(in * n));
+    float *h = malloc(sizeof(float) * (size_t)(k * n));
+    float *d = malloc(sizeof(float) * (size_t)(out * n));
+    int status = (xr && h && d) ? 0 : -1;
+    if (status == 0) {
+        gather_rows(x, x_bf16, x_stride, rows, n, in, xr);
+        dense_shrink_expand((const float *)m[2], (const float *)m[6], k, n, in, out, xr, h, d);
+        add_rows(y, y_bf16, y_stride, rows, n, out, d);
+    }
+    free(xr), free(h), free(d);
+    return status;
+}
+
+/* Returns 0, -1 when scratch memory could not be had, -2 on an unknown slot kind. */
+int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const void *x, int x_bf16,
+                         int64_t x_stride, int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
+    for (int64_t j = 0; j < num_slots; j++) {
+        const int64_t *m = meta + j * META;
+        const int32_t *rows = order + m[7];
+        int status;
+        if (m[9] == KIND_CSR)
+            status = csr_slot(m, rows, m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
+        else if (m[9] == KIND_DENSE)
+            status = dense_slot(m, rows, m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
+        else
+            status = -2;
+        if (status != 0) return status;
     }
     return 0;
 }

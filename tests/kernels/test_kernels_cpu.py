@@ -111,3 +111,25 @@ def test_all_slots_without_delta_leave_y_untouched() -> None:
     plan = kernels.plan_batch(torch.tensor([0, 1, -1, 0, 1]), 2)
     f0 = kernels.pack_factors(torch.zeros(8, 0), torch.zeros(0), torch.zeros(6, 0))
     assert torch.equal(kernels.add_delta(y.clone(), torch.randn(5, 6), plan, [f0, None]), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_slots_take_the_c_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dense (LowRank-like) factors under NATIVE_MAX_ROWS_DENSE rows never reach a torch product."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the torch fallback is what runs")
+    gen = torch.Generator().manual_seed(seed_of(("dense-native", dtype)))
+    raw = [dense_factors(70, 37, k, gen) for k in (5, 17, 1)]
+    fast = [kernels.pack_factors(*r) for r in raw]
+    slow = [ref.pack_factors(*r) for r in raw]
+    m = make_mix("distinct", 11, 3, gen)
+    x = torch.randn(11, 37, generator=gen).to(dtype)
+    poison = (torch.randn(11, 70, generator=gen) * 100).to(dtype)
+    want = ref.add_delta(poison.clone(), x, ref.plan_batch(m.row_slots, m.num_slots), slow)
+
+    def no_torch(*args: object) -> None:
+        raise AssertionError("a dense slot went through torch")
+
+    monkeypatch.setattr(cpu, "_mm", no_torch)
+    got = kernels.add_delta(poison.clone(), x, kernels.plan_batch(m.row_slots, m.num_slots), fast)
+    torch.testing.assert_close(got.float(), want.float(), **_tol(want, dtype))

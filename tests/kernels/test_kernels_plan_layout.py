@@ -45,6 +45,9 @@ def test_dense_factors_use_dense_storage() -> None:
     gen = torch.Generator().manual_seed(6)
     f = pack_factors(*dense_factors(16, 24, 4, gen))
     assert f.u.dense and f.vt.dense and f.nbytes == (16 * 4 + 4 * 24) * 4
+    # the C kernel's view: vt row-major, u K-major (each column contiguous)
+    assert f.vt.values.is_contiguous() and f.u.values.T.is_contiguous() and f.native_kind == 1
+    assert pack_factors(*impart_factors(16, 24, 4, gen)).native_kind in (0, 1)
 
 
 def test_rank_zero_packs() -> None:
