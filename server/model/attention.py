@@ -3,6 +3,8 @@
 Rows are tokens of several sequences laid end to end. Each row's K/V goes to its cache slot first;
 then decode rows (one token per sequence) attend together in one batched SDPA call over their
 gathered blocks, and each prefill chunk attends alone (causal within the chunk, full over its past).
+With a sliding window (Mistral, some Qwen2 layers) a query at position p sees keys p - window + 1 .. p,
+as transformers masks them; the cache keeps every token (masked, not evicted).
 """
 
 from __future__ import annotations
@@ -47,38 +49,50 @@ class LayerCache:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMeta
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMeta,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, heads, D], k/v: [T, kv_heads, D] (already rotated) -> out: [T, heads, D]."""
     cache.key[meta.slot_mapping] = k
     cache.value[meta.slot_mapping] = v
     out = torch.empty_like(q)
     if meta.decode is not None:
-        out[meta.decode.rows] = _decode_attention(q[meta.decode.rows], cache, meta.decode)
+        out[meta.decode.rows] = _decode_attention(q[meta.decode.rows], cache, meta.decode, window)
     for chunk in meta.prefills:
         rows = slice(chunk.start_row, chunk.start_row + chunk.num_rows)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, chunk)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, chunk, window)
     return out
 
 
-def _decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, window: int | None) -> torch.Tensor:
     """q: [B, heads, D] -> [B, heads, D], each row attending to its own gathered context."""
     keys = cache.key[group.token_slots].transpose(1, 2)  # [B, kv_heads, L, D]
     values = cache.value[group.token_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=group.mask, enable_gqa=True)
+    mask = group.mask
+    if window is not None:
+        # key l of a row is at position l; the row's query sits at its last valid key
+        last = group.mask.sum(-1, keepdim=True) - 1  # [B, 1, 1, 1]
+        mask = mask & (torch.arange(mask.shape[-1], device=mask.device) > last - window)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True)
     return out[:, :, 0, :]
 
 
 def _prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, chunk: PrefillChunk
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, chunk: PrefillChunk, window: int | None
 ) -> torch.Tensor:
     """q: [n, heads, D], k/v: [n, kv_heads, D] of one chunk -> [n, heads, D]."""
-    if chunk.past_len == 0:
+    if chunk.past_len == 0 and (window is None or window >= chunk.num_rows):
         keys, values, mask, causal = k, v, None, True
     else:
-        keys, values = cache.key[chunk.token_slots], cache.value[chunk.token_slots]
-        query_pos = torch.arange(chunk.past_len, chunk.context_len, device=q.device)
-        mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_pos[:, None]
+        if chunk.past_len == 0:
+            keys, values = k, v
+        else:
+            keys, values = cache.key[chunk.token_slots], cache.value[chunk.token_slots]
+        query_pos = torch.arange(chunk.past_len, chunk.context_len, device=q.device)[:, None]
+        key_pos = torch.arange(chunk.context_len, device=q.device)[None, :]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask = mask & (key_pos > query_pos - window)
         causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, is_causal=causal,

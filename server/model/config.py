@@ -48,6 +48,12 @@ class ModelConfig:
     mlp_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    layer_windows: tuple[int | None, ...] = ()
+    """Per decoder layer: the sliding attention window (a query sees the keys at most window - 1
+    positions back), or None for full attention. Empty means full attention everywhere."""
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def q_size(self) -> int:
@@ -119,7 +125,32 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            layer_windows=_layer_windows(raw, model_type, source),
         )
+
+
+def _layer_windows(raw: dict[str, Any], model_type: str, source: str) -> tuple[int | None, ...]:
+    """Sliding windows as transformers applies them: Mistral on every layer (4096 when the key is
+    absent, none when null); Qwen2 only with use_sliding_window, on layers from max_window_layers
+    on; an explicit `layer_types` list wins."""
+    layers = raw["num_hidden_layers"]
+    if model_type == "mistral":
+        window = raw.get("sliding_window", 4096)
+    elif model_type == "qwen2" and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window", 4096)
+    else:
+        return ()
+    if window is None:
+        return ()
+    if not isinstance(window, int) or window <= 0:
+        raise UnsupportedModelError(f"{source}: sliding_window must be a positive integer, got {window!r}")
+    types = raw.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    if model_type == "qwen2":
+        first = raw.get("max_window_layers", 28)
+        return tuple(window if i >= first else None for i in range(layers))
+    return (window,) * layers
 
 
 def _rope_params(raw: dict[str, Any]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class LlamaModel:
         """x: [T, hidden] through one decoder layer."""
         p = f"model.layers.{i}."
         h = self._norm(p + "input_layernorm.weight", x, deltas)
-        x = x + self._attention(p + "self_attn.", h, cos, sin, cache, meta, deltas)
+        x = x + self._attention(p + "self_attn.", h, cos, sin, cache, meta, deltas, self.config.window(i))
         h = self._norm(p + "post_attention_layernorm.weight", x, deltas)
         gate = self._linear(p + "mlp.gate_proj", h, deltas)
         up = self._linear(p + "mlp.up_proj", h, deltas)
@@ -100,13 +100,13 @@ class LlamaModel:
 
     def _attention(
         self, p: str, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-        meta: AttentionMeta, deltas: StepDeltas | None,
+        meta: AttentionMeta, deltas: StepDeltas | None, window: int | None = None,
     ) -> torch.Tensor:
         c, rows = self.config, h.shape[0]
         q = self._linear(p + "q_proj", h, deltas).view(rows, c.num_attention_heads, c.head_dim)
         k = self._linear(p + "k_proj", h, deltas).view(rows, c.num_key_value_heads, c.head_dim)
         v = self._linear(p + "v_proj", h, deltas).view(rows, c.num_key_value_heads, c.head_dim)
-        out = paged_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, meta)
+        out = paged_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, meta, window)
         return self._linear(p + "o_proj", out.reshape(rows, c.q_size), deltas)
 
     def _linear(self, module: str, x: torch.Tensor, deltas: StepDeltas | None) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,24 @@ def _chunked_prefill_logits(model: LlamaModel, ids: torch.Tensor, cuts: list[int
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_tied_model"])
+@pytest.fixture(scope="module")
+def tiny_mistral(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's weights as a Mistral with a sliding window far shorter than the test contexts."""
+    folder = tmp_path_factory.mktemp("mistral") / "base"
+    shutil.copytree(tiny_model, folder)
+    (folder / "deltaserve-model.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=WINDOW)
+    for key in ("attention_bias", "mlp_bias"):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+WINDOW = 6
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_tied_model", "tiny_mistral"])
 def test_chunked_prefill_logits_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     folder = request.getfixturevalue(fixture)
     model = LlamaModel.from_dir(folder)
@@ -44,7 +63,21 @@ def test_chunked_prefill_logits_match_transformers(fixture: str, request: pytest
     assert (ours - reference).abs().max() < 1e-4
 
 
-async def test_concurrent_greedy_matches_transformers_for_64_steps(tiny_model: Path, tmp_path: Path) -> None:
+def test_sliding_window_changes_the_logits(tiny_model: Path, tiny_mistral: Path) -> None:
+    """The window is applied: past it the Mistral twin differs from the full-attention Llama."""
+    llama, mistral = LlamaModel.from_dir(tiny_model), LlamaModel.from_dir(tiny_mistral)
+    ids = torch.randint(0, llama.config.vocab_size, (20,), generator=torch.Generator().manual_seed(4))
+    full = _chunked_prefill_logits(llama, ids, [20])
+    windowed = _chunked_prefill_logits(mistral, ids, [20])
+    assert torch.equal(full[:WINDOW], windowed[:WINDOW])
+    assert (full[WINDOW:] - windowed[WINDOW:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_mistral"])
+async def test_concurrent_greedy_matches_transformers_for_64_steps(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    tiny_model = request.getfixturevalue(fixture)
     hf = _hf(tiny_model)
     prompts = [[5, 17, 40, 99, 3], list(range(30, 70)), [250, 11]]
     expected = [hf_greedy(hf, p, 64) for p in prompts]

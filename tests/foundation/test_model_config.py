@@ -28,6 +28,20 @@ def test_qwen2_has_qkv_bias_by_default_and_mistral_is_accepted() -> None:
     assert not ModelConfig.from_dict(LLAMA | {"model_type": "mistral"}).attention_bias
 
 
+def test_sliding_windows_follow_transformers() -> None:
+    assert ModelConfig.from_dict(LLAMA).layer_windows == ()
+    assert ModelConfig.from_dict(LLAMA | {"model_type": "mistral"}).layer_windows == (4096, 4096)  # HF default
+    assert ModelConfig.from_dict(LLAMA | {"model_type": "mistral", "sliding_window": None}).layer_windows == ()
+    assert ModelConfig.from_dict(LLAMA | {"model_type": "mistral", "sliding_window": 7}).window(1) == 7
+    qwen = LLAMA | {"model_type": "qwen2", "sliding_window": 5, "max_window_layers": 1}
+    assert ModelConfig.from_dict(qwen).layer_windows == ()  # use_sliding_window is off by default
+    assert ModelConfig.from_dict(qwen | {"use_sliding_window": True}).layer_windows == (None, 5)
+    typed = qwen | {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]}
+    assert ModelConfig.from_dict(typed).layer_windows == (5, None)
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        ModelConfig.from_dict(LLAMA | {"model_type": "mistral", "sliding_window": 0})
+
+
 def test_gqa_shapes_of_linear_weights() -> None:
     shapes = ModelConfig.from_dict(LLAMA).linear_shapes
     assert shapes["self_attn.k_proj"] == (16, 64) and shapes["self_attn.o_proj"] == (64, 64)
