@@ -5,7 +5,8 @@
 
 Fine-tunes are reused from ~/.cache/deltaserve/finetunes/<task> (trained first when missing, unless
 --no-train). Artifacts and every score are cached under ~/.cache/deltaserve/quality, so a rerun only
-computes what is new. ImPart's (beta, C) is picked per task and CR on the validation split (seed 0);
+computes what is new. Cells are filled breadth first (base and fine-tunes, seed 0 of every cell, the
+merges, then the other seeds): a run stopped early followed by `--cached-only` reports what it reached. ImPart's (beta, C) is picked per task and CR on the validation split (seed 0);
 scores are on the test split; random methods are averaged over seeds with their spread.
 Writes bench/results/quality.json, quality.md, quality.png and quality_merge.png.
 """
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--merge-sources", nargs="+", default=["none", "dare", "impart"], choices=["none", "dare", "impart"])
     parser.add_argument("--merge-hows", nargs="+", default=["ta", "ties"], choices=["ta", "ties"])
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip tasks with no cached fine-tune")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="compute nothing: report the cells already scored (missing ones are left out)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for compression and decoding")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.json, STEM.md, STEM.png")
     args = parser.parse_args(argv)
@@ -56,9 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     grid = Grid(tuple(args.tasks), tuple(args.methods), tuple(args.ratios), tuple(args.qt_ratios), args.seeds,
                 tuple(args.grid), args.merge_ratio, args.merge, tuple(args.merge_sources), tuple(args.merge_hows))
-    runner = Runner(limit=args.limit, train_missing=args.train)
+    runner = Runner(limit=args.limit, train_missing=args.train and not args.cached_only, threads=args.threads,
+                    cached_only=args.cached_only)
     results = runner.run(grid)
     results["config"] = {"argv": sys.argv[1:], "quick": args.quick, "limit": args.limit, "grid": grid.as_dict(),
+                         "threads": args.threads, "cached_only": args.cached_only,
                          "wall_s": round(time.monotonic() - started, 1)}
     for path in write_report(results, args.out, args.stem):
         print(f"wrote {path}")

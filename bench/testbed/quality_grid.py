@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,10 +133,13 @@ class Runner:
     """Fills a Grid's cells: one resident model whose weights are swapped per cell."""
 
     def __init__(self, limit: int | None, train_missing: bool, base_dir: Path = BASE_DIR,
-                 finetunes: Path = FINETUNE_CACHE, cache: Path = QUALITY_CACHE) -> None:
-        torch.set_num_threads(1)
+                 finetunes: Path = FINETUNE_CACHE, cache: Path = QUALITY_CACHE, threads: int = 1,
+                 cached_only: bool = False) -> None:
+        torch.set_num_threads(threads)
         self.base_dir, self.finetunes, self.cache = base_dir, finetunes, cache
-        self.limit, self.train_missing = limit, train_missing
+        self.limit, self.train_missing, self.cached_only = limit, train_missing, cached_only
+        self.missing = 0
+        """Cells a cached-only run found no score for (left out of its results)."""
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.model = load_model(base_dir)
         self.base_weights = base_state_dict(base_dir)
@@ -144,33 +147,66 @@ class Runner:
         self.timing: dict[str, list[float]] = {"compress_s": [], "merge_s": [], "eval_s_per_example": []}
 
     def run(self, grid: Grid) -> dict[str, object]:
+        """Every cell of the grid (computed where not cached, unless cached_only), as the report reads them."""
+        if not self.cached_only:
+            self.warm(grid)
         tasks = [task for task in grid.tasks if self.finetune_dir(task) is not None]
-        results: dict[str, object] = {"tasks": tasks, "base": {}, "finetune": {}, "selected": {}, "rows": []}
+        results: dict[str, object] = {"tasks": [], "base": {}, "finetune": {}, "selected": {}, "rows": []}
         for task in tasks:
-            results["base"][task] = self.score(f"base|{task}", task, "test", lambda: self.base_weights)
+            base = self.score(f"base|{task}", task, "test", lambda: self.base_weights)
             tuned = self.finetune_dir(task)
-            results["finetune"][task] = self.score(f"ft-{self.tag(task)}|{task}", task, "test",
-                                                   lambda: base_state_dict(tuned))
+            finetuned = self.score(f"ft-{self.tag(task)}|{task}", task, "test", lambda: base_state_dict(tuned))
+            if base is None or finetuned is None:
+                continue
+            results["tasks"].append(task)
+            results["base"][task], results["finetune"][task] = base, finetuned
             for method, ratio in grid.method_ratios():
-                results["rows"].append(self.method_row(task, method, ratio, grid, results["selected"]))
-        results["merging"] = self.run_merging(tasks, grid) if grid.merge else []
+                row = self.method_row(task, method, ratio, grid, results["selected"])
+                if row is not None:
+                    results["rows"].append(row)
+        results["merging"] = self.run_merging(results["tasks"], grid) if grid.merge else []
         results["timing"] = self.timing_summary(grid)
+        results["missing_cells"] = self.missing
         return results
 
-    def method_row(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> dict[str, object]:
+    def warm(self, grid: Grid) -> None:
+        """Fill the cache breadth first, so a run stopped early leaves a usable table for a cached-only
+        report: base and fine-tune of every task, then seed 0 of every cell, the merges, the other seeds."""
+        tasks = [task for task in grid.tasks if self.finetune_dir(task) is not None]
+        for task in tasks:
+            self.score(f"base|{task}", task, "test", lambda: self.base_weights)
+            tuned = self.finetune_dir(task)
+            self.score(f"ft-{self.tag(task)}|{task}", task, "test", lambda: base_state_dict(tuned))
+        first = replace(grid, seeds=1)
+        for task in tasks:
+            for method, ratio in grid.method_ratios():
+                self.method_row(task, method, ratio, first, {})
+        if grid.merge:
+            self.run_merging(tasks, grid)
+
+    def method_row(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> dict[str, object] | None:
         beta, c = self.select(task, method, ratio, grid, selected)
         seeds = list(grid.seeds_of(method))
-        scores = [self.score_variant(Variant(task, method, ratio, seed, beta, c), "test") for seed in seeds]
+        scored = [(seed, self.score_variant(Variant(task, method, ratio, seed, beta, c), "test")) for seed in seeds]
+        scored = [(seed, score) for seed, score in scored if score is not None]
+        if not scored:
+            return None
+        scores = [score for _, score in scored]
         mean, std = mean_std(scores)
-        return {"task": task, "method": method, "ratio": ratio, "beta": beta, "c": c, "seeds": seeds,
-                "scores": scores, "mean": mean, "std": std}
+        return {"task": task, "method": method, "ratio": ratio, "beta": beta, "c": c,
+                "seeds": [seed for seed, _ in scored], "planned_seeds": len(seeds), "scores": scores,
+                "mean": mean, "std": std}
 
     def select(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> tuple[float, float]:
-        """(beta, C) with the best validation score at seed 0; the first candidate when only one."""
+        """(beta, C) with the best validation score at seed 0; the first candidate when only one (or,
+        cached-only, when no candidate was scored)."""
         if method not in TUNED_METHODS or len(grid.beta_c) == 1:
             return grid.beta_c[0]
-        val = {bc: self.score_variant(Variant(task, method, ratio, 0, *bc), "val") for bc in grid.beta_c}
-        best = max(grid.beta_c, key=lambda bc: val[bc])
+        scored = {bc: self.score_variant(Variant(task, method, ratio, 0, *bc), "val") for bc in grid.beta_c}
+        val = {bc: score for bc, score in scored.items() if score is not None}
+        if not val:
+            return grid.beta_c[0]
+        best = max(val, key=lambda bc: val[bc])
         selected[f"{task}/{method}@{ratio:g}"] = {"beta": best[0], "c": best[1],
                                                    "val": {f"{b:g}:{c:g}": s for (b, c), s in val.items()}}
         return best
@@ -189,13 +225,17 @@ class Runner:
         report = (self.finetunes / task / REPORT).read_bytes()
         return hashlib.sha256(report).hexdigest()[:10]
 
-    def score(self, key: str, task: str, split: str, weights: Callable[[], dict[str, torch.Tensor]]) -> float:
-        """The task's score on `split` for the model with `weights` (cached by key and example count)."""
+    def score(self, key: str, task: str, split: str, weights: Callable[[], dict[str, torch.Tensor]]) -> float | None:
+        """The task's score on `split` for the model with `weights` (cached by key and example count);
+        None when cached_only and it is not cached."""
         examples = make_splits(TASKS[task])[split][: self.limit]
         full_key = f"{key}|{split}|n={len(examples)}"
         cached = self.scores.get(full_key)
         if cached is not None:
             return cached
+        if self.cached_only:
+            self.missing += 1
+            return None
         load_weights(self.model, weights())
         started = time.monotonic()
         score = evaluate(self.model, self.tokenizer, TASKS[task], examples, split).score
@@ -204,15 +244,17 @@ class Runner:
         print(f"{full_key}: {score:.3f}", flush=True)
         return score
 
-    def score_variant(self, variant: Variant, split: str) -> float:
+    def score_variant(self, variant: Variant, split: str) -> float | None:
         key = f"{self.tag(variant.task)}/{variant.name}"
         return self.score(key, variant.task, split, lambda: self.merged(self.artifact(variant)))
 
     def merged(self, artifact: Path) -> dict[str, torch.Tensor]:
         return load_artifact(artifact, self.base_dir).merged_state_dict(self.base_weights)
 
-    def artifact(self, variant: Variant) -> Path:
+    def artifact(self, variant: Variant) -> Path | None:
         path = self.cache / "artifacts" / self.tag(variant.task) / f"{variant.name.split('/')[1]}.safetensors"
+        if not path.is_file() and self.cached_only:
+            return None
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
@@ -227,22 +269,30 @@ class Runner:
         rows: list[dict[str, object]] = []
         for source in grid.merge_sources:
             inputs = [self.merge_input(task, source, grid) for task in tasks]
+            if None in inputs:
+                continue
             for how in grid.merge_hows:
                 path = self.merge_artifact(tasks, source, how, inputs, grid.merge_ratio)
+                if path is None:
+                    continue
                 scores = {task: self.score(f"{path.stem}|{task}", task, "test", lambda: self.merged(path)) for task in tasks}
+                if None in scores.values():
+                    continue
                 rows.append({"source": source, "how": how, "scores": scores, "mean": statistics.fmean(scores.values())})
         return rows
 
-    def merge_input(self, task: str, source: str, grid: Grid) -> Path:
+    def merge_input(self, task: str, source: str, grid: Grid) -> Path | None:
         if source == "none":
             return self.finetunes / task
         beta, c = self.select(task, source, grid.merge_ratio, grid, {})
         return self.artifact(Variant(task, source, grid.merge_ratio, 0, beta, c))
 
-    def merge_artifact(self, tasks: list[str], source: str, how: str, inputs: list[Path], ratio: float) -> Path:
+    def merge_artifact(self, tasks: list[str], source: str, how: str, inputs: list[Path], ratio: float) -> Path | None:
         inputs_tag = hashlib.sha256("|".join(str(p) + self.tag(t) for p, t in zip(inputs, tasks)).encode())
         cr = "" if source == "none" else f"-cr{ratio:g}"
         path = self.cache / "merges" / f"merge-{how}-{source}{cr}-{inputs_tag.hexdigest()[:10]}.safetensors"
+        if not path.is_file() and self.cached_only:
+            return None
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()

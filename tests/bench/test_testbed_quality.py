@@ -72,3 +72,42 @@ def test_two_score_caches_on_one_file_keep_each_others_scores(tmp_path: Path) ->
     first.put("a", 0.5)
     second.put("b", 0.25)
     assert ScoreCache(tmp_path / "scores.json").scores == {"a": 0.5, "b": 0.25}
+
+
+def test_cells_are_filled_breadth_first(run: tuple[Path, Runner, dict], tiny_model: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 0 of every cell and the merges come before any second seed: a run stopped early still
+    leaves every cell with one score."""
+    root, _, _ = run
+    again = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    order: list[str] = []
+    real = again.score
+
+    def record(key: str, *args: object) -> float | None:
+        order.append(key)
+        return real(key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(again, "score", record)
+    again.run(GRID)
+    first_second_seed = next(i for i, key in enumerate(order) if "-s1" in key)
+    assert all("-s1" not in key for key in order[:first_second_seed])
+    assert any(key.startswith("merge-") for key in order[:first_second_seed])
+    assert {key.split("/")[1] for key in order[:first_second_seed] if "-s0" in key} >= {"dates", "routing"}
+
+
+def test_cached_only_reports_what_is_scored_and_computes_nothing(run: tuple[Path, Runner, dict], tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    root, _, _ = run
+    bigger = Grid(GRID.tasks, GRID.methods, (8.0, 16.0, 32.0), (), 3, GRID.beta_c, 8.0, True)
+    runner = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes",
+                    cache=root / "cache", cached_only=True)
+    results = runner.run(bigger)
+    assert all(not values for values in runner.timing.values()), "nothing compressed, merged or decoded"
+    assert {r["ratio"] for r in results["rows"]} == {8.0, 16.0}
+    dare = next(r for r in results["rows"] if r["method"] == "dare")
+    assert dare["seeds"] == [0, 1] and dare["planned_seeds"] == 3
+    assert results["missing_cells"] > 0 and len(results["merging"]) == 6
+    results["config"] = {"argv": ["--cached-only"], "limit": 3, "wall_s": 1.0}
+    write_report(results, tmp_path)
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "(n=2)" in markdown and "not computed yet" in markdown
