@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.types import (
+    DeltaLoadError,
     EngineError,
     EngineNotReadyError,
     InvalidRequestError,
@@ -74,4 +75,9 @@ def from_engine(exc: EngineError, model: str) -> APIError:
         return not_ready(str(exc) or "The engine is not ready.")
     if isinstance(exc, InvalidRequestError):
         return bad_request(str(exc), exc.param)
+    if isinstance(exc, DeltaLoadError):
+        # published but unusable here (corrupt blob, wrong base, larger than the delta cache): not the
+        # caller's fault and not transient, so 503 without Retry-After, naming the cause for operators
+        return APIError(503, f"The model `{model}` is published but cannot be served: {exc}",
+                        type="service_unavailable", param="model", code="task_unavailable")
     return APIError(500, f"Engine error: {exc}", type="server_error", code="internal_error")

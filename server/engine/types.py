@@ -117,7 +117,7 @@ class InvalidRequestError(EngineError):
 
 class DeltaLoadError(EngineError):
     """The task is published but its delta could not be made resident (corrupt or wrong-base artifact,
-    larger than the delta cache budget); HTTP 500/503 at the server's discretion."""
+    larger than the delta cache budget); HTTP 503 with code task_unavailable."""
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,17 @@ def test_not_ready_is_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -
     assert client.get("/health").status_code == 200
 
 
+def test_a_published_task_whose_delta_cannot_load_is_503_naming_it(client: TestClient) -> None:
+    """Bytes in the registry that are no artifact (a damaged store, a hand-made publish): the request
+    fails fast with a clear 503, and other requests keep being served."""
+    client.app.state.deltaserve.registry.publish("broken", b"not a safetensors file", method="impart", ratio=32.0)
+    reply = client.post("/v1/chat/completions", json=CHAT | {"model": "broken"})
+    assert reply.status_code == 503, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "task_unavailable" and "`broken`" in error["message"] and error["param"] == "model"
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
 def test_models_lists_the_base(client: TestClient) -> None:
     cards = client.get("/v1/models").json()["data"]
     assert cards[0]["id"] == "tiny" and cards[0]["owned_by"] == "deltaserve" and cards[0]["created"] > 0
