@@ -13,16 +13,29 @@ script that builds the app must guard its entry point with `if __name__ == "__ma
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 _progress: Any = None
 """The queue of (job id, done, total, tensor name) this worker reports to."""
+PARENT_CHECK_S = 1.0
 
 
 def init_worker(progress: Any) -> None:
     global _progress
     _progress = progress
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A server killed outright (SIGKILL, OOM) cannot stop its worker: the worker stops itself once it
+    is re-parented, instead of compressing for nobody. Polling getppid is portable (no prctl)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
 
 
 def compress_checkpoint(job_id: str, base_dir: Path, checkpoint_dir: Path, out: Path, method: str, ratio: float,
