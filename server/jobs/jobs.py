@@ -5,6 +5,11 @@ compression itself runs in a worker process (worker.py says why), started with t
 kept. A job publishes only after the artifact it made loads back cleanly against the base; on any
 failure nothing is published, the job records a clear error, and its upload and scratch files are
 removed either way. At shutdown queued jobs are cancelled and the worker is stopped.
+
+Every change of a job is also written to the registry's store (Store.put_job), so any replica sharing
+the registry answers for any job (behind the gateway, an upload and the polls of its job reach
+different replicas). The owner re-writes its unfinished jobs every HEARTBEAT_S; a queued or running
+record nobody wrote for STALE_S is shown failed ("lost"), since the replica holding it is gone.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -27,6 +34,10 @@ from server.registry import Registry, TaskVersion
 log = logging.getLogger("deltaserve.jobs")
 JobState = Literal["queued", "running", "succeeded", "failed"]
 KEPT_FINISHED_JOBS = 256
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+SHARE_EVERY_S = 1.0
+"""Progress reaches the shared record at most this often (state changes always do)."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +69,31 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    replica: str = ""
+    """The server (host:pid) running the job."""
+    updated: float = field(default_factory=time.time)
+    """When the replica running it last wrote this record."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any], now: float) -> Job:
+        """A job read from the shared store; a queued or running one nobody updated for STALE_S is lost."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        job = cls(**{k: v for k, v in record.items() if k in known})
+        if job.state in ("queued", "running") and now - job.updated > STALE_S:
+            return replace(job, state="failed", finished=job.updated,
+                           error=f"lost: replica {job.replica} stopped reporting on this job")
+        return job
+
 
 class JobManager:
-    def __init__(self, registry: Registry, base_dir: Path, work_dir: Path) -> None:
+    def __init__(self, registry: Registry, base_dir: Path, work_dir: Path, replica: str | None = None) -> None:
         self.registry, self.base_dir, self.work_dir = registry, base_dir, work_dir
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self._jobs: dict[str, Job] = {}
+        self._shared_at: dict[str, float] = {}
         self._specs: dict[str, JobSpec] = {}
         """Specs of jobs not finished yet (their uploads are removed when the job ends or is cancelled)."""
         self._lock = threading.Lock()
@@ -76,22 +103,36 @@ class JobManager:
         threading.Thread(target=self._listen, name="compress-progress", daemon=True).start()
 
     def submit(self, spec: JobSpec) -> Job:
-        job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio)
+        job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio,
+                  replica=self.replica)
         with self._lock:
             self._jobs[job.id] = job
             self._specs[job.id] = spec
             self._forget_old()
+        self._share(job)
         self._pool.submit(self._run, job.id, spec)
         log.info("job %s queued: compress %s with %s at ratio %g", job.id, spec.task, spec.method, spec.ratio)
         return job
 
     def get(self, job_id: str) -> Job | None:
+        """This replica's job, else the shared record another replica wrote; None when neither knows it."""
         with self._lock:
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        record = self._store_call(lambda store: store.job(job_id))
+        return None if record is None else Job.from_record(record, time.time())
 
     def list(self) -> list[Job]:
+        """Every job this replica or another one sharing the registry keeps, oldest first."""
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda job: job.created)
+            jobs = dict(self._jobs)
+        now = time.time()
+        for record in self._store_call(lambda store: store.jobs()) or []:
+            if record.get("id") not in jobs:
+                job = Job.from_record(record, now)
+                jobs[job.id] = job
+        return sorted(jobs.values(), key=lambda job: job.created)
 
     def counts(self) -> dict[str, int]:
         counts = {state: 0 for state in ("queued", "running", "succeeded", "failed")}
@@ -126,17 +167,18 @@ class JobManager:
         scratch = self.work_dir / "jobs" / f"{os.getpid()}-{job_id}"
         try:
             published = self._compress_and_publish(job_id, spec, scratch)
-            self._update(job_id, state="succeeded", version=published.version, finished=time.time())
+            final: dict[str, Any] = {"state": "succeeded", "version": published.version}
             log.info("job %s published %s version %d", job_id, spec.task, published.version)
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self._update(job_id, state="failed", error=message, finished=time.time())
-            log.warning("job %s failed, nothing published: %s", job_id, message)
+            final = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            log.warning("job %s failed, nothing published: %s", job_id, final["error"])
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
             with self._lock:
                 self._specs.pop(job_id, None)
+        # a job shows its end only once its files are gone
+        self._update(job_id, finished=time.time(), **final)
 
     def _compress_and_publish(self, job_id: str, spec: JobSpec, scratch: Path) -> TaskVersion:
         scratch.mkdir(parents=True, exist_ok=True)
@@ -151,17 +193,51 @@ class JobManager:
                                      quality=quality)
 
     def _listen(self) -> None:
-        """Apply the worker's progress reports to their jobs, until shutdown sends None."""
-        while (item := self._progress.get()) is not None:
+        """Apply the worker's progress reports to their jobs, until shutdown sends None; between
+        reports, keep this replica's unfinished jobs' shared records fresh."""
+        while True:
+            try:
+                item = self._progress.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                self._heartbeat()
+                continue
+            if item is None:
+                return
             job_id, done, total, tensor = item
             with self._lock:
                 job = self._jobs.get(job_id)
-                if job is not None and job.state == "running" and done >= job.done:
-                    self._jobs[job_id] = replace(job, done=done, total=total, tensor=tensor)
+                if job is None or job.state != "running" or done < job.done:
+                    continue
+                job = self._jobs[job_id] = replace(job, done=done, total=total, tensor=tensor, updated=time.time())
+                due = time.monotonic() - self._shared_at.get(job_id, 0.0) >= SHARE_EVERY_S or done == total
+            if due:
+                self._share(job)
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            unfinished = [job for job in self._jobs.values() if job.state in ("queued", "running")]
+            for job in unfinished:
+                self._jobs[job.id] = replace(job, updated=time.time())
+            unfinished = [self._jobs[job.id] for job in unfinished]
+        for job in unfinished:
+            self._share(job)
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:
-            self._jobs[job_id] = replace(self._jobs[job_id], **changes)
+            job = self._jobs[job_id] = replace(self._jobs[job_id], **changes, updated=time.time())
+        self._share(job)
+
+    def _share(self, job: Job) -> None:
+        """Write the job to the shared store; a store error is logged, never fails the job."""
+        self._shared_at[job.id] = time.monotonic()
+        self._store_call(lambda store: store.put_job(job.to_dict()))
+
+    def _store_call(self, call: Any) -> Any:
+        try:
+            return call(self.registry.store)
+        except Exception as exc:  # the registry being down must not break jobs or their pages
+            log.warning("shared job records unavailable: %s: %s", type(exc).__name__, exc)
+            return None
 
     def _forget_old(self) -> None:
         """Under the lock: keep the newest KEPT_FINISHED_JOBS finished jobs."""
@@ -169,6 +245,7 @@ class JobManager:
                           key=lambda j: j.created)
         for job in finished[:max(0, len(finished) - KEPT_FINISHED_JOBS)]:
             self._jobs.pop(job.id, None)
+            self._shared_at.pop(job.id, None)
 
 
 def collect_leftovers(work_dir: Path, grace_s: float = 3600.0) -> list[str]:

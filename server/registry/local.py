@@ -5,6 +5,7 @@ Layout under the root:
     index/<task>.json     {"current": n, "next": n, "versions": {"n": TaskVersion}} (written the same way)
     tmp/<pid>-<uuid>      files being written; a crash leaves them here for collect_garbage
     index.lock            flock held for every read-modify-write of the index
+    jobs/<job id>.json    compression jobs' records, shared by the processes on this folder
 Change notification reaches listeners in this process only; replicas that must see each other's
 changes share a Redis registry instead.
 """
@@ -23,14 +24,16 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from typing import Any
+
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
-from server.registry.store import ChangeListener
+from server.registry.store import JOB_TTL_S, ChangeListener, valid_job_id
 
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        for sub in ("blobs", "index", "tmp"):
+        for sub in ("blobs", "index", "tmp", "jobs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._listeners: list[ChangeListener] = []
 
@@ -108,6 +111,34 @@ class LocalStore:
             for blob in orphans:
                 blob.unlink(missing_ok=True)
         return removed + [f"blobs/{p.name}" for p in orphans]
+
+    def put_job(self, record: dict[str, Any]) -> None:
+        job_id = str(record["id"])
+        if not valid_job_id(job_id):
+            raise ValueError(f"invalid job id {job_id!r}")
+        tmp = self._tmp_path()
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.root / "jobs" / f"{job_id}.json")
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        if not valid_job_id(job_id):
+            return None
+        return self._read_job(self.root / "jobs" / f"{job_id}.json", time.time() - JOB_TTL_S)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        cutoff = time.time() - JOB_TTL_S
+        found = (self._read_job(path, cutoff) for path in (self.root / "jobs").glob("*.json"))
+        return [record for record in found if record is not None]
+
+    def _read_job(self, path: Path, cutoff: float) -> dict[str, Any] | None:
+        """The record, or None when missing, unreadable or expired (an expired one is removed)."""
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                return None
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def subscribe(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)

@@ -6,6 +6,8 @@ Keys under the prefix (default `deltaserve:`):
     blob:<sha256>      list of chunks; written under upload:<uuid> (with a TTL) and renamed in whole
     upload:<uuid>      a blob being written; a crash leaves it to expire (the TTL collects it)
     events             pub/sub channel: a task's name after it changed
+    job:<id>           a compression job's record (JSON, expires JOB_TTL_S after its last write)
+    jobs               sorted set of job ids by last write, to list them
 Every read of a blob re-hashes it against its key.
 """
 
@@ -15,14 +17,16 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
-from server.registry.store import ChangeListener
+from server.registry.store import JOB_TTL_S, ChangeListener, valid_job_id
 
 log = logging.getLogger("deltaserve.registry")
 CHUNK_BYTES = 4 << 20
@@ -117,6 +121,33 @@ class RedisStore:
                 self.delete_blob(sha)
                 removed.append(f"blob:{sha}")
         return removed
+
+    def put_job(self, record: dict[str, Any]) -> None:
+        job_id = str(record["id"])
+        if not valid_job_id(job_id):
+            raise ValueError(f"invalid job id {job_id!r}")
+        pipe = self.client.pipeline()
+        pipe.set(self._key(f"job:{job_id}"), json.dumps(record), ex=JOB_TTL_S)
+        pipe.zadd(self._key("jobs"), {job_id: time.time()})
+        pipe.execute()
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        if not valid_job_id(job_id):
+            return None
+        raw = self.client.get(self._key(f"job:{job_id}"))
+        return None if raw is None else json.loads(raw)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Records by the index of job ids; ids whose record expired leave the index here."""
+        self.client.zremrangebyscore(self._key("jobs"), "-inf", time.time() - JOB_TTL_S)
+        ids = [raw.decode() for raw in self.client.zrange(self._key("jobs"), 0, -1)]
+        if not ids:
+            return []
+        raws = self.client.mget([self._key(f"job:{job_id}") for job_id in ids])
+        gone = [job_id for job_id, raw in zip(ids, raws) if raw is None]
+        if gone:
+            self.client.zrem(self._key("jobs"), *gone)
+        return [json.loads(raw) for raw in raws if raw is not None]
 
     def subscribe(self, listener: ChangeListener) -> None:
         with self._lock:

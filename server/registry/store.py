@@ -7,14 +7,23 @@ hashing and change notification on top; a backend only stores and reads.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.registry.records import TaskEntry, TaskVersion
 
 ChangeListener = Callable[[str], None]
 """Called with a task's name after it was published, rolled back or deleted (by any process)."""
+JOB_TTL_S = 7 * 24 * 3600
+"""A job's shared record is kept this long after its last write."""
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_job_id(job_id: str) -> bool:
+    """Job ids name files and keys: letters, digits, '-' and '_' only."""
+    return bool(_JOB_ID.match(job_id))
 
 
 class Store(Protocol):
@@ -52,6 +61,17 @@ class Store(Protocol):
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener` on changes made by this or any other process sharing the store."""
+        ...
+
+    def put_job(self, record: dict[str, Any]) -> None:
+        """Save a compression job's record (keyed by its "id"), replacing the previous one; every
+        replica sharing the store can read it for JOB_TTL_S after this write."""
+        ...
+
+    def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job record still kept, in no particular order."""
         ...
 
     def notify(self, task: str) -> None: ...

@@ -89,3 +89,67 @@ def test_leftovers_of_dead_processes_are_collected(tmp_path: Path) -> None:
     live.mkdir()
     assert collect_leftovers(tmp_path) == ["uploads/999999999-abc"]
     assert live.exists() and not dead.exists()
+
+
+@pytest.fixture(params=["local", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """One registry store two replicas share: a folder, or a real Redis."""
+    if request.param == "local":
+        yield LocalStore(tmp_path / "reg")
+        return
+    from server.registry.redis_store import RedisStore
+
+    store = RedisStore(request.getfixturevalue("redis_url"))
+    yield store
+    store.close()
+
+
+def test_any_replica_answers_for_a_job_another_one_runs(shared_store: object, tiny_model: Path, finetune: Path,
+                                                         tmp_path: Path) -> None:
+    """Behind the gateway an upload and the polls of its job reach different replicas."""
+    runner = JobManager(Registry(shared_store), tiny_model, tmp_path / "work-a", replica="a")
+    other = JobManager(Registry(shared_store), tiny_model, tmp_path / "work-b", replica="b")
+    try:
+        job = runner.submit(JobSpec("shared", _upload(finetune, tmp_path / "work-a", "s"), method="impart", ratio=8.0))
+        seen = other.get(job.id)
+        assert seen is not None and seen.task == "shared" and seen.replica == "a"
+        _wait(other, job.id)
+        done = other.get(job.id)
+        assert done.state == "succeeded" and done.version == 1 and done.done == done.total > 0
+        assert job.id in [j.id for j in other.list()] and not other.active("shared")
+        assert other.get("job-unknown") is None and other.get("../../etc/passwd") is None
+    finally:
+        runner.shutdown(wait=True)
+        other.shutdown(wait=True)
+
+
+def test_a_job_whose_replica_stopped_reporting_is_shown_lost(shared_store: object, tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    from server.jobs.jobs import STALE_S, Job
+
+    viewer = JobManager(Registry(shared_store), tiny_model, tmp_path / "work")
+    try:
+        fresh = Job(id="job-fresh", task="t", method="impart", ratio=8.0, state="running", replica="gone:1")
+        stale = Job(id="job-stale", task="u", method="impart", ratio=8.0, state="running", replica="gone:1",
+                    updated=time.time() - 2 * STALE_S)
+        for job in (fresh, stale):
+            shared_store.put_job(job.to_dict())
+        assert viewer.get("job-fresh").state == "running" and viewer.active("t")
+        lost = viewer.get("job-stale")
+        assert lost.state == "failed" and lost.error.startswith("lost: replica gone:1") and not viewer.active("u")
+    finally:
+        viewer.shutdown(wait=True)
+
+
+def test_local_job_records_expire(tmp_path: Path) -> None:
+    from server.registry.store import JOB_TTL_S
+
+    store = LocalStore(tmp_path / "reg")
+    store.put_job({"id": "job-old", "state": "succeeded"})
+    store.put_job({"id": "job-new", "state": "succeeded"})
+    old = time.time() - JOB_TTL_S - 60
+    os.utime(tmp_path / "reg" / "jobs" / "job-old.json", (old, old))
+    assert [r["id"] for r in store.jobs()] == ["job-new"] and store.job("job-old") is None
+    assert not (tmp_path / "reg" / "jobs" / "job-old.json").exists()
+    with pytest.raises(ValueError):
+        store.put_job({"id": "../escape"})
