@@ -135,9 +135,11 @@ class JobManager:
         return sorted(jobs.values(), key=lambda job: job.created)
 
     def counts(self) -> dict[str, int]:
+        """Jobs of this replica by state (for its metrics: summing replicas must not count a job twice)."""
         counts = {state: 0 for state in ("queued", "running", "succeeded", "failed")}
-        for job in self.list():
-            counts[job.state] += 1
+        with self._lock:
+            for job in self._jobs.values():
+                counts[job.state] += 1
         return counts
 
     def active(self, task: str) -> bool:

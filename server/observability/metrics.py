@@ -83,7 +83,7 @@ class _JobCollector(Collector):
         self.counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("deltaserve_jobs", "Compression jobs by state", labels=["state"])
+        family = GaugeMetricFamily("deltaserve_jobs", "Compression jobs this replica holds, by state", labels=["state"])
         for state, count in sorted(self.counts().items()):
             family.add_metric([state], count)
         yield family

@@ -153,3 +153,17 @@ def test_local_job_records_expire(tmp_path: Path) -> None:
     assert not (tmp_path / "reg" / "jobs" / "job-old.json").exists()
     with pytest.raises(ValueError):
         store.put_job({"id": "../escape"})
+
+
+def test_counts_are_this_replicas_jobs_only(tmp_path: Path, tiny_model: Path) -> None:
+    """deltaserve_jobs{state} is summed over replicas: another replica's job must not count here."""
+    from server.jobs.jobs import Job
+
+    store = LocalStore(tmp_path / "reg")
+    viewer = JobManager(Registry(store), tiny_model, tmp_path / "work")
+    try:
+        store.put_job(Job(id="job-elsewhere", task="t", method="impart", ratio=8.0, state="running").to_dict())
+        assert viewer.get("job-elsewhere") is not None
+        assert viewer.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    finally:
+        viewer.shutdown(wait=True)
