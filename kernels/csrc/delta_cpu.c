@@ -175,36 +175,26 @@ static void add_rows(void *y, int y_bf16, int64_t y_stride, const int32_t *rows,
     }
 }
 
-static int csr_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
+/* One slot: gather its rows, shrink, expand, add. Scratch: rows (in x n), h (K x n), d (out x n). */
+static int run_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
                     int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
     const int64_t k = m[3];
-    float *xt = malloc(sizeof(float) * (size_t)(in * n));
+    if (m[9] != KIND_CSR && m[9] != KIND_DENSE) return -2;
+    float *xs = malloc(sizeof(float) * (size_t)(in * n));
     float *h = malloc(sizeof(float) * (size_t)(k * n));
     float *d = malloc(sizeof(float) * (size_t)(out * n));
-    int status = (xt && h && d) ? 0 : -1;
-    if (status == 0) {
-        gather_rows_t(x, x_bf16, x_stride, rows, n, in, xt);
-        csr_times_block((const int32_t *)m[0], (const int32_t *)m[1], (const float *)m[2], k, xt, n, h);
+    int status = (xs && h && d) ? 0 : -1;
+    if (status == 0 && m[9] == KIND_CSR) {
+        gather_rows_t(x, x_bf16, x_stride, rows, n, in, xs);
+        csr_times_block((const int32_t *)m[0], (const int32_t *)m[1], (const float *)m[2], k, xs, n, h);
         csr_times_block((const int32_t *)m[4], (const int32_t *)m[5], (const float *)m[6], out, h, n, d);
         add_into_rows(y, y_bf16, y_stride, rows, n, out, d);
-    }
-    free(xt), free(h), free(d);
-    return status;
-}
-
-static int dense_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
-                      int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
-    const int64_t k = m[3];
-    float *xr = malloc(sizeof(float) * (size_t)(in * n));
-    float *h = malloc(sizeof(float) * (size_t)(k * n));
-    float *d = malloc(sizeof(float) * (size_t)(out * n));
-    int status = (xr && h && d) ? 0 : -1;
-    if (status == 0) {
-        gather_rows(x, x_bf16, x_stride, rows, n, in, xr);
-        dense_shrink_expand((const float *)m[2], (const float *)m[6], k, n, in, out, xr, h, d);
+    } else if (status == 0) {
+        gather_rows(x, x_bf16, x_stride, rows, n, in, xs);
+        dense_shrink_expand((const float *)m[2], (const float *)m[6], k, n, in, out, xs, h, d);
         add_rows(y, y_bf16, y_stride, rows, n, out, d);
     }
-    free(xr), free(h), free(d);
+    free(xs), free(h), free(d);
     return status;
 }
 
@@ -213,14 +203,7 @@ int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *
                          int64_t x_stride, int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
     for (int64_t j = 0; j < num_slots; j++) {
         const int64_t *m = meta + j * META;
-        const int32_t *rows = order + m[7];
-        int status;
-        if (m[9] == KIND_CSR)
-            status = csr_slot(m, rows, m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
-        else if (m[9] == KIND_DENSE)
-            status = dense_slot(m, rows, m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
-        else
-            status = -2;
+        const int status = run_slot(m, order + m[7], m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
         if (status != 0) return status;
     }
     return 0;
