@@ -1,4 +1,4 @@
-"""Two server processes on one Redis see each other's tasks, new versions, rollbacks and deletions."""
+"""Two server processes on one Redis see each other's tasks, jobs, new versions, rollbacks and deletions."""
 
 from __future__ import annotations
 
@@ -45,11 +45,14 @@ def _eventually(check: Callable[[], bool], deadline_s: float = 5.0) -> bool:
 def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer, LiveServer],
                                                      finetunes: dict[str, Path]) -> None:
     first, second = replicas
-    with first.admin() as admin:
+    with first.admin() as admin, second.admin() as other:
         for task in ("math", "code"):
             job = admin.post(f"/admin/v1/tasks/{task}/checkpoint", params={"ratio": 8},
                              files=checkpoint_files(finetunes[task])).json()
-            assert wait_job(admin, job["id"])["state"] == "succeeded"
+            # behind the gateway the polls of a job reach any replica: the second one answers too
+            done = wait_job(other, job["id"])
+            assert done["state"] == "succeeded" and done["replica"] == wait_job(admin, job["id"])["replica"]
+        assert {"math", "code"} <= {j["task"] for j in other.get("/admin/v1/jobs").json()["data"]}
     listed = openai.OpenAI(base_url=f"{second.url}/v1", api_key=ADMIN_KEY).models.list()
     assert {"math", "code"} <= {m.id for m in listed}
     math_v1 = _say(first, "math")
