@@ -6,8 +6,9 @@ Layout under the root:
     tmp/<pid>-<uuid>      files being written; a crash leaves them here for collect_garbage
     index.lock            flock held for every read-modify-write of the index
     jobs/<job id>.json    compression jobs' records, shared by the processes on this folder
-Change notification reaches listeners in this process only; replicas that must see each other's
-changes share a Redis registry instead.
+Change notification: listeners in this process are called at once; other processes on the same
+folder (several servers on one shared volume) see a change by polling index/ every POLL_S seconds.
+Replicas on different machines share a Redis registry instead.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,12 +33,21 @@ from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
 from server.registry.store import JOB_TTL_S, ChangeListener, valid_job_id
 
 
+log = logging.getLogger("deltaserve.registry")
+POLL_S = 1.0
+"""How often a subscribed store looks for index changes made by other processes."""
+
+
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         for sub in ("blobs", "index", "tmp", "jobs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._listeners: list[ChangeListener] = []
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._seen: dict[str, tuple[int, int] | None] = {}
+        self._seen_lock = threading.Lock()
 
     def put_blob(self, sha256: str, source: Path | bytes) -> None:
         target = self._blob_path(sha256)
@@ -142,13 +154,50 @@ class LocalStore:
 
     def subscribe(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
+        if self._watcher is None:
+            self._seen = self._index_state()
+            self._watcher = threading.Thread(target=self._watch, name="registry-watch", daemon=True)
+            self._watcher.start()
 
     def notify(self, task: str) -> None:
-        for listener in list(self._listeners):
-            listener(task)
+        """Called after this process changed `task`: its listeners hear it now, and the watch takes
+        the new index state as seen (so it does not announce the change a second time)."""
+        with self._seen_lock:
+            self._seen = self._seen | {task: self._task_state(task)}
+        self._call_listeners(task)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2 * POLL_S)
         self._listeners.clear()
+
+    def _call_listeners(self, task: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(task)
+            except Exception:  # one listener's failure must not stop the others or the watch
+                log.exception("registry change listener failed for task %s", task)
+
+    def _task_state(self, task: str) -> tuple[int, int] | None:
+        try:
+            stat = self._index_path(task).stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def _index_state(self) -> dict[str, tuple[int, int] | None]:
+        return {path.stem: self._task_state(path.stem) for path in (self.root / "index").glob("*.json")}
+
+    def _watch(self) -> None:
+        """Tell the listeners about tasks whose index file another process created, changed or removed."""
+        while not self._stop.wait(POLL_S):
+            now = self._index_state()
+            with self._seen_lock:
+                changed = [t for t in sorted(set(self._seen) | set(now)) if self._seen.get(t) != now.get(t)]
+                self._seen = now
+            for task in changed:
+                self._call_listeners(task)
 
     def _entry_versions(self, task: str) -> tuple[TaskVersion, ...]:
         found = self.entry(task)

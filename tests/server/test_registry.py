@@ -140,3 +140,24 @@ def test_local_listeners_hear_publish_rollback_and_delete(tmp_path: Path) -> Non
     registry.rollback("t", 1)
     registry.delete("t")
     assert heard == ["t"] * 4
+
+
+def test_local_processes_on_one_folder_hear_each_others_changes(tmp_path: Path) -> None:
+    """Two servers on one shared volume: the other's publish and delete reach this one's listeners
+    (by polling), once each; its own changes are not announced twice."""
+    from server.registry.local import POLL_S
+
+    first, second = Registry(LocalStore(tmp_path / "reg")), Registry(LocalStore(tmp_path / "reg"))
+    heard: list[str] = []
+    got = threading.Event()
+    second.subscribe(lambda task: (heard.append(task), got.set()))
+    first.publish("shared", b"bytes", method="impart", ratio=8.0)
+    assert got.wait(5 * POLL_S) and heard == ["shared"]
+    got.clear()
+    first.delete("shared")
+    assert got.wait(5 * POLL_S) and heard == ["shared", "shared"]
+    second.publish("own", b"mine", method="impart", ratio=8.0)
+    time.sleep(2.5 * POLL_S)
+    assert heard == ["shared", "shared", "own"]
+    first.close()
+    second.close()
