@@ -80,7 +80,8 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
 async def list_tasks(request: Request) -> dict[str, Any]:
     ctx = context_of(request)
     entries = await asyncio.to_thread(ctx.registry.entries)
-    return {"object": "list", "data": [_entry_dict(entry, ctx) for entry in entries]}
+    updating = await asyncio.to_thread(ctx.jobs.active_tasks)
+    return {"object": "list", "data": [_entry_dict(entry, updating) for entry in entries]}
 
 
 @router.get("/tasks/{task:path}/versions")
@@ -123,17 +124,19 @@ async def delete_task(task: str, request: Request) -> dict[str, Any]:
 @router.get("/tasks/{task:path}")
 async def get_task(task: str, request: Request) -> dict[str, Any]:
     ctx = context_of(request)
-    return _entry_dict(await _entry(ctx, task), ctx)
+    entry = await _entry(ctx, task)
+    return _entry_dict(entry, await asyncio.to_thread(ctx.jobs.active_tasks))
 
 
 @router.get("/jobs")
 async def list_jobs(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [job.to_dict() for job in context_of(request).jobs.list()]}
+    jobs = await asyncio.to_thread(context_of(request).jobs.list)  # shared records: a store read
+    return {"object": "list", "data": [job.to_dict() for job in jobs]}
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    job = context_of(request).jobs.get(job_id)
+    job = await asyncio.to_thread(context_of(request).jobs.get, job_id)
     if job is None:
         raise not_found(f"no job {job_id!r}")
     return job.to_dict()
@@ -193,10 +196,11 @@ def _version_dict(version: Any) -> dict[str, Any]:
     return asdict(version)
 
 
-def _entry_dict(entry: TaskEntry, ctx: ServerContext) -> dict[str, Any]:
-    """A task as the admin API shows it; status `updating` while a job for it is queued or running."""
+def _entry_dict(entry: TaskEntry, updating: set[str]) -> dict[str, Any]:
+    """A task as the admin API shows it; status `updating` while a job for it (on any replica) is
+    queued or running."""
     current = entry.current_version
-    status = "updating" if ctx.jobs.active(entry.task) else "ready"
+    status = "updating" if entry.task in updating else "ready"
     return {"task": entry.task, "current": entry.current, "status": status, "method": current.method,
             "ratio": current.ratio, "sha256": current.sha256, "size": current.size, "created": current.created,
             "quality": current.quality, "versions": [_version_dict(v) for v in entry.versions]}

@@ -143,8 +143,12 @@ class JobManager:
         return counts
 
     def active(self, task: str) -> bool:
-        """A job for `task` is queued or running."""
-        return any(job.task == task and job.state in ("queued", "running") for job in self.list())
+        """A job for `task` is queued or running (on any replica)."""
+        return task in self.active_tasks()
+
+    def active_tasks(self) -> set[str]:
+        """Tasks with a queued or running job on any replica (one read of the shared records)."""
+        return {job.task for job in self.list() if job.state in ("queued", "running")}
 
     def shutdown(self, wait: bool = False) -> None:
         """Cancel queued jobs (removing their uploads) and stop the worker; nothing half-made is published."""
