@@ -120,6 +120,12 @@ class DeltaLoadError(EngineError):
     larger than the delta cache budget); HTTP 503 with code task_unavailable."""
 
 
+class RequestFailedError(EngineError):
+    """One request failed inside the engine (non-finite logits on its row, a sampling failure); only that
+    request ends, every other row of the step goes on. The message is written for the caller and holds
+    no internal detail (HTTP 500, code `request_failed`, sent as an error event when streaming)."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine for /metrics and the admin API."""
