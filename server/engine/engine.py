@@ -34,7 +34,9 @@ from server.engine.types import (
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
     TaskNotFoundError,
+    TokenLogprob,
 )
 from server.engine.validation import validate_request
 from server.model.config import ModelConfig
@@ -69,7 +71,7 @@ class Engine:
         self._accepting = False
         self._shutdown = False
         self._thread: threading.Thread | None = None
-        self._counts = {"steps": 0, "tokens": 0}
+        self._counts = {"steps": 0, "tokens": 0, "failed_requests": 0}
 
     @property
     def ready(self) -> bool:
@@ -226,10 +228,12 @@ class Engine:
     def _step_guarded(self) -> None:
         try:
             self._step()
-        except Exception as exc:
-            log.exception("engine step failed; ending the running requests")
+        except Exception:
+            # the runner isolates model and sampling faults per request; this is the last resort for a
+            # fault outside them (scheduling, bookkeeping), where no single request can be blamed
+            log.exception("engine step failed outside the model; ending the running requests")
             for seq in list(self.scheduler.running):
-                self._fail(seq, EngineError(f"engine step failed: {exc}"))
+                self._fail(seq, RequestFailedError("The engine failed while scheduling this request."))
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
@@ -239,15 +243,19 @@ class Engine:
             with self._cond:
                 self._cond.wait(LOAD_WAIT_S)
             return
-        sampling, tokens, logprobs = self.runner.step(plan.chunks)
-        for chunk in plan.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
-        for chunk, token, logprob in zip(sampling, tokens, logprobs):
-            self._append(chunk.seq, token, logprob)
+        for result in self.runner.step(plan.chunks):
+            seq = result.chunk.seq
+            if result.error is not None:
+                self._counts["failed_requests"] += 1
+                self._fail(seq, result.error)
+                continue
+            seq.num_computed += result.chunk.num_tokens
+            if result.token is not None:
+                self._append(seq, result.token, result.logprob)
+                self._counts["tokens"] += 1
         self._counts["steps"] += 1
-        self._counts["tokens"] += len(tokens)
 
-    def _append(self, seq: Sequence, token: int, logprob: Any) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Record one sampled token, decide whether the sequence is done, and send its chunk."""
         seq.output.append(token)
         if logprob is not None:

@@ -1,19 +1,40 @@
-"""One step on the model: lay the scheduled chunks out as rows, run the forward, sample the next tokens."""
+"""One step on the model: lay the scheduled chunks out as rows, run the forward, sample the next tokens.
+
+A fault belongs to the requests that cause it. Sampling reports a failure per row (non-finite logits,
+a failed draw). When the joint forward itself raises, the step is re-run task by task and then chunk by
+chunk, so only the chunks that fail alone are failed; the re-runs write the same KV slots again, and no
+sequence's progress is recorded before its chunk succeeds.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.sampler import RowState, sample
+from server.engine.sampler import RowState, Sampled, sample
 from server.engine.scheduler import ScheduledChunk
-from server.engine.types import TokenLogprob
+from server.engine.types import RequestFailedError, TokenLogprob
 from server.model.attention import AttentionMeta, DecodeGroup, PrefillChunk
 from server.model.deltas import ResidentDelta, StepDeltas
 from server.model.llama import ForwardBatch, LlamaModel
+
+log = logging.getLogger("deltaserve.engine")
+FORWARD_FAILED = "The engine could not run the model for this request."
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one scheduled chunk produced: computed (and a sampled token when it reached the end), or failed."""
+
+    chunk: ScheduledChunk
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    error: RequestFailedError | None = None
 
 
 class ModelRunner:
@@ -22,16 +43,37 @@ class ModelRunner:
         self.kv = kv
         self.tokenizer = tokenizer
 
-    def step(self, chunks: Seq[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[int], list[TokenLogprob | None]]:
-        """Run the chunks (decodes first in `order`); returns the sampling chunks with their tokens."""
+    def step(self, chunks: Seq[ScheduledChunk]) -> list[ChunkResult]:
+        """Run the chunks in one forward; on a forward failure, isolate it (see the module docstring)."""
         order = sorted(chunks, key=lambda c: c.num_tokens > 1)
+        try:
+            return self._run(order)
+        except Exception:
+            log.exception("the step's forward failed for %d chunks; re-running them by task", len(order))
+        results: list[ChunkResult] = []
+        for group in _by_task(order):
+            results.extend(self._run_isolated(group))
+        return results
+
+    def _run_isolated(self, group: list[ScheduledChunk]) -> list[ChunkResult]:
+        """Run `group` alone; when it fails too, each chunk alone; a chunk that fails alone is failed."""
+        try:
+            return self._run(group)
+        except Exception:
+            if len(group) > 1:
+                return [result for chunk in group for result in self._run_isolated([chunk])]
+            log.exception("request %s failed alone in the forward; ending it", group[0].seq.request_id)
+            return [ChunkResult(group[0], error=RequestFailedError(FORWARD_FAILED))]
+
+    def _run(self, order: list[ScheduledChunk]) -> list[ChunkResult]:
+        """Forward `order` (decodes first) as one batch and sample the chunks that reach their end."""
         batch, row_tasks = self._layout(order)
         deltas = self._deltas(order, row_tasks, batch.logit_rows)
-        logits = self.model.forward(batch, self.kv.layers, deltas)
+        logits = self.model.forward(batch, self.kv.layers, deltas)  # [R, vocab]
         sampling = [c for c in order if c.samples]
         rows = [RowState(c.seq.request.params, c.seq.output, c.seq.generator) for c in sampling]
-        tokens, logprobs = sample(logits, rows, self._token_text)
-        return sampling, tokens, logprobs
+        drawn = dict(zip(map(id, sampling), sample(logits, rows, self._token_text)))
+        return [_result(c, drawn.get(id(c))) for c in order]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -59,18 +101,13 @@ class ModelRunner:
             torch.cat(slots).to(self.model.device), self._decode_group([c for c in order if c.num_tokens == 1]),
             tuple(prefills),
         )
-        dev = self.model.device
-        batch = ForwardBatch(
-            torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), torch.tensor(logit_rows, device=dev),
-            meta,
-        )
-        return batch, row_tasks
+        return ForwardBatch.of(ids, positions, logit_rows, meta, self.model.device), row_tasks
 
     def _decode_group(self, decodes: Seq[ScheduledChunk]) -> DecodeGroup | None:
         """Single-token chunks (rows 0..B-1): their context slots padded to the longest, and the mask."""
         if not decodes:
             return None
-        lengths = torch.tensor([c.start + 1 for c in decodes])
+        lengths = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int64)
         width = int(lengths.max())
         table = torch.zeros(len(decodes), width, dtype=torch.int64)
         for i, c in enumerate(decodes):
@@ -90,5 +127,23 @@ class ModelRunner:
         if not slots:
             return None
         index = {task: j for j, task in enumerate(slots)}
-        row_slots = torch.tensor([index[t] if t is not None else -1 for t in row_tasks], device=self.model.device)
+        row_slots = torch.tensor(
+            [index[t] if t is not None else -1 for t in row_tasks], dtype=torch.int64, device=self.model.device
+        )
         return StepDeltas(list(slots.values()), row_slots, logit_rows, self.model.dtype)
+
+
+def _by_task(order: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+    """The chunks grouped by task (the base's chunks one group), first appearance first, order kept."""
+    groups: dict[str | None, list[ScheduledChunk]] = {}
+    for chunk in order:
+        groups.setdefault(chunk.seq.task, []).append(chunk)
+    return list(groups.values())
+
+
+def _result(chunk: ScheduledChunk, drawn: Sampled | RequestFailedError | None) -> ChunkResult:
+    if isinstance(drawn, RequestFailedError):
+        return ChunkResult(chunk, error=drawn)
+    if drawn is None:
+        return ChunkResult(chunk)
+    return ChunkResult(chunk, drawn.token, drawn.logprob)

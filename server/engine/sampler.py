@@ -1,17 +1,27 @@
 """Next-token choice per row: penalties, temperature, top-k, top-p, seeded sampling, logprobs.
 
 Logprobs are those of the model's distribution after the presence/frequency penalties and before
-temperature and truncation (what vLLM reports by default). Temperature 0 is greedy.
+temperature and truncation (what vLLM reports by default). Every accepted parameter is well defined:
+a temperature below SAMPLING_EPS is greedy (dividing by it would overflow), and a top_p so small that
+no token reaches it keeps the most likely one. A row whose logits are not finite, or whose draw fails,
+gets a RequestFailedError of its own; the other rows are sampled as usual.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.types import SamplingParams, TokenLogprob
+from server.engine.types import RequestFailedError, SamplingParams, TokenLogprob
+
+log = logging.getLogger("deltaserve.engine")
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (as in vLLM): logits / 1e-300 overflow to inf, softmax to NaN."""
+NON_FINITE = "The model produced non-finite values (NaN or infinity) for this request; no token was sampled."
+SAMPLING_FAILED = "The engine could not sample a token for this request."
 
 
 @dataclass(frozen=True)
@@ -21,14 +31,32 @@ class RowState:
     generator: torch.Generator | None
 
 
+@dataclass(frozen=True)
+class Sampled:
+    token: int
+    logprob: TokenLogprob | None
+    """The token's logprob entry when the request asked for logprobs."""
+
+
 def sample(
     logits: torch.Tensor, rows: Sequence[RowState], token_text: Callable[[int], str]
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [R, vocab] float32 -> the chosen token of each row, and its logprob entry if asked."""
+) -> list[Sampled | RequestFailedError]:
+    """logits: [R, vocab] float32 -> each row's chosen token and logprob entry, or the error of that row alone."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist() if logits.shape[0] else []
     logits = _apply_penalties(logits, rows)
     greedy = torch.argmax(logits, dim=-1).tolist() if logits.shape[0] else []
-    chosen = [greedy[i] if _is_greedy(row.params) else _draw(logits[i], row) for i, row in enumerate(rows)]
-    return chosen, [_logprob_entry(logits[i], chosen[i], row, token_text) for i, row in enumerate(rows)]
+    out: list[Sampled | RequestFailedError] = []
+    for i, row in enumerate(rows):
+        if not finite[i]:
+            out.append(RequestFailedError(NON_FINITE))
+            continue
+        try:
+            token = greedy[i] if _is_greedy(row.params) else _draw(logits[i], row)
+            out.append(Sampled(token, _logprob_entry(logits[i], token, row, token_text)))
+        except Exception:
+            log.exception("sampling failed for one row; only its request ends")
+            out.append(RequestFailedError(SAMPLING_FAILED))
+    return out
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
@@ -45,7 +73,7 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Te
 
 
 def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature <= 0.0 or params.top_k == 1
+    return params.temperature < SAMPLING_EPS or params.top_k == 1
 
 
 def _draw(logits: torch.Tensor, row: RowState) -> int:
@@ -66,6 +94,7 @@ def _top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     values, order = torch.sort(scaled, descending=True)
     cumulative = torch.softmax(values, dim=-1).cumsum(-1)
     drop_sorted = cumulative - torch.softmax(values, dim=-1) >= top_p
+    drop_sorted[0] = False  # the most likely token always survives, however small top_p is
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return scaled.masked_fill(drop, float("-inf"))
 

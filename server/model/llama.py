@@ -28,8 +28,18 @@ LM_HEAD = "lm_head.weight"
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    logit_rows: torch.Tensor  # [R] int64 rows whose next-token logits are wanted
+    logit_rows: torch.Tensor  # [R] int64 rows whose next-token logits are wanted; R may be 0
     attention: AttentionMeta
+
+    @classmethod
+    def of(cls, ids: list[int], positions: list[int], logit_rows: list[int], attention: AttentionMeta,
+           device: torch.device) -> ForwardBatch:
+        """The batch from host lists, every index tensor int64 by construction (an empty list too: a step
+        that holds only a prompt's non-final chunk has no logit rows)."""
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(index(ids), index(positions), index(logit_rows), attention)
 
 
 def load_state_dict(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -67,6 +77,8 @@ class LlamaModel:
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)
         for layer in range(self.config.num_hidden_layers):
             x = self._layer(layer, x, cos, sin, kv[layer], batch.attention, deltas)
+        if batch.logit_rows.numel() == 0:
+            return x.new_empty((0, self.weights[self.lm_head_name].shape[0]), dtype=torch.float32)
         last = x[batch.logit_rows]
         last = self._norm("model.norm.weight", last, deltas, logits=True)
         return self._lm_head(last, deltas).float()
