@@ -34,8 +34,12 @@ class KVCache:
             raise ValueError(
                 f"KV cache budget {budget_bytes} B holds no block of {bytes_per_block(config, block_size, dtype)} B"
             )
-        shape = (config.num_hidden_layers, self.num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        self._key = torch.zeros(shape, device=device, dtype=dtype)  # [layers, slots, kv_heads, head_dim]
+        self.pad_slot = self.num_blocks * block_size
+        """A slot no block holds, never written, so always zero: padding of batched decode contexts points
+        here. (Masked keys still enter attention's arithmetic: a stale NaN left in a freed block by a
+        failed request would turn another request's padded row to NaN.)"""
+        shape = (config.num_hidden_layers, self.pad_slot + 1, config.num_key_value_heads, config.head_dim)
+        self._key = torch.zeros(shape, device=device, dtype=dtype)  # [layers, slots + 1 pad, kv_heads, head_dim]
         self._value = torch.zeros(shape, device=device, dtype=dtype)
         self.layers = [LayerCache(self._key[i], self._value[i]) for i in range(config.num_hidden_layers)]
         self._free: deque[int] = deque(range(self.num_blocks))

@@ -104,12 +104,13 @@ class ModelRunner:
         return ForwardBatch.of(ids, positions, logit_rows, meta, self.model.device), row_tasks
 
     def _decode_group(self, decodes: Seq[ScheduledChunk]) -> DecodeGroup | None:
-        """Single-token chunks (rows 0..B-1): their context slots padded to the longest, and the mask."""
+        """Single-token chunks (rows 0..B-1): their context slots padded to the longest (with the cache's
+        always-zero pad slot), and the mask."""
         if not decodes:
             return None
         lengths = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int64)
         width = int(lengths.max())
-        table = torch.zeros(len(decodes), width, dtype=torch.int64)
+        table = torch.full((len(decodes), width), self.kv.pad_slot, dtype=torch.int64)
         for i, c in enumerate(decodes):
             table[i, : c.start + 1] = self.kv.token_slots(c.seq.blocks, c.start + 1)
         mask = torch.arange(width)[None, :] < lengths[:, None]  # [B, L]
