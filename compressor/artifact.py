@@ -22,7 +22,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compressor.codec import ModuleCode, decode_dense, decode_factors
-from compressor.errors import CorruptArtifactError, UnsupportedVersionError, WrongBaseError
+from compressor.errors import (
+    ArtifactError,
+    CorruptArtifactError,
+    InvalidArtifactError,
+    UnsupportedVersionError,
+    WrongBaseError,
+)
+from compressor.validate import check_code, check_decoded, check_dense, check_manifest_fields, module_entry
 
 FORMAT = "deltaserve-artifact"
 VERSION = 1
@@ -78,12 +85,17 @@ class ModuleDelta:
         return "dense" if self.code.layout == "dense" else "factors"
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(u [out, K], s [K], v [in, K]) float32 CPU, delta = u @ diag(s) @ v.T; K may be 0."""
-        return decode_factors(self.code)
+        """(u [out, K], s [K], v [in, K]) float32 CPU, delta = u @ diag(s) @ v.T; K may be 0.
+        Checked: finite, every delta entry within validate.MAX_DELTA (else InvalidArtifactError)."""
+        u, s, v = decode_factors(self.code)
+        check_decoded(self.name, u, s, v, self.code.layout)
+        return u, s, v
 
     def dense(self) -> torch.Tensor:
-        """The full reconstructed delta, float32, the base tensor's shape."""
-        return decode_dense(self.code)
+        """The full reconstructed delta, float32, the base tensor's shape; checked like factors()."""
+        delta = decode_dense(self.code)
+        check_dense(self.name, delta)
+        return delta
 
 
 class Artifact:
@@ -113,19 +125,21 @@ class Artifact:
         merged = {}
         for name, weight in base_state_dict.items():
             if name in self._codes:
-                weight = (weight.to(torch.float32) + decode_dense(self._codes[name])).to(weight.dtype)
+                weight = (weight.to(torch.float32) + self.module(name).dense()).to(weight.dtype)
             merged[name] = weight
         return merged
 
 
 def load_artifact(source: Path | str | bytes, base_dir: Path | str | None = None) -> Artifact:
-    """Parse and validate an artifact (format, version, checksum; with base_dir, fingerprint and shapes)."""
+    """Parse and validate an artifact: format, version, checksum, the manifest's fields, every module's
+    stored tensors (validate.check_code); with base_dir, fingerprint and shapes. Decoding is lazy and
+    checked per module (ModuleDelta); `verify_artifact` decodes them all."""
     data = source if isinstance(source, bytes) else _read(Path(source))
     metadata = _header_metadata(data)
     manifest = _manifest(metadata)
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
         raise CorruptArtifactError(f"artifact tensors unreadable: {exc}") from None
     if _checksum(metadata[MANIFEST_KEY], tensors) != metadata.get(CHECKSUM_KEY):
         raise CorruptArtifactError("artifact checksum mismatch: the file is damaged or was edited")
@@ -133,6 +147,20 @@ def load_artifact(source: Path | str | bytes, base_dir: Path | str | None = None
     if base_dir is not None:
         check_base(manifest, codes, Path(base_dir))
     return Artifact(manifest, codes)
+
+
+def verify_artifact(source: Path | str | bytes, base_dir: Path | str) -> Artifact:
+    """load_artifact against the base, then decode every module in full: the check an artifact passes
+    before it is published. Raises an ArtifactError (InvalidArtifactError naming the module) on failure."""
+    artifact = load_artifact(source, base_dir)
+    for module in artifact.modules():
+        try:
+            module.dense() if module.kind == "dense" else module.factors()
+        except ArtifactError:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise InvalidArtifactError(f"{module.name}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+    return artifact
 
 
 def _read(path: Path) -> bytes:
@@ -151,41 +179,49 @@ def _header_metadata(data: bytes) -> dict[str, str]:
         raise CorruptArtifactError("artifact truncated or not safetensors: header runs past the end")
     try:
         header = json.loads(data[8 : 8 + size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptArtifactError(f"artifact header is not JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptArtifactError(f"artifact header is not JSON: {type(exc).__name__}") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or MANIFEST_KEY not in metadata:
         raise CorruptArtifactError("not a deltaserve artifact: no manifest in the safetensors metadata")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise CorruptArtifactError(f"safetensors metadata value {key!r:.60} is not a string")
     return metadata
 
 
 def _manifest(metadata: dict[str, str]) -> dict[str, object]:
     try:
         manifest = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError as exc:
-        raise CorruptArtifactError(f"artifact manifest is not JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptArtifactError(f"not a deltaserve artifact (format {manifest.get('format')!r})")
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptArtifactError(f"artifact manifest is not JSON: {type(exc).__name__}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptArtifactError(f"artifact manifest is not a JSON object (it is {type(manifest).__name__})")
+    if manifest.get("format") != FORMAT:
+        raise CorruptArtifactError(f"not a deltaserve artifact (format {manifest.get('format')!r:.60})")
     if manifest.get("version") != VERSION:
         raise UnsupportedVersionError(
-            f"artifact format version {manifest.get('version')!r} is not supported (this code reads {VERSION})"
+            f"artifact format version {manifest.get('version')!r:.20} is not supported (this code reads {VERSION})"
         )
+    check_manifest_fields(manifest)
     return manifest
 
 
 def _codes(manifest: dict[str, object], tensors: dict[str, torch.Tensor]) -> dict[str, ModuleCode]:
+    """One checked ModuleCode per manifest module; a tensor of no module is an error."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, role = key.rpartition(":")
         grouped.setdefault(name, {})[role] = tensor
+    modules = dict(manifest["modules"])  # type: ignore[call-overload]
+    stray = sorted(set(grouped) - set(modules))
+    if stray:
+        raise InvalidArtifactError(f"tensor(s) of no module in the manifest: {', '.join(stray)[:200]}")
     codes = {}
-    try:
-        for name, entry in dict(manifest["modules"]).items():
-            entry = dict(entry)
-            shape, layout = tuple(entry.pop("shape")), entry.pop("layout")
-            codes[name] = ModuleCode(name, shape, layout, grouped.get(name, {}), entry)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptArtifactError(f"artifact manifest lacks module layouts: {exc}") from None
+    for name, entry in modules.items():
+        shape, layout, meta = module_entry(name, entry)
+        codes[name] = ModuleCode(name, shape, layout, grouped.get(name, {}), meta)
+        check_code(codes[name])
     return codes
 
 

@@ -51,7 +51,7 @@ class Checkpoint:
             with safe_open(str(info.file), framework="pt") as fh:
                 return fh.get_tensor(name)
         except (SafetensorError, OSError) as exc:
-            raise IncompatibleCheckpointError(f"{info.file}: cannot read {name}: {exc}") from None
+            raise IncompatibleCheckpointError(f"{info.file.name}: cannot read {name}: {exc}") from None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
@@ -63,47 +63,95 @@ class Checkpoint:
 
 
 def _read_config(folder: Path) -> dict[str, object]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise IncompatibleCheckpointError(f"{folder}: no config.json (expected an HF-layout model folder)")
+    config = _read_json(_confined(folder, "config.json", "config.json"))
+    if not isinstance(config, dict):
+        raise IncompatibleCheckpointError(f"config.json is not a JSON object (it is {_kind(config)})")
+    return config
+
+
+def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IncompatibleCheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IncompatibleCheckpointError(f"{path.name}: not valid JSON ({type(exc).__name__}: {exc})") from None
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type in JSON's words, for error messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise IncompatibleCheckpointError(f"{index}: not a safetensors index ({exc})") from None
-        return [folder / f for f in sorted(set(weight_map.values()))]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
+    """The folder's safetensors files: the index's shards (each confined to the folder), else the single file."""
+    if _present(folder / INDEX_FILE):
+        index = _read_json(_confined(folder, INDEX_FILE, INDEX_FILE))
+        return [_confined(folder, name, f"{INDEX_FILE}: shard {name!r}") for name in _shard_names(index)]
+    if _present(folder / SINGLE_FILE):
+        return [_confined(folder, SINGLE_FILE, SINGLE_FILE)]
     found = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".gguf"})
     hint = f" (found {', '.join(found)}; convert to safetensors first)" if found else ""
-    raise IncompatibleCheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    raise IncompatibleCheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _shard_names(index: object) -> list[str]:
+    """The distinct shard file names of a parsed index; each must be a plain file name."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = f"a weight_map that is {_kind(weight_map)}" if isinstance(index, dict) else _kind(index)
+        raise IncompatibleCheckpointError(f"{INDEX_FILE}: not a safetensors index (expected an object with a "
+                                          f"non-empty weight_map object; found {found})")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not _plain_name(name):
+            raise IncompatibleCheckpointError(
+                f"{INDEX_FILE}: weight_map entry {tensor!r:.80} names {name!r:.200}; a shard must be a plain "
+                f"*.safetensors file name of the checkpoint's own folder")
+    return sorted(set(weight_map.values()))
+
+
+def _plain_name(name: str) -> bool:
+    """A file name with no folder part: no '/', '\\', '..', drive or leading dot; ends in .safetensors."""
+    return (name.endswith(".safetensors") and not name.startswith(".") and ".." not in name
+            and not any(c in name for c in "/\\:\0"))
+
+
+def _present(path: Path) -> bool:
+    """The entry exists in its folder (a link counts, wherever it points)."""
+    return path.is_symlink() or path.exists()
+
+
+def _confined(folder: Path, name: str, where: str) -> Path:
+    """folder / name when it is a regular file of the folder itself (a link must stay inside the folder);
+    `where` names the entry in the error. Links are judged before existence, so nothing is told about
+    paths outside the folder."""
+    path = folder / name
+    if path.is_symlink() and path.resolve().parent != folder.resolve():
+        raise IncompatibleCheckpointError(f"{where} is a symbolic link out of the checkpoint's folder")
+    if not path.is_file():
+        raise IncompatibleCheckpointError(f"{where} is not among the checkpoint's files"
+                                          + (" (expected an HF-layout model folder)" if name == "config.json" else ""))
+    return path
 
 
 def _scan(folder: Path) -> Iterator[TensorInfo]:
+    seen: dict[str, str] = {}
     for file in _weight_files(folder):
-        if not file.is_file():
-            raise IncompatibleCheckpointError(f"{file}: listed in the index but missing")
         try:
             with safe_open(str(file), framework="pt") as fh:
                 for name in fh.keys():
+                    if name in seen:
+                        raise IncompatibleCheckpointError(f"tensor {name} is in both {seen[name]} and {file.name}")
+                    seen[name] = file.name
                     sl = fh.get_slice(name)
                     yield TensorInfo(name, tuple(sl.get_shape()), str(sl.get_dtype()), file)
         except (SafetensorError, OSError) as exc:
-            raise IncompatibleCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+            raise IncompatibleCheckpointError(f"{file.name}: not a readable safetensors file ({exc})") from None
 
 
 def check_compatible(base_dir: Path | str, finetuned_dir: Path | str) -> None:
     """Raise IncompatibleCheckpointError unless the fine-tune has the base's architecture, tensors,
     shapes and dtypes; returns None when the pair can be compressed."""
-    base, tuned = Checkpoint(base_dir), Checkpoint(finetuned_dir)
+    base, tuned = _open(base_dir, "the base"), _open(finetuned_dir, "the fine-tune")
     for key in ARCH_KEYS:
         if base.config.get(key) != tuned.config.get(key):
             raise IncompatibleCheckpointError(
@@ -111,6 +159,13 @@ def check_compatible(base_dir: Path | str, finetuned_dir: Path | str) -> None:
                 f"{base.config.get(key)!r} in the base"
             )
     _check_same_tensors(base, tuned)
+
+
+def _open(folder: Path | str, role: str) -> Checkpoint:
+    try:
+        return Checkpoint(folder)
+    except IncompatibleCheckpointError as exc:
+        raise IncompatibleCheckpointError(f"{role}: {exc}") from None
 
 
 def _check_same_tensors(base: Checkpoint, tuned: Checkpoint) -> None:

@@ -20,5 +20,11 @@ class CorruptArtifactError(ArtifactError):
     """The artifact's bytes are damaged: truncated, not safetensors, bad manifest, checksum mismatch."""
 
 
+class InvalidArtifactError(ArtifactError):
+    """The artifact parses and its checksum holds, but it cannot be served: a manifest field of the wrong
+    type, a module with a missing, extra or mis-shaped tensor, a wrong dtype, a drop count or mask key
+    out of range, or a non-finite or out-of-range value. The message names the module."""
+
+
 class UnsupportedVersionError(ArtifactError):
     """The artifact's format version is not one this code reads."""

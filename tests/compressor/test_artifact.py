@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 import compressor
-from compressor.artifact import MANIFEST_KEY
 from compressor.checkpoint import Checkpoint
 
+from crafted import rewrite_manifest
 from tiny_finetunes import perturb, shard
 
 
@@ -95,22 +94,12 @@ def test_truncated_and_corrupt_files_are_rejected(artifacts: dict[str, Path]) ->
         compressor.load_artifact(bytes(flipped))
 
 
-def _rewrite_manifest(data: bytes, edit: dict[str, object]) -> bytes:
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size])
-    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    header["__metadata__"][MANIFEST_KEY] = json.dumps({**manifest, **edit})
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + size :]
-
-
 def test_unknown_version_and_edited_manifest_are_rejected(artifacts: dict[str, Path]) -> None:
     data = artifacts["impart"].read_bytes()
     with pytest.raises(compressor.UnsupportedVersionError):
-        compressor.load_artifact(_rewrite_manifest(data, {"version": 99}))
+        compressor.load_artifact(rewrite_manifest(data, {"version": 99}))
     with pytest.raises(compressor.CorruptArtifactError, match="checksum"):
-        compressor.load_artifact(_rewrite_manifest(data, {"method": "lowrank"}))
+        compressor.load_artifact(rewrite_manifest(data, {"method": "lowrank"}))
     assert issubclass(compressor.WrongBaseError, compressor.ArtifactError)
     assert issubclass(compressor.ArtifactError, ValueError)
 
