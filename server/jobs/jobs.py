@@ -2,9 +2,10 @@
 
 Jobs run one at a time, off the request path: a thread of the server orchestrates each job, and the
 compression itself runs in a worker process (worker.py says why), started with the first job and
-kept. A job publishes only after the artifact it made loads back cleanly against the base; on any
-failure nothing is published, the job records a clear error, and its upload and scratch files are
-removed either way. At shutdown queued jobs are cancelled and the worker is stopped.
+kept. A job publishes only after the artifact it made decodes in full against the base
+(compressor.verify_artifact); on any failure nothing is published, the job records a clear error, and
+its upload and scratch files are removed either way. At shutdown queued jobs are recorded cancelled and
+running ones interrupted at once (files removed), and the worker is stopped.
 
 Every change of a job is also written to the registry's store (Store.put_job), so any replica sharing
 the registry answers for any job (behind the gateway, an upload and the polls of its job reach
@@ -38,6 +39,12 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 SHARE_EVERY_S = 1.0
 """Progress reaches the shared record at most this often (state changes always do)."""
+CANCELLED = "cancelled: the server shut down"
+INTERRUPTED = "interrupted: the server shut down"
+
+
+class JobInterruptedError(RuntimeError):
+    """The server began shutting down before the job could publish."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ class JobManager:
         self._specs: dict[str, JobSpec] = {}
         """Specs of jobs not finished yet (their uploads are removed when the job ends or is cancelled)."""
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        """Held across the last check for shutdown and the publish, so shutdown knows which jobs published."""
+        self._closing = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         self._progress = spawn_context().Queue()
         self._worker: ProcessPoolExecutor | None = None
@@ -151,13 +161,18 @@ class JobManager:
         return {job.task for job in self.list() if job.state in ("queued", "running")}
 
     def shutdown(self, wait: bool = False) -> None:
-        """Cancel queued jobs (removing their uploads) and stop the worker; nothing half-made is published."""
+        """Record every queued job cancelled and every running one interrupted at once (the shared record
+        says so now, not when it goes stale), remove their uploads and scratch, and stop the worker;
+        nothing is published after this. A job that already published keeps its success."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._publish_lock:
+            self._closing = True
         with self._lock:
-            queued = [job.id for job in self._jobs.values() if job.state == "queued"]
-        for job_id in queued:
-            self._update(job_id, state="failed", error="cancelled: the server shut down", finished=time.time())
-            shutil.rmtree(self._specs.pop(job_id).checkpoint_dir, ignore_errors=True)
+            ended = {job.id: CANCELLED if job.state == "queued" else INTERRUPTED for job in self._jobs.values()
+                     if job.state == "queued" or (job.state == "running" and job.version is None)}
+        for job_id, error in ended.items():
+            self._finish(job_id, state="failed", error=error, finished=time.time())
+            self._remove_files(job_id)
         if self._worker is not None:
             for process in list(getattr(self._worker, "_processes", {}).values()):
                 process.terminate()  # the executor has no public way to stop a running call
@@ -166,37 +181,68 @@ class JobManager:
         self._progress.put(None)
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
-        with self._lock:
-            if self._jobs[job_id].state != "queued":
-                return
-        self._update(job_id, state="running", started=time.time())
-        scratch = self.work_dir / "jobs" / f"{os.getpid()}-{job_id}"
+        if not self._start(job_id):
+            return
         try:
-            published = self._compress_and_publish(job_id, spec, scratch)
+            published = self._compress_and_publish(job_id, spec, self._scratch(job_id))
             final: dict[str, Any] = {"state": "succeeded", "version": published.version}
             log.info("job %s published %s version %d", job_id, spec.task, published.version)
         except Exception as exc:
             final = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             log.warning("job %s failed, nothing published: %s", job_id, final["error"])
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
-            with self._lock:
-                self._specs.pop(job_id, None)
+            self._remove_files(job_id)
         # a job shows its end only once its files are gone
-        self._update(job_id, finished=time.time(), **final)
+        self._finish(job_id, finished=time.time(), **final)
+
+    def _start(self, job_id: str) -> bool:
+        """queued -> running; False when the job already ended (cancelled at shutdown)."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.state != "queued":
+                return False
+            job = self._jobs[job_id] = replace(job, state="running", started=time.time(), updated=time.time())
+        self._share(job)
+        return True
+
+    def _finish(self, job_id: str, **changes: Any) -> None:
+        """Record the job's end, unless it has one already (shutdown records it first)."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.state not in ("queued", "running"):
+                return
+            job = self._jobs[job_id] = replace(job, **changes, updated=time.time())
+        self._share(job)
+
+    def _scratch(self, job_id: str) -> Path:
+        return self.work_dir / "jobs" / f"{os.getpid()}-{job_id}"
+
+    def _remove_files(self, job_id: str) -> None:
+        """The job's upload and scratch folder."""
+        with self._lock:
+            spec = self._specs.pop(job_id, None)
+        if spec is not None:
+            shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(self._scratch(job_id), ignore_errors=True)
 
     def _compress_and_publish(self, job_id: str, spec: JobSpec, scratch: Path) -> TaskVersion:
         scratch.mkdir(parents=True, exist_ok=True)
         out = scratch / "artifact.safetensors"
+        if self._closing:
+            raise JobInterruptedError(INTERRUPTED)
         if self._worker is None:
             self._worker = ProcessPoolExecutor(max_workers=1, mp_context=spawn_context(), initializer=init_worker,
                                                initargs=(self._progress,))
         quality, tensors = self._worker.submit(compress_checkpoint, job_id, self.base_dir, spec.checkpoint_dir,
                                                out, spec.method, spec.ratio, spec.seed, spec.params).result()
         self._update(job_id, done=tensors, total=tensors)
-        return self.registry.publish(spec.task, out, method=spec.method, ratio=spec.ratio, origin="checkpoint",
-                                     quality=quality)
+        with self._publish_lock:
+            if self._closing:
+                raise JobInterruptedError(INTERRUPTED)
+            published = self.registry.publish(spec.task, out, method=spec.method, ratio=spec.ratio,
+                                              origin="checkpoint", quality=quality)
+            self._update(job_id, version=published.version)
+        return published
 
     def _listen(self) -> None:
         """Apply the worker's progress reports to their jobs, until shutdown sends None; between

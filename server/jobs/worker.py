@@ -40,8 +40,9 @@ def _exit_with_parent(parent: int) -> None:
 
 def compress_checkpoint(job_id: str, base_dir: Path, checkpoint_dir: Path, out: Path, method: str, ratio: float,
                         seed: int, params: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """check_compatible -> compress -> load_artifact (the artifact loads back against the base); the
-    compression report as plain JSON values and the number of tensors. Raises the compressor's errors."""
+    """check_compatible -> compress -> verify_artifact (the artifact decodes in full against the base:
+    shapes, finite values, indices); the compression report as plain JSON values and the number of
+    tensors. Raises the compressor's errors (a fine-tune with non-finite weights fails the verify)."""
     import compressor
 
     from server.jobs.report import report_dict
@@ -56,7 +57,7 @@ def compress_checkpoint(job_id: str, base_dir: Path, checkpoint_dir: Path, out: 
     compressor.check_compatible(base_dir, checkpoint_dir)
     report = compressor.compress(base_dir, checkpoint_dir, out, method=method, ratio=ratio, seed=seed,
                                  progress=progress, **params)
-    compressor.load_artifact(out, base_dir)
+    compressor.verify_artifact(out, base_dir)
     return report_dict(report), tensors[0]
 
 

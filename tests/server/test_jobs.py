@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.jobs import JobManager, JobSpec
-from server.jobs.jobs import collect_leftovers
+from server.jobs.jobs import Job, collect_leftovers
 from server.model.provision import write_synthetic_finetune
 from server.registry import Registry
 from server.registry.local import LocalStore
@@ -125,7 +125,7 @@ def test_any_replica_answers_for_a_job_another_one_runs(shared_store: object, ti
 
 def test_a_job_whose_replica_stopped_reporting_is_shown_lost(shared_store: object, tiny_model: Path,
                                                               tmp_path: Path) -> None:
-    from server.jobs.jobs import STALE_S, Job
+    from server.jobs.jobs import STALE_S
 
     viewer = JobManager(Registry(shared_store), tiny_model, tmp_path / "work")
     try:
@@ -157,8 +157,6 @@ def test_local_job_records_expire(tmp_path: Path) -> None:
 
 def test_counts_are_this_replicas_jobs_only(tmp_path: Path, tiny_model: Path) -> None:
     """deltaserve_jobs{state} is summed over replicas: another replica's job must not count here."""
-    from server.jobs.jobs import Job
-
     store = LocalStore(tmp_path / "reg")
     viewer = JobManager(Registry(store), tiny_model, tmp_path / "work")
     try:
@@ -167,3 +165,44 @@ def test_counts_are_this_replicas_jobs_only(tmp_path: Path, tiny_model: Path) ->
         assert viewer.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
     finally:
         viewer.shutdown(wait=True)
+
+
+def test_a_job_whose_artifact_fails_the_full_check_publishes_nothing(jobs: JobManager, finetune: Path) -> None:
+    """A fine-tune with a NaN weight fits the base (same names, shapes, dtypes) and compresses, but its
+    artifact does not decode to finite values: the job fails naming the module and publishes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    upload = _upload(finetune, jobs.work_dir, "nan")
+    tensors = load_file(str(upload / "model.safetensors"))
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(upload / "model.safetensors"))
+    blobs_before = jobs.registry.store.blob_digests()
+    job = jobs.submit(JobSpec("diverged", upload, method="impart", ratio=8.0))
+    _wait(jobs, job.id)
+    failed = jobs.get(job.id)
+    assert failed.state == "failed" and failed.error.startswith("InvalidArtifactError: model.norm.weight")
+    assert "non-finite" in failed.error and jobs.registry.lookup("diverged") is None and not upload.exists()
+    assert jobs.registry.store.blob_digests() == blobs_before
+
+
+def test_a_job_running_at_shutdown_is_recorded_interrupted_at_once(tiny_model: Path, finetune: Path,
+                                                                    tmp_path: Path) -> None:
+    """Not `running` until the record goes stale (60 s): failed the moment the server shuts down, in the
+    shared record too, with its upload and scratch gone; and it never publishes afterwards."""
+    from server.jobs.jobs import INTERRUPTED
+
+    store = LocalStore(tmp_path / "reg")
+    jobs = JobManager(Registry(store), tiny_model, tmp_path / "work")
+    upload = _upload(finetune, tmp_path / "work", "running")
+    job = jobs.submit(JobSpec("cut", upload, method="impart", ratio=8.0))
+    end = time.monotonic() + 30
+    while jobs.get(job.id).state == "queued" and time.monotonic() < end:
+        time.sleep(0.01)
+    assert jobs.get(job.id).state == "running"
+    jobs.shutdown(wait=False)
+    for seen in (jobs.get(job.id), Job.from_record(store.job(job.id), time.time())):
+        assert seen.state == "failed" and seen.error == INTERRUPTED and seen.finished is not None
+    scratch = tmp_path / "work" / "jobs"
+    assert not upload.exists() and (not scratch.exists() or list(scratch.iterdir()) == [])
+    time.sleep(2.0)
+    assert jobs.get(job.id).error == INTERRUPTED and jobs.registry.lookup("cut") is None
