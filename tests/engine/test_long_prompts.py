@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from server.engine.engine import Engine
+from server.engine.kv_cache import KVCache
 from server.engine.types import GenerationRequest, InvalidRequestError
+from server.model.attention import AttentionMeta, PrefillChunk
+from server.model.deltas import StepDeltas, unpack_artifact
+from server.model.llama import ForwardBatch, LlamaModel
 from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
 
 CHUNK = 16
@@ -85,3 +89,19 @@ async def test_a_prompt_that_fills_the_context_is_refused(engine: Engine) -> Non
     assert info.value.param == "prompt"
     chunks = await collect(engine, GenerationRequest("after", None, _prompt(CHUNK + 1, seed=4), greedy(2)))
     assert chunks[-1].finish_reason == "length"
+
+
+def test_a_forward_with_no_logit_rows_returns_no_logits(tiny_model: Path, tiny_tasks: Path) -> None:
+    """A non-final chunk of a task's prompt: its K/V is written, and the logits are [0, vocab]."""
+    model = LlamaModel.from_dir(tiny_model)
+    kv = KVCache(model.config, 1 << 20, CHUNK, torch.device("cpu"), torch.float32)
+    slots = kv.token_slots(kv.allocate(1), CHUNK)
+    meta = AttentionMeta(slots, None, (PrefillChunk(0, CHUNK, CHUNK, slots),))
+    batch = ForwardBatch.of(list(_prompt(CHUNK, seed=5)), list(range(CHUNK)), [], meta, model.device)
+    assert batch.logit_rows.dtype == torch.int64
+    data = (tiny_tasks / "alpha.safetensors").read_bytes()
+    resident = unpack_artifact("alpha", data, None, model.device, model.dtype)
+    deltas = StepDeltas([resident], torch.zeros(CHUNK, dtype=torch.int64), batch.logit_rows, model.dtype)
+    logits = model.forward(batch, kv.layers, deltas)
+    assert logits.shape == (0, model.config.vocab_size) and logits.dtype == torch.float32
+    assert kv.layers[0].key[slots].abs().sum() > 0

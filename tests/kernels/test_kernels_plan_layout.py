@@ -77,3 +77,18 @@ def test_stack_factors_of_dense_parts_and_all_empty() -> None:
     want = torch.cat([p.dense_delta() for p in parts])
     torch.testing.assert_close(fused.dense_delta(), want, rtol=1e-5, atol=1e-5)
     assert stack_factors([None, None], (8, 4), 12) is None
+
+
+@pytest.mark.parametrize("row_slots", [[], [-1, -1, -1]])
+def test_an_empty_plan_is_a_valid_plan(row_slots: list[int]) -> None:
+    """No rows, or no row with a task (a step of base rows only, the logit rows of a chunk-only step):
+    the plan is typed and empty, and a product over it leaves y as it was."""
+    plan = plan_batch(torch.tensor(row_slots, dtype=torch.int64), 2)
+    assert plan.slots == () and plan.order.numel() == 0 and plan.seg_starts.tolist() == [0, 0, 0]
+    gen = torch.Generator().manual_seed(3)
+    factors = [pack_factors(*impart_factors(8, 6, 3, gen)), None]
+    x = torch.randn(len(row_slots), 6, generator=gen)
+    y = torch.randn(len(row_slots), 8, generator=gen)
+    expected = y.clone()
+    add_delta(y, x, plan, factors)
+    assert torch.equal(y, expected)
