@@ -225,14 +225,15 @@ def make_artifacts(base: Path, folder: Path, count: int, ratio: float) -> list[P
 
 
 @contextmanager
-def spawned_server(base: Path, work: Path, delta_cache_bytes: int) -> Iterator[str]:
+def spawned_server(base: Path, work: Path, delta_cache_bytes: int,
+                   extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """A `deltaserve serve` process on the tiny base, on loopback; stopped (SIGTERM) afterwards."""
     port = free_port()
     env = os.environ | {
         "DELTASERVE_BASE_MODEL": str(base), "DELTASERVE_PORT": str(port), "DELTASERVE_HOST": "127.0.0.1",
         "DELTASERVE_REGISTRY_DIR": str(work / "registry"), "DELTASERVE_WORK_DIR": str(work / "work"),
         "DELTASERVE_DELTA_CACHE_BYTES": str(delta_cache_bytes), "DELTASERVE_LOG_LEVEL": "warning",
-        "DELTASERVE_SHUTDOWN_TIMEOUT": "5",
+        "DELTASERVE_SHUTDOWN_TIMEOUT": "5", **(extra_env or {}),
     }
     log = (work / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log,

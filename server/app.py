@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import admin_routes, openai_routes
 from server.api.context import ServerContext, context_of
-from server.api.errors import APIError
+from server.api.auth_deps import admin_principal
+from server.api.errors import APIError, bad_request, unsupported_parameter
 from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from server.api.serving import RequestLimits
 from server.api.serving_chat import ChatServing
 from server.api.serving_completion import CompletionServing
 from server.auth import KeyRing
@@ -36,6 +39,9 @@ from server.observability.metrics import CONTENT_TYPE, Metrics
 from server.registry import Registry, open_registry
 
 log = logging.getLogger("deltaserve")
+UNION_TAG = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")
+"""How pydantic names the member of a union in an error's location (`str`, `list[int]`, `function-after[...]`)."""
+MAX_PARAM_CHARS = 200
 
 
 def create_app(settings: Settings | None = None, *, engine: Any = None, registry: Registry | None = None) -> FastAPI:
@@ -61,13 +67,14 @@ def build_context(settings: Settings, engine: Any, registry: Registry | None) ->
         from server.engine.engine import Engine
 
         engine = Engine(settings, registry)
-    metrics = Metrics()
+    metrics, limits = Metrics(), RequestLimits.from_settings(settings)
     jobs = JobManager(registry, engine.base_dir, settings.resolved(settings.work_dir))
     metrics.watch_engine(engine.stats)
     metrics.watch_jobs(jobs.counts)
     return ServerContext(settings=settings, keys=KeyRing.from_settings(settings), registry=registry, engine=engine,
-                         metrics=metrics, jobs=jobs, base_dir=engine.base_dir, chat=ChatServing(engine, metrics),
-                         completion=CompletionServing(engine, metrics), started=time.time())
+                         metrics=metrics, jobs=jobs, base_dir=engine.base_dir,
+                         chat=ChatServing(engine, metrics, limits),
+                         completion=CompletionServing(engine, metrics, limits), started=time.time())
 
 
 def _lifespan(ctx: ServerContext) -> Any:
@@ -125,21 +132,29 @@ def _add_health_routes(app: FastAPI) -> None:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        return Response(context_of(request).metrics.render(), media_type=CONTENT_TYPE)
+        ctx = context_of(request)
+        if _metrics_need_admin(ctx):
+            admin_principal(request)
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _metrics_need_admin(ctx: ServerContext) -> bool:
+    """DELTASERVE_METRICS_ACCESS: `admin`, or `auto` with any key configured, needs an admin key."""
+    access = ctx.settings.metrics_access
+    return access == "admin" or (access == "auto" and not ctx.keys.open)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    """Known errors in OpenAI's shape; anything unexpected is RequestContextMiddleware's 500."""
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        param = ".".join(loc) or None
-        error = APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param,
-                         code="invalid_value")
+        errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
+        # the deepest complaint: of a union's members, the one the value came closest to matching
+        error = _validation_error(max(errors, key=lambda e: len(e.get("loc", ()))))
         return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -147,6 +162,25 @@ def _add_error_handlers(app: FastAPI) -> None:
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
                          else "server_error", code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _validation_error(first: dict[str, Any]) -> APIError:
+    """The 400 of one of pydantic's complaints: `unsupported_parameter` for an unknown field, else the
+    parameter's path (`messages.0.content`) with pydantic's message."""
+    if first["type"] == "json_invalid":
+        return bad_request(f"The body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}.")
+    param = _param_of(first.get("loc", ()))
+    if first["type"] == "extra_forbidden" and param:
+        return unsupported_parameter(param)
+    return APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param,
+                    code="invalid_value")
+
+
+def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """`messages.0.content` from pydantic's location, without the body/query prefix and union tags."""
+    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
+    parts = [part for part in parts if not UNION_TAG.fullmatch(part)]
+    return ".".join(parts)[:MAX_PARAM_CHARS] or None
 
 
 def run_server(host: str | None = None, port: int | None = None) -> int:

@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     """Largest accepted upload (checkpoint or artifact) in bytes; larger bodies get HTTP 413."""
     max_request_bytes: int = Field(16 * 1024**2, ge=1)
     """Largest accepted body of an OpenAI API request in bytes; larger bodies get HTTP 413."""
+    max_stop_strings: int = Field(16, ge=0)
+    """Most stop strings one request may give (`stop`); more get HTTP 400 naming `stop`."""
+    max_stop_chars: int = Field(256, ge=1)
+    """Most characters of one stop string; longer ones get HTTP 400 naming `stop`."""
+    max_stop_token_ids: int = Field(64, ge=0)
+    """Most stop token ids one request may give (`stop_token_ids`); more get HTTP 400."""
+    max_prompt_chars: int = Field(1 << 18, ge=1)
+    """Most characters of a prompt (completions) or of all messages' text (chat), checked before tokenizing."""
+    max_messages: int = Field(2048, ge=1)
+    """Most messages in one chat request; more get HTTP 400 naming `messages`."""
+    metrics_access: Literal["auto", "open", "admin"] = "auto"
+    """Who may read /metrics: `open` (anyone), `admin` (an admin key), `auto` (admin when any key is configured)."""
     default_method: Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"] = "impart"
     """Compression method of an uploaded checkpoint when the upload names none."""
     default_ratio: float = Field(32.0, gt=1.0)

@@ -1,7 +1,12 @@
-"""Errors in OpenAI's shape {"error": {"message", "type", "param", "code"}}; no FastAPI in here."""
+"""Errors in OpenAI's shape {"error": {"message", "type", "param", "code"}}; no FastAPI in here.
+
+A 500 never carries internal text: `internal_error` names the request id (the X-Request-ID header)
+so an operator finds the traceback in the log, and says nothing else.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +16,12 @@ from server.engine.types import (
     EngineNotReadyError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
     TaskNotFoundError,
 )
+from server.observability.logging import request_id_var
+
+log = logging.getLogger("deltaserve.errors")
 
 RETRY_AFTER_S = 1
 
@@ -27,14 +36,32 @@ class APIError(Exception):
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        param = _valid_unicode(self.param) if self.param is not None else None
+        return {"error": {"message": _valid_unicode(self.message), "type": self.type, "param": param,
+                          "code": self.code}}
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
 
 
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (echoed from a bad request) written as `\\udXXX` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def unsupported_parameter(param: str) -> APIError:
+    return APIError(400, f"`{param}` is not supported by this server; remove it from the request.",
+                    param=param, code="unsupported_parameter")
+
+
+def internal_error() -> APIError:
+    """The 500 of anything unexpected: no internal text, only the request id to find it in the log."""
+    return APIError(500, f"Internal server error (request id {request_id_var.get() or 'unknown'}).",
+                    type="server_error", code="internal_error")
 
 
 def model_not_found(model: str) -> APIError:
@@ -80,4 +107,7 @@ def from_engine(exc: EngineError, model: str) -> APIError:
         # caller's fault and not transient, so 503 without Retry-After, naming the cause for operators
         return APIError(503, f"The model `{model}` is published but cannot be served: {exc}",
                         type="service_unavailable", param="model", code="task_unavailable")
-    return APIError(500, f"Engine error: {exc}", type="server_error", code="internal_error")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc) or "The request failed.", type="server_error", code="request_failed")
+    log.error("unexpected engine error", exc_info=exc)
+    return internal_error()

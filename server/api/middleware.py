@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import APIError, too_large
+from server.api.errors import APIError, internal_error, too_large
+from server.api.serving import SSE_DONE, sse_error
 from server.observability.logging import request_id_var
 from server.observability.metrics import Metrics
 
@@ -20,7 +21,13 @@ CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (X-Request-ID, echoed back), logs one access line, counts and times it."""
+    """Gives each request an id (X-Request-ID, echoed back), logs one access line, counts and times it.
+
+    It is also the one catch-all of the app: an exception no route handled (raised in a route, in an
+    inner middleware or while streaming) is logged with its traceback and answered in OpenAI's shape
+    (`internal_error`, no internal text) instead of a plain-text 500 and a closed connection. A stream
+    that already began gets an error event and `[DONE]`; the keep-alive connection stays usable.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -31,19 +38,20 @@ class RequestContextMiddleware:
             return
         request_id = _request_id(scope)
         token = request_id_var.set(request_id)
-        started, status = time.perf_counter(), 500
+        started, response = time.perf_counter(), _Response()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            response.note(message)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            await _answer_failure(scope, exc, response, send_with_id)
         finally:
-            self._record(scope, status, time.perf_counter() - started)
+            self._record(scope, response.status, time.perf_counter() - started)
             request_id_var.reset(token)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
@@ -53,6 +61,33 @@ class RequestContextMiddleware:
         log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000,
                  extra={"method": scope["method"], "path": scope["path"], "status": status,
                         "duration_ms": round(seconds * 1000, 2)})
+
+
+class _Response:
+    """What has gone out of one response so far."""
+
+    def __init__(self) -> None:
+        self.status, self.started, self.ended, self.event_stream = 500, False, False, False
+
+    def note(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            self.event_stream = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                                    for name, value in message.get("headers", []))
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.ended = True
+
+
+async def _answer_failure(scope: Scope, exc: Exception, response: _Response, send: Send) -> None:
+    """The answer to an exception that escaped the app: its APIError, else a 500 without internal text."""
+    error = exc if isinstance(exc, APIError) else internal_error()
+    if not isinstance(exc, APIError):
+        log.error("unhandled error serving %s %s", scope["method"], scope["path"], exc_info=exc)
+    if not response.started:
+        await send_error(send, error)
+    elif not response.ended:
+        tail = f"{sse_error(error)}{SSE_DONE}".encode() if response.event_stream else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 def _request_id(scope: Scope) -> str:
@@ -65,7 +100,11 @@ def _request_id(scope: Scope) -> str:
 
 
 class BodyLimitMiddleware:
-    """413 in OpenAI's shape when a body exceeds its path's limit (by Content-Length or as it streams)."""
+    """413 in OpenAI's shape when a body exceeds its path's limit (by Content-Length or as it streams).
+
+    A streamed (chunked) body is cut off at the limit: whatever the app answers then (FastAPI turns a
+    failed body read into a 400) is replaced by the 413.
+    """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self.app, self.limit_for = app, limit_for
@@ -78,7 +117,7 @@ class BodyLimitMiddleware:
         if _declared_length(scope) > limit:
             await send_error(send, too_large(limit))
             return
-        received = 0
+        received, answered, passthrough = 0, False, False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -89,7 +128,22 @@ class BodyLimitMiddleware:
                     raise too_large(limit)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered, passthrough
+            if passthrough or received <= limit:
+                passthrough = passthrough or message["type"] == "http.response.start"
+                await send(message)
+            elif not answered:
+                answered = True
+                await send_error(send, too_large(limit))
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if passthrough or received <= limit:
+                raise
+            if not answered:
+                await send_error(send, too_large(limit))
 
 
 def _declared_length(scope: Scope) -> int:

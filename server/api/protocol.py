@@ -1,4 +1,9 @@
-"""Pydantic models of the OpenAI protocol subset deltaserve speaks (requests and responses)."""
+"""Pydantic models of the OpenAI protocol subset deltaserve speaks (requests and responses).
+
+Requests are strict about what they accept: a field the server does not honour is refused (HTTP 400
+`unsupported_parameter`) rather than ignored, a field sent as `null` counts as absent, every string
+must be valid Unicode (no lone surrogates) and numbers must be finite.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,53 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(OpenAIModel):
+class RequestModel(BaseModel):
+    """Base of request bodies: unknown fields forbidden, `null` as absent, valid Unicode, finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if _has_lone_surrogate(value):
+            raise ValueError("holds a lone surrogate: not valid Unicode")
+        return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True when a string in `value` (a string or a list of them, nested) cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     """Fields that chat and completion requests share; vLLM-style extras `top_k`, `ignore_eos`, ..."""
 
     model: str
@@ -26,7 +66,7 @@ class SamplingFields(OpenAIModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -35,6 +75,7 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    """Accepted as caller metadata; not used."""
     return_token_ids: bool = False
     """Extension (as in vLLM): each choice also carries the generated token ids."""
 
@@ -48,12 +89,14 @@ class SamplingFields(OpenAIModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class ContentPart(OpenAIModel):
-    type: str
-    text: str | None = None
+class ContentPart(RequestModel):
+    """A text part of a message's content; other kinds (images, audio, files) are refused."""
+
+    type: Literal["text"]
+    text: str
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None

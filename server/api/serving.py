@@ -16,8 +16,9 @@ from typing import Any, Protocol
 import anyio
 
 from server.api.errors import APIError, bad_request, forbidden, from_engine, model_not_found
-from server.api.protocol import SamplingFields, Usage
+from server.api.protocol import ChatCompletionRequest, ContentPart, SamplingFields, Usage
 from server.auth import Principal
+from server.config import Settings
 from server.engine.types import (
     EngineError,
     GenerationChunk,
@@ -84,11 +85,56 @@ def _task_of_model(model: str, base_name: str) -> str | None:
     return model
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on request fields whose cost the caller controls (each a setting)."""
+
+    max_stop_strings: int
+    max_stop_chars: int
+    max_stop_token_ids: int
+    max_prompt_chars: int
+    max_messages: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestLimits:
+        return cls(settings.max_stop_strings, settings.max_stop_chars, settings.max_stop_token_ids,
+                   settings.max_prompt_chars, settings.max_messages)
+
+
+def check_chat_size(req: ChatCompletionRequest, limits: RequestLimits) -> None:
+    """400 before the chat template runs when the messages are too many or their text too long."""
+    if len(req.messages) > limits.max_messages:
+        raise bad_request(f"At most {limits.max_messages} messages are allowed; got {len(req.messages)}.", "messages")
+    chars = sum(_chars(m.content) for m in req.messages)
+    if chars > limits.max_prompt_chars:
+        raise bad_request(f"The messages hold {chars} characters; at most {limits.max_prompt_chars} are allowed.",
+                          "messages")
+
+
+def _chars(content: str | list[ContentPart] | None) -> int:
+    if isinstance(content, list):
+        return sum(len(part.text) for part in content)
+    return len(content or "")
+
+
+def check_prompt_size(prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int,
+                      limits: RequestLimits) -> None:
+    """400 before tokenizing when a text prompt is too long, or a token prompt longer than the context."""
+    one = isinstance(prompt, str) or bool(prompt) and isinstance(prompt[0], int)
+    items: list[Any] = [prompt] if one else list(prompt)
+    if sum(len(item) for item in items if isinstance(item, str)) > limits.max_prompt_chars:
+        raise bad_request(f"The prompt has more than {limits.max_prompt_chars} characters.", "prompt")
+    if any(isinstance(item, list) and len(item) >= max_model_len for item in items):
+        raise bad_request(f"The prompt has at least {max_model_len} tokens; this model's context is "
+                          f"{max_model_len}.", "prompt")
+
+
 def sampling_params(req: SamplingFields, prompt_len: int, max_model_len: int, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, limits: RequestLimits) -> SamplingParams:
     """The engine's SamplingParams for an OpenAI request; 400 naming the parameter when unusable."""
     if req.n != 1:
         raise bad_request("Only n=1 is supported.", "n")
+    check_limits(req, limits)
     room = max_model_len - prompt_len
     if room < 1:
         raise bad_request(f"The prompt has {prompt_len} tokens; the context holds {max_model_len}.", "messages")
@@ -101,6 +147,17 @@ def sampling_params(req: SamplingFields, prompt_len: int, max_model_len: int, ma
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         logprobs=logprobs, ignore_eos=req.ignore_eos,
     )
+
+
+def check_limits(req: SamplingFields, limits: RequestLimits) -> None:
+    """400 when the stop strings or stop token ids exceed their settings."""
+    stops = req.stop_strings()
+    if len(stops) > limits.max_stop_strings:
+        raise bad_request(f"At most {limits.max_stop_strings} stop strings are allowed; got {len(stops)}.", "stop")
+    if any(len(stop) > limits.max_stop_chars for stop in stops):
+        raise bad_request(f"A stop string may have at most {limits.max_stop_chars} characters.", "stop")
+    if len(req.stop_token_ids or ()) > limits.max_stop_token_ids:
+        raise bad_request(f"At most {limits.max_stop_token_ids} stop token ids are allowed.", "stop_token_ids")
 
 
 class Generation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ from server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatMessage,
     ChatStreamChoice,
     Usage,
 )
@@ -20,7 +22,9 @@ from server.api.serving import (
     SSE_DONE,
     EngineClient,
     Generation,
+    RequestLimits,
     Target,
+    check_chat_size,
     sampling_params,
     sse,
     sse_error,
@@ -33,15 +37,16 @@ ENDPOINT = "chat"
 
 
 class ChatServing:
-    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
+        self.engine, self.metrics, self.limits = engine, metrics, limits
 
     async def create(self, req: ChatCompletionRequest, target: Target,
                      request_id: str) -> ChatCompletionResponse | AsyncIterator[str]:
-        prompt = self.prompt_ids(req)
+        check_chat_size(req, self.limits)
+        prompt = await asyncio.to_thread(self.prompt_ids, req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top)
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top, self.limits)
         request = GenerationRequest(request_id, target.task, tuple(prompt), params)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
@@ -50,7 +55,7 @@ class ChatServing:
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
         """The base tokenizer's chat template applied to the messages, as token ids."""
-        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+        messages = [_template_message(m) for m in req.messages]
         try:
             text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:
@@ -67,6 +72,8 @@ class ChatServing:
                 texts.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 logprobs.extend(chunk.logprobs or ())
+        except EngineError as exc:
+            raise from_engine(exc, target.model) from None
         finally:
             await run.aclose()
         choice = ChatChoice(message={"role": "assistant", "content": "".join(texts)},
@@ -102,10 +109,11 @@ class ChatServing:
         yield SSE_DONE
 
 
-def _text_of(content: str | list[Any] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text or "" for part in content if part.type == "text")
+def _template_message(message: ChatMessage) -> dict[str, str]:
+    """The message as the chat template sees it: role, content as one text, and `name` when given."""
+    content = message.content
+    text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
+    return {"role": message.role, "content": text} | ({"name": message.name} if message.name else {})
 
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.api.errors import bad_request, from_engine
+from server.api.errors import bad_request, from_engine, unsupported_parameter
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.api.serving import (
     SSE_DONE,
     EngineClient,
     Generation,
+    RequestLimits,
     Target,
+    check_prompt_size,
     sampling_params,
     sse,
     sse_error,
@@ -25,17 +28,19 @@ ENDPOINT = "completions"
 
 
 class CompletionServing:
-    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
+        self.engine, self.metrics, self.limits = engine, metrics, limits
 
     async def create(self, req: CompletionRequest, target: Target,
                      request_id: str) -> CompletionResponse | AsyncIterator[str]:
         if req.echo:
-            raise bad_request("echo is not supported.", "echo")
+            raise unsupported_parameter("echo")
         if req.suffix:
-            raise bad_request("suffix is not supported.", "suffix")
-        prompt = self.prompt_ids(req.prompt)
-        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs)
+            raise unsupported_parameter("suffix")
+        check_prompt_size(req.prompt, self.engine.max_model_len, self.limits)
+        prompt = await asyncio.to_thread(self.prompt_ids, req.prompt)
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs,
+                                self.limits)
         request = GenerationRequest(request_id, target.task, tuple(prompt), params)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
@@ -54,7 +59,8 @@ class CompletionServing:
             raise bad_request("Only one prompt per request is supported.", "prompt")
         if not ids:
             raise bad_request("The prompt is empty.", "prompt")
-        if any(t < 0 or t >= len(self.engine.tokenizer) for t in ids):
+        vocab_size = len(self.engine.tokenizer)
+        if any(t < 0 or t >= vocab_size for t in ids):
             raise bad_request("The prompt holds a token id outside the vocabulary.", "prompt")
         return ids
 
@@ -68,6 +74,8 @@ class CompletionServing:
                 texts.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 logprobs.extend(chunk.logprobs or ())
+        except EngineError as exc:
+            raise from_engine(exc, target.model) from None
         finally:
             await run.aclose()
         choice = CompletionChoice(text="".join(texts), finish_reason=run.finish_reason,

@@ -2,6 +2,8 @@
 
 Text is decoded from a short window of recent tokens (the offsets scheme of TGI / vLLM), so a
 character split across tokens is emitted once whole, and each step costs O(window), not O(output).
+Stop strings are matched by one Knuth-Morris-Pratt automaton each, fed only the new characters: a
+step costs O(new characters x stop strings), whatever the output's length or the stop strings' length.
 """
 
 from __future__ import annotations
@@ -11,13 +13,46 @@ from typing import Any
 REPLACEMENT = "\ufffd"
 
 
+class StopMatcher:
+    """KMP automaton of one stop string; `matched` is the longest prefix of it that ends the text fed."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.matched = 0
+        self._fallback = _prefix_function(stop)
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character; True when the text fed now ends with the whole stop string."""
+        n = self.matched
+        while n and self.stop[n] != char:
+            n = self._fallback[n - 1]
+        if self.stop[n] == char:
+            n += 1
+        if n == len(self.stop):
+            self.matched = self._fallback[n - 1]
+            return True
+        self.matched = n
+        return False
+
+
+def _prefix_function(pattern: str) -> list[int]:
+    """pi[i]: length of the longest proper prefix of pattern[:i + 1] that is also its suffix."""
+    pi = [0] * len(pattern)
+    for i in range(1, len(pattern)):
+        n = pi[i - 1]
+        while n and pattern[i] != pattern[n]:
+            n = pi[n - 1]
+        pi[i] = n + 1 if pattern[i] == pattern[n] else n
+    return pi
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
         self._tok = tokenizer
         self._ids = list(prompt_ids[-4:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._stop = tuple(s for s in stop if s)
+        self._stops = [StopMatcher(s) for s in stop if s]
         self.text = ""
         """All text decoded so far (stop string excluded once found)."""
         self._emitted = 0
@@ -26,12 +61,21 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> None:
         """Append one generated token; sets `stopped` when the text now contains a stop string."""
         self._ids.append(token_id)
-        self.text += self._next_piece()
-        for stop in self._stop:
-            at = self.text.find(stop, max(0, self._emitted - len(stop)))
-            if at >= 0:
-                self.text = self.text[:at]
+        piece = self._next_piece()
+        start = len(self.text)
+        self.text += piece
+        if self._stops and not self.stopped:
+            self._match(start, piece)
+
+    def _match(self, start: int, piece: str) -> None:
+        """Feed the new characters to every stop automaton; cut the text before the first stop completed
+        (the longest of those completed by the same character)."""
+        for offset, char in enumerate(piece):
+            completed = [len(matcher.stop) for matcher in self._stops if matcher.feed(char)]
+            if completed:
+                self.text = self.text[: start + offset + 1 - max(completed)]
                 self.stopped = True
+                return
 
     def _next_piece(self) -> str:
         decode = self._tok.decode
@@ -51,10 +95,4 @@ class IncrementalDetokenizer:
 
     def _held_back(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        return max((matcher.matched for matcher in self._stops), default=0)

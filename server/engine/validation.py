@@ -17,6 +17,8 @@ def validate_request(request: GenerationRequest, max_model_len: int, vocab_size:
         )
     if any(t < 0 or t >= vocab_size for t in prompt):
         raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size})", "prompt")
+    if any(t < 0 or t >= vocab_size for t in request.params.stop_token_ids):
+        raise InvalidRequestError(f"stop token ids must lie in [0, {vocab_size})", "stop_token_ids")
     _check_params(request)
 
 

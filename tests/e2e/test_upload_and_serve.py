@@ -226,13 +226,15 @@ def test_client_gone_mid_stream_frees_its_slot(published: dict, server: LiveServ
         while admin.get("/admin/v1/stats").json()["kv_blocks_used"] and time.monotonic() < end:
             time.sleep(0.05)
         assert admin.get("/admin/v1/stats").json()["kv_blocks_used"] == 0
-    metrics = httpx.get(f"{server.url}/metrics").text
+    with server.admin() as admin:
+        metrics = admin.get("/metrics").text
     assert 'deltaserve_task_requests_total{outcome="disconnected",task="math"} 1.0' in metrics
     assert _client(server).chat.completions.create(model="math", messages=MESSAGES, max_tokens=2).choices
 
 
 def test_metrics_count_per_task_requests_and_job_states(published: dict, server: LiveServer) -> None:
-    text = httpx.get(f"{server.url}/metrics").text
+    with server.admin() as admin:
+        text = admin.get("/metrics").text
     assert 'deltaserve_completion_tokens_total{task="math"}' in text
     assert 'deltaserve_jobs{state="succeeded"} 3.0' in text
     assert "deltaserve_engine_delta_misses_total" in text
