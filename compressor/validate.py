@@ -16,6 +16,7 @@ import torch
 
 from compressor.codec import VALUE_DTYPE, ModuleCode, column_bits, sparse_drops
 from compressor.errors import InvalidArtifactError
+from compressor.masks import MASK_SCHEME
 from compressor.quantize import n_groups
 
 MAX_DELTA = 65504.0
@@ -44,6 +45,9 @@ def check_manifest_fields(manifest: dict[str, object]) -> None:
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or
                               not math.isfinite(ratio)):
         raise InvalidArtifactError(f"manifest field 'ratio' must be a finite number or null, not {ratio!r:.40}")
+    if manifest.get("mask_scheme", MASK_SCHEME) != MASK_SCHEME:
+        raise InvalidArtifactError(f"mask_scheme {manifest.get('mask_scheme')!r:.40} is not {MASK_SCHEME!r}: "
+                                   f"its masks would decode wrongly")
     if not isinstance(manifest.get("quality", {}), dict):
         raise InvalidArtifactError("manifest field 'quality' must be an object")
     try:
@@ -60,7 +64,7 @@ def module_entry(name: str, entry: object) -> tuple[tuple[int, ...], str, dict[s
     shape, layout = meta.pop("shape", None), meta.pop("layout", None)
     if not isinstance(shape, list) or not all(type(n) is int and n > 0 for n in shape):
         raise InvalidArtifactError(f"{name}: shape {shape!r:.60} is not a list of positive integers")
-    if layout not in ROLES:
+    if not isinstance(layout, str) or layout not in ROLES:
         raise InvalidArtifactError(f"{name}: unknown layout {layout!r:.40} (known: {', '.join(ROLES)})")
     if (layout == "dense") != (len(shape) != 2):
         raise InvalidArtifactError(f"{name}: layout {layout} does not fit a {len(shape)}-D tensor")
@@ -78,27 +82,32 @@ def check_code(code: ModuleCode) -> None:
 
 
 def check_decoded(name: str, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, layout: str) -> None:
-    """Decoded factors (u [out, K], s [K], v [in, K]) are finite and every delta entry fits MAX_DELTA
-    (bounded for svd layouts by sum_k max|u_k| |s_k| max|v_k|, else by max|u|, since u is the delta)."""
-    for role, tensor in (("u", u), ("s", s), ("v", v)):
-        if not bool(torch.isfinite(tensor).all()):
-            raise InvalidArtifactError(f"{name}: factor {role} decodes to non-finite values")
-    if u.numel() == 0 or v.numel() == 0:
-        return
+    """Decoded factors (u [out, K], s [K], v [in, K]) are finite and every delta entry fits MAX_DELTA:
+    bounded for svd layouts by sum_k max|u_k| |s_k| max|v_k|, else by max|u| (u is the delta itself).
+    One pass over each factor: a NaN or Inf makes the bound NaN or Inf, which fails the comparison."""
     if layout in ("svd", "qsvd"):
-        bound = float((u.abs().amax(0).double() * s.abs().double() * v.abs().amax(0).double()).sum())
+        bound = float((_column_peaks(u) * s.double().abs() * _column_peaks(v)).sum())
     else:
-        bound = float(u.abs().max())
-    if bound > MAX_DELTA:
-        raise InvalidArtifactError(f"{name}: delta entries reach {bound:.3g}, beyond the servable {MAX_DELTA:g}")
+        bound = float(_column_peaks(u).max()) if u.numel() else 0.0
+    if not bound <= MAX_DELTA:
+        raise InvalidArtifactError(f"{name}: delta decodes to non-finite values or entries up to {bound:.3g}, "
+                                   f"beyond the servable {MAX_DELTA:g}")
 
 
 def check_dense(name: str, delta: torch.Tensor) -> None:
     """A decoded delta is finite and within MAX_DELTA."""
-    if not bool(torch.isfinite(delta).all()):
-        raise InvalidArtifactError(f"{name}: delta decodes to non-finite values")
-    if delta.numel() and float(delta.abs().max()) > MAX_DELTA:
-        raise InvalidArtifactError(f"{name}: delta entries reach beyond the servable {MAX_DELTA:g}")
+    peak = float(_column_peaks(delta.reshape(-1, 1)).max()) if delta.numel() else 0.0
+    if not peak <= MAX_DELTA:
+        raise InvalidArtifactError(f"{name}: delta decodes to non-finite values or entries up to {peak:.3g}, "
+                                   f"beyond the servable {MAX_DELTA:g}")
+
+
+def _column_peaks(x: torch.Tensor) -> torch.Tensor:
+    """max |x[:, k]| per column, float64 [K] (NaN where a column holds one); zeros for an empty x."""
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape[1], dtype=torch.float64)
+    low, high = torch.aminmax(x, dim=0)
+    return torch.maximum(high.double(), -low.double())
 
 
 def _check_roles(code: ModuleCode) -> None:

@@ -139,3 +139,20 @@ def test_a_link_inside_the_folder_is_followed(pair: tuple[Path, Path], tmp_path:
     first.rename(folder / "moved.safetensors")
     first.symlink_to(folder / "moved.safetensors")
     compressor.check_compatible(pair[0], folder)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "missing factor", "wrong factor shape", "drop index out of range",
+                                  "beyond the servable range", "extra tensor"])
+def test_the_engine_never_unpacks_an_unchecked_artifact(kind: str, artifacts: dict[str, bytes],
+                                                         pair: tuple[Path, Path]) -> None:
+    """An artifact that reached the store by another way (an older server, a hand-made publish) fails
+    its load with an ArtifactError (a 503 for its task only), never poisons a batch."""
+    import torch
+
+    from server.model.deltas import unpack_artifact
+
+    good = unpack_artifact("t", artifacts["impart"], pair[0], torch.device("cpu"), torch.float32)
+    assert good.factors and good.dense
+    bad = craft(artifacts["impart"], ARTIFACT_EDITS[kind], random.Random(5))
+    with pytest.raises(compressor.ArtifactError):
+        unpack_artifact("t", bad, pair[0], torch.device("cpu"), torch.float32)
