@@ -83,3 +83,24 @@ async def test_raw_body_over_the_cap_is_413(tmp_path: Path) -> None:
     with pytest.raises(APIError) as refused:
         await receive_raw(_aiter([b"a" * 10, b"b" * 11]), tmp_path / "big", limit=20)
     assert refused.value.status == 413
+
+
+def test_a_shard_linked_out_of_the_upload_is_400_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    """A multipart body carries no links, but the upload folder is checked as if it could: a shard that
+    is a link to a file outside (here the base's own weights) is refused, naming the index entry."""
+    import json
+
+    from server.api.admin_routes import _check_checkpoint
+
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
+    (folder / "model-00001-of-00001.safetensors").symlink_to(tiny_model / "model.safetensors")
+    index = {"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(APIError) as refused:
+        _check_checkpoint(tiny_model, folder)
+    assert refused.value.status == 400 and refused.value.param == "file"
+    message = refused.value.message
+    assert "model.safetensors.index.json: shard 'model-00001-of-00001.safetensors'" in message
+    assert "symbolic link" in message and str(tiny_model) not in message and str(folder) not in message
