@@ -100,6 +100,7 @@ async def drain(ctx: ServerContext) -> None:
     if ctx.draining:
         return
     ctx.draining = True
+    await asyncio.to_thread(ctx.jobs.shutdown)  # jobs are recorded failed now, not when the drain ends
     log.info("shutting down: draining in-flight requests for up to %.0fs", ctx.settings.shutdown_timeout)
     await ctx.engine.stop(timeout=ctx.settings.shutdown_timeout)
 

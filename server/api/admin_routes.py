@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import bad_request, from_engine, not_found
+from server.api.errors import APIError, bad_request, from_engine, not_found
 from server.api.uploads import receive_checkpoint, receive_raw
 from server.engine.types import EngineError
 from server.jobs import JobSpec
@@ -174,16 +174,18 @@ def _check_checkpoint(base_dir: Path, folder: Path) -> None:
     try:
         compressor.check_compatible(base_dir, folder)
     except ValueError as exc:
-        raise bad_request(f"The checkpoint does not fit the base: {exc}", "file") from None
+        raise bad_request(f"The checkpoint cannot be used: {exc}", "file") from None
 
 
 def _publish_artifact(ctx: ServerContext, task: str, path: Path) -> Any:
+    """Decode the artifact in full against the base (compressor.verify_artifact), then publish it."""
     import compressor
 
     try:
-        artifact = compressor.load_artifact(path, ctx.base_dir)
-    except ValueError as exc:
-        raise bad_request(f"The artifact cannot be served on this base: {exc}", "file") from None
+        artifact = compressor.verify_artifact(path, ctx.base_dir)
+    except compressor.ArtifactError as exc:
+        raise APIError(400, f"The artifact cannot be served on this base: {exc}", param="file",
+                       code="invalid_artifact") from None
     manifest = artifact.manifest
     ratio = manifest.get("ratio", manifest.get("params", {}).get("ratio"))
     return ctx.registry.publish(task, path, method=artifact.method, ratio=ratio, origin="artifact",

@@ -36,29 +36,22 @@ class ResidentDelta:
 def unpack_artifact(
     task: str, data: bytes, base_dir: Any, device: torch.device, dtype: torch.dtype
 ) -> ResidentDelta:
-    """Validate artifact bytes against the base and unpack every module into the kernels' layout."""
+    """Validate artifact bytes against the base and unpack every module into the kernels' layout.
+    Nothing unchecked is unpacked: load_artifact checks the manifest and every stored tensor, and each
+    module's decode checks what it makes (compressor.validate), so a bad artifact raises ArtifactError."""
     from compressor import load_artifact
 
     artifact = load_artifact(data, base_dir)
     factors: dict[str, Any] = {}
     dense: dict[str, torch.Tensor] = {}
     for module in artifact.modules():
-        if len(module.shape) == 1:
+        if module.kind == "dense":
             dense[module.name] = module.dense().to(device=device, dtype=dtype)
             continue
-        u, s, v = _module_factors(module)
+        u, s, v = module.factors()  # u [out, K], s [K], v [in, K]; a 2-D sparse/full delta is (D, 1, I)
         if s.numel() > 0:
             factors[module.name] = kernels.pack_factors(u, s, v, device=device, dtype=dtype)
     return ResidentDelta(task, hashlib.sha256(data).hexdigest(), factors, dense)
-
-
-def _module_factors(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(u [out, K], s [K], v [in, K]); a dense 2-D delta becomes u = D, s = 1, v = I (contract A)."""
-    if module.kind == "factors":
-        return module.factors()
-    full = module.dense().float()
-    cols = full.shape[1]
-    return full, torch.ones(cols), torch.eye(cols)
 
 
 class StepDeltas:
