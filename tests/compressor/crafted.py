@@ -162,6 +162,25 @@ def _qsvd_bit_rule(manifest: dict, tensors: Tensors, rng: random.Random) -> None
     entry["bit_rule"] = rng.choice([[], [[2, 0], [None, 2]], [[2, 9], [None, 2]], [[2, 8]], "8"])
 
 
+FUZZ_VALUES = [None, True, 0, -1, 1, 2**70, 1.5, float("nan"), "", "x", "ff", [], [1], [[1]], {}, {"a": 1},
+               [2, 3], [64, 64], [-5], "svd", "qsvd", "sparse", "dense", "full"]
+
+
+def random_edit(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
+    """One random edit: a manifest field, a module entry's field, or a tensor's dtype, shape or size."""
+    roll = rng.random()
+    if roll < 0.3:
+        manifest[rng.choice([*manifest, "new"])] = rng.choice(FUZZ_VALUES)
+    elif roll < 0.8:
+        entry = manifest["modules"][rng.choice(sorted(manifest["modules"]))]
+        entry[rng.choice([*entry, "bits", "drop_base", "drop_extra", "bit_rule", "key"])] = rng.choice(FUZZ_VALUES)
+    else:
+        key = rng.choice(sorted(tensors))
+        t = tensors[key]
+        tensors[key] = rng.choice([t.to(torch.float32), t.to(torch.uint8), t.reshape(1, -1), torch.zeros(0),
+                                   t[: t.numel() // 2], torch.zeros(5, 5)])
+
+
 ARTIFACT_EDITS: dict[str, Edit] = {
     "nan": _poke(float("nan")),
     "inf": _poke(float("inf")),

@@ -17,6 +17,7 @@ from crafted import (
     SPARSE_EDITS,
     checkpoint_edits,
     craft,
+    random_edit,
     raw_damage,
 )
 from server.cli import main
@@ -156,3 +157,24 @@ def test_the_engine_never_unpacks_an_unchecked_artifact(kind: str, artifacts: di
     bad = craft(artifacts["impart"], ARTIFACT_EDITS[kind], random.Random(5))
     with pytest.raises(compressor.ArtifactError):
         unpack_artifact("t", bad, pair[0], torch.device("cpu"), torch.float32)
+
+
+def test_random_edits_are_refused_as_artifact_errors_or_serve(artifacts: dict[str, bytes],
+                                                              pair: tuple[Path, Path]) -> None:
+    """Fuzz: any edit either raises an ArtifactError (a 400, never a 500) or leaves an artifact the
+    engine unpacks (an edit of a field nothing reads)."""
+    import torch
+
+    from server.model.deltas import unpack_artifact
+
+    refused = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        data = craft(artifacts[rng.choice(METHODS)], random_edit, rng)
+        try:
+            compressor.verify_artifact(data, pair[0])
+        except compressor.ArtifactError:
+            refused += 1
+            continue
+        unpack_artifact("t", data, pair[0], torch.device("cpu"), torch.float32)
+    assert refused > 50
