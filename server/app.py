@@ -36,7 +36,7 @@ from server.config import Settings, get_settings
 from server.jobs import JobManager
 from server.jobs.jobs import collect_leftovers
 from server.observability.metrics import CONTENT_TYPE, Metrics
-from server.registry import Registry, open_registry
+from server.registry import Registry, RegistryUnavailableError, open_registry
 
 log = logging.getLogger("deltaserve")
 UNION_TAG = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")
@@ -85,8 +85,9 @@ def _lifespan(ctx: ServerContext) -> Any:
         await asyncio.to_thread(_collect, ctx)
         await ctx.engine.start()
         _forward_registry_changes(ctx, asyncio.get_running_loop())
-        log.info("ready: base %s, registry %s, %d tasks", ctx.engine.base_name, ctx.settings.registry,
-                 len(ctx.registry.tasks()))
+        known = await asyncio.to_thread(ctx.registry.view.sync)
+        log.info("ready: base %s, registry %s, %s", ctx.engine.base_name, ctx.settings.registry,
+                 f"{len(ctx.registry.view.entries())} tasks" if known else "unreachable for now (retrying)")
         yield
         await drain(ctx)
         ctx.jobs.shutdown()
@@ -106,15 +107,24 @@ async def drain(ctx: ServerContext) -> None:
 
 
 def _collect(ctx: ServerContext) -> None:
-    ctx.registry.collect_garbage()
+    """Remove leftovers of dead processes; a registry that cannot be reached is skipped (the server
+    starts anyway and serves the base until the registry answers)."""
+    try:
+        ctx.registry.collect_garbage()
+    except RegistryUnavailableError as exc:
+        log.warning("registry garbage collection skipped: %s", exc)
     collect_leftovers(ctx.settings.resolved(ctx.settings.work_dir))
 
 
 def _forward_registry_changes(ctx: ServerContext, loop: asyncio.AbstractEventLoop) -> None:
-    """A task published, rolled back or deleted (here or by another replica): drop its resident delta."""
+    """A task published, rolled back or deleted (here or by another replica): retire its resident
+    versions other than the current one. This only frees memory early; requests carry the version they
+    resolved, so a stale delta is never served even if this notice is late or lost. Also starts the
+    registry's view (events and periodic resync)."""
     def changed(task: str) -> None:
-        log.info("registry changed task %s; invalidating its resident delta", task)
-        loop.call_soon_threadsafe(ctx.engine.invalidate, task)
+        current = ctx.registry.view.known(task)
+        log.info("registry changed task %s (now %s)", task, f"version {current.version}" if current else "gone")
+        loop.call_soon_threadsafe(ctx.engine.invalidate, task, current.sha256 if current else None)
 
     ctx.registry.subscribe(changed)
 

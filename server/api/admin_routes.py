@@ -6,8 +6,9 @@ import asyncio
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,13 +16,20 @@ from pydantic import BaseModel, Field
 
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import APIError, bad_request, from_engine, not_found
+from server.api.errors import APIError, bad_request, from_engine, not_found, registry_unavailable
 from server.api.uploads import receive_checkpoint, receive_raw
 from server.engine.types import EngineError
 from server.jobs import JobSpec
-from server.registry import InvalidTaskNameError, TaskEntry, TaskMissingError, validate_task_name
+from server.registry import (
+    InvalidTaskNameError,
+    RegistryUnavailableError,
+    TaskEntry,
+    TaskMissingError,
+    validate_task_name,
+)
 
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_principal)])
+_T = TypeVar("_T")
 Method = Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
 
 
@@ -34,6 +42,7 @@ async def upload_checkpoint(task: str, request: Request, method: Method | None =
                             ratio: float | None = Query(None, gt=1.0), seed: int = 0) -> JSONResponse:
     """Stream a fine-tuned checkpoint (multipart: config.json + *.safetensors) and queue its compression."""
     ctx, task = context_of(request), _task_name(task)
+    await _registry(ctx.registry.ensure_reachable)  # refuse now, not after the upload and the compression
     folder = _upload_path(ctx)
     folder.mkdir(parents=True)
     try:
@@ -53,11 +62,12 @@ async def upload_checkpoint(task: str, request: Request, method: Method | None =
 async def upload_artifact(task: str, request: Request) -> JSONResponse:
     """Publish a ready artifact (the raw bytes of a compressor output) as the task's new version."""
     ctx, task = context_of(request), _task_name(task)
+    await _registry(ctx.registry.ensure_reachable)
     path = _upload_path(ctx).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         await receive_raw(request.stream(), path, ctx.settings.max_upload_bytes)
-        published = await asyncio.to_thread(_publish_artifact, ctx, task, path)
+        published = await _registry(_publish_artifact, ctx, task, path)
     finally:
         path.unlink(missing_ok=True)
     return JSONResponse(_version_dict(published), status_code=201)
@@ -71,7 +81,7 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
     chosen = [v for v in entry.versions if v.version == (version or entry.current)]
     if not chosen:
         raise not_found(f"task {task!r} has no version {version}")
-    data = await asyncio.to_thread(ctx.registry.read, chosen[0].to_ref())
+    data = await _registry(ctx.registry.read, chosen[0].to_ref())
     return Response(data, media_type="application/octet-stream",
                     headers={"X-Artifact-Sha256": chosen[0].sha256, "X-Task-Version": str(chosen[0].version)})
 
@@ -79,7 +89,7 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
 @router.get("/tasks")
 async def list_tasks(request: Request) -> dict[str, Any]:
     ctx = context_of(request)
-    entries = await asyncio.to_thread(ctx.registry.entries)
+    entries = await _registry(ctx.registry.entries)
     updating = await asyncio.to_thread(ctx.jobs.active_tasks)
     return {"object": "list", "data": [_entry_dict(entry, updating) for entry in entries]}
 
@@ -94,7 +104,7 @@ async def list_versions(task: str, request: Request) -> dict[str, Any]:
 async def rollback(task: str, body: RollbackRequest, request: Request) -> dict[str, Any]:
     ctx, task = context_of(request), _task_name(task)
     try:
-        version = await asyncio.to_thread(ctx.registry.rollback, task, body.version)
+        version = await _registry(ctx.registry.rollback, task, body.version)
     except TaskMissingError as exc:
         raise not_found(str(exc)) from None
     return _version_dict(version)
@@ -115,7 +125,7 @@ async def warm(task: str, request: Request) -> dict[str, Any]:
 async def delete_task(task: str, request: Request) -> dict[str, Any]:
     ctx, task = context_of(request), _task_name(task)
     try:
-        removed = await asyncio.to_thread(ctx.registry.delete, task)
+        removed = await _registry(ctx.registry.delete, task)
     except TaskMissingError as exc:
         raise not_found(str(exc)) from None
     return {"task": task, "deleted": True, "versions": len(removed.versions)}
@@ -150,6 +160,15 @@ async def stats(request: Request) -> dict[str, Any]:
     return asdict(context_of(request).engine.stats())
 
 
+async def _registry(call: Callable[..., _T], *args: Any) -> _T:
+    """A registry call off the event loop; 503 registry_unavailable when the registry cannot be reached
+    (listings answer from the last known index instead, and fail only when none was ever read)."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except RegistryUnavailableError:
+        raise registry_unavailable() from None
+
+
 def _task_name(task: str) -> str:
     try:
         return validate_task_name(task)
@@ -158,7 +177,7 @@ def _task_name(task: str) -> str:
 
 
 async def _entry(ctx: ServerContext, task: str) -> TaskEntry:
-    entry = await asyncio.to_thread(ctx.registry.entry, _task_name(task))
+    entry = await _registry(ctx.registry.entry, _task_name(task))
     if entry is None:
         raise not_found(f"no task named {task!r}")
     return entry

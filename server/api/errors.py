@@ -16,6 +16,7 @@ from server.engine.types import (
     EngineNotReadyError,
     InvalidRequestError,
     QueueFullError,
+    RegistryUnavailableError,
     RequestFailedError,
     TaskNotFoundError,
 )
@@ -91,6 +92,14 @@ def not_ready(message: str = "The server is starting or shutting down; retry sho
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def registry_unavailable() -> APIError:
+    """The registry cannot be reached and the answer is not in its last known index: transient (the
+    cause is in the server's log, not in the reply)."""
+    return APIError(503, "The task registry cannot be reached right now; retry shortly.",
+                    type="service_unavailable", code="registry_unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def from_engine(exc: EngineError, model: str) -> APIError:
     """The HTTP error an engine error maps to."""
     if isinstance(exc, TaskNotFoundError):
@@ -102,6 +111,8 @@ def from_engine(exc: EngineError, model: str) -> APIError:
         return not_ready(str(exc) or "The engine is not ready.")
     if isinstance(exc, InvalidRequestError):
         return bad_request(str(exc), exc.param)
+    if isinstance(exc, RegistryUnavailableError):
+        return registry_unavailable()
     if isinstance(exc, DeltaLoadError):
         # published but unusable here (corrupt blob, wrong base, larger than the delta cache): not the
         # caller's fault and not transient, so 503 without Retry-After, naming the cause for operators

@@ -11,10 +11,11 @@ from pydantic import BaseModel
 
 from server.api.auth_deps import api_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import not_ready
+from server.api.errors import not_ready, registry_unavailable
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id
 from server.api.serving import Target, resolve_target
 from server.auth import Principal
+from server.registry import RegistryUnavailableError
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -41,7 +42,10 @@ async def list_models(request: Request, principal: Principal = Depends(api_princ
     ctx = context_of(request)
     base = ctx.engine.base_name
     cards = [ModelCard(id=base, created=int(ctx.started), owned_by="deltaserve")]
-    refs = await asyncio.to_thread(ctx.registry.tasks)
+    try:
+        refs = await asyncio.to_thread(ctx.registry.tasks)  # the last known index while Redis is away
+    except RegistryUnavailableError:
+        raise registry_unavailable() from None
     cards += [ModelCard(id=ref.task, created=int(ref.created), owned_by="deltaserve", root=base, parent=base)
               for ref in refs if principal.may_use(ref.task)]
     return ModelList(data=cards)

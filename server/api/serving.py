@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from server.api.errors import APIError, bad_request, forbidden, from_engine, model_not_found
+from server.api.errors import APIError, bad_request, forbidden, from_engine, model_not_found, registry_unavailable
 from server.api.protocol import ChatCompletionRequest, ContentPart, SamplingFields, Usage
 from server.auth import Principal
 from server.config import Settings
@@ -23,6 +23,7 @@ from server.engine.types import (
     EngineError,
     GenerationChunk,
     GenerationRequest,
+    RegistryUnavailableError,
     SamplingParams,
     TaskRef,
 )
@@ -58,11 +59,15 @@ class Target:
     task: str | None
     model: str
     """The model name the response reports."""
+    ref: TaskRef | None = None
+    """The task's version, resolved once here; the engine serves exactly this version."""
 
 
 def resolve_target(header_task: str | None, model: str, base_name: str, principal: Principal,
                    tasks: TaskLookup) -> Target:
-    """X-Task wins; else `model` as `task`, `base:task` or the base itself; scope, then existence."""
+    """X-Task wins; else `model` as `task`, `base:task` or the base itself; scope, then existence and the
+    current version, looked up once for the whole request (503 registry_unavailable when the task is not
+    in the last known index and the registry cannot be reached)."""
     task = header_task.strip() if header_task and header_task.strip() else _task_of_model(model, base_name)
     if task is None:
         return Target(None, base_name)
@@ -72,9 +77,11 @@ def resolve_target(header_task: str | None, model: str, base_name: str, principa
         found = tasks.lookup(task)
     except InvalidTaskNameError:
         found = None
+    except RegistryUnavailableError:
+        raise registry_unavailable() from None
     if found is None:
         raise model_not_found(task)
-    return Target(task, task)
+    return Target(task, task, found)
 
 
 def _task_of_model(model: str, base_name: str) -> str | None:

@@ -47,7 +47,7 @@ class ChatServing:
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top, self.limits)
-        request = GenerationRequest(request_id, target.task, tuple(prompt), params)
+        request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
             return self._stream(run, target, request_id, req)

@@ -41,7 +41,7 @@ class CompletionServing:
         prompt = await asyncio.to_thread(self.prompt_ids, req.prompt)
         params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs,
                                 self.limits)
-        request = GenerationRequest(request_id, target.task, tuple(prompt), params)
+        request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
         if req.stream:
             return self._stream(run, target, request_id, req)

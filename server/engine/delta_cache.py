@@ -1,26 +1,34 @@
-"""Resident deltas under a byte budget: LRU, pinned while a running request uses them, loaded off-loop.
+"""Resident deltas under a byte budget: keyed by version, LRU, pinned while running requests use them.
 
-A load runs in a worker thread (lookup, read, sha256 check, unpack to the kernels' layout) so the step
-loop keeps serving other tasks. A delta pinned by a running request is never evicted; an invalidated
-one is retired and dropped once its last pin goes. A load starts only while the pinned deltas leave
-room; the one that completes may then overshoot the budget by less than itself until pins drain.
+An entry is keyed by (task, artifact sha256): a request carries the TaskRef it resolved, and only the
+entry of exactly that sha serves it, so a resident older version is never used for a newer one (and a
+rollback is a different key too) whether or not a change notification arrived. When a version becomes
+resident, the task's other versions are retired: dropped now, or once their last pin goes.
+
+A load runs in a worker thread (read, which the source checks against the sha, then unpack to the
+kernels' layout) so the step loop keeps serving other tasks. A load starts only while pinned deltas
+leave room; the one that completes may overshoot the budget until pins drain. Resident bytes are
+brought back under the budget, least recently used first, whenever it may help: on inserts, hits,
+releases and withdrawals. Two kinds of entry are spared: one pinned by a running request, and one
+wanted by a waiting request (it is about to be pinned; evicting it would only load it again).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.engine.types import DeltaSource, TaskNotFoundError, TaskRef
+from server.engine.types import DeltaSource, TaskRef
 from server.model.deltas import ResidentDelta
 
-Unpack = Callable[[str, bytes], ResidentDelta]
+Unpack = Callable[[TaskRef, bytes], ResidentDelta]
+Key = tuple[str, str]
+"""(task, artifact sha256): one version of one task."""
 
 
 class DeltaLoadFailed(RuntimeError):
@@ -50,21 +58,25 @@ class CacheCounters:
     evictions: int = 0
     loads: int = 0
     load_seconds: float = 0.0
-    failures: dict[str, BaseException] = field(default_factory=dict)
+    failures: dict[Key, BaseException] = field(default_factory=dict)
+
+
+def key_of(ref: TaskRef) -> Key:
+    return (ref.task, ref.sha256)
 
 
 class DeltaCache:
-    def __init__(
-        self, source: DeltaSource, budget_bytes: int, unpack: Unpack, on_change: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, source: DeltaSource, budget_bytes: int, unpack: Unpack,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.source = source
         self.budget = budget_bytes
         self._unpack = unpack
         self._on_change = on_change
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._retired: list[Entry] = []
-        self._loading: dict[str, Future[None]] = {}
+        self._loading: dict[Key, Future[None]] = {}
+        self._wanted: Counter[Key] = Counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delta-loader")
         self.counters = CacheCounters()
 
@@ -75,43 +87,70 @@ class DeltaCache:
 
     @property
     def resident_tasks(self) -> list[str]:
+        """Tasks with a resident version, least recently used first."""
         with self._lock:
-            return list(self._entries)
+            return list(dict.fromkeys(task for task, _ in self._entries))
 
-    def request(self, task: str) -> None:
-        """A new request names `task`: count a hit or a miss, and start loading on a miss."""
+    def resident_version(self, task: str) -> str | None:
+        """The sha256 of the task's resident version (the most recently used one), or None."""
         with self._lock:
-            if task in self._entries:
+            shas = [sha for name, sha in self._entries if name == task]
+        return shas[-1] if shas else None
+
+    def request(self, ref: TaskRef) -> None:
+        """A new request waits for `ref`: count a hit or a miss, mark it wanted, load it on a miss."""
+        with self._lock:
+            key = key_of(ref)
+            self._wanted[key] += 1
+            if key in self._entries:
                 self.counters.hits += 1
+                self._shrink()
                 return
             self.counters.misses += 1
-        self.state(task)
+        self.state(ref)
 
-    def state(self, task: str) -> DeltaState:
-        """Where `task` stands; starts its load when it is absent and there is room."""
+    def want(self, ref: TaskRef) -> None:
+        """A request waits for `ref` again (it was preempted); not counted as a hit or miss."""
         with self._lock:
-            if task in self._entries:
+            self._wanted[key_of(ref)] += 1
+
+    def withdraw(self, ref: TaskRef) -> None:
+        """A waiting request for `ref` left without running (aborted, failed)."""
+        with self._lock:
+            self._unwant(key_of(ref))
+            self._shrink()
+
+    def state(self, ref: TaskRef) -> DeltaState:
+        """Where `ref` stands; starts its load when it is absent and there is room."""
+        key = key_of(ref)
+        with self._lock:
+            if key in self._entries:
                 return DeltaState.READY
-            if task in self._loading:
+            if key in self._loading:
                 return DeltaState.LOADING
-            if task in self.counters.failures:
+            if key in self.counters.failures:
                 return DeltaState.FAILED
             if self._pinned_bytes() >= self.budget:
                 return DeltaState.NO_ROOM
-            self._start_load(task)
+            self._start_load(ref)
             return DeltaState.LOADING
 
-    def take_failure(self, task: str) -> BaseException | None:
-        """The error of the task's last load, once (a later request retries the load)."""
+    def take_failure(self, ref: TaskRef) -> BaseException | None:
+        """The error of the version's last load, once (a later request retries the load)."""
         with self._lock:
-            return self.counters.failures.pop(task, None)
+            return self.counters.failures.pop(key_of(ref), None)
 
-    def acquire(self, task: str) -> Entry:
-        """Pin the resident delta of `task` (state() was READY) for one running request."""
+    def acquire(self, ref: TaskRef) -> Entry | None:
+        """Pin the resident delta of `ref` for one running request; None when it is not resident (a
+        load of another delta may evict it between state() and this call)."""
+        key = key_of(ref)
         with self._lock:
-            entry = self._entries[task]
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
             entry.pins += 1
-            self._entries.move_to_end(task)
+            self._unwant(key)
+            self._entries.move_to_end(key)
             return entry
 
     def release(self, entry: Entry) -> None:
@@ -119,75 +158,93 @@ class DeltaCache:
             entry.pins -= 1
             if entry.retired and entry.pins == 0:
                 self._retired.remove(entry)
+            self._shrink()
 
-    def prefetch(self, task: str) -> Future[None]:
-        """A future that completes once `task` is resident (raising its load error, if any)."""
+    def prefetch(self, ref: TaskRef) -> Future[None]:
+        """A future that completes once `ref` is resident (raising its load error, if any)."""
+        key = key_of(ref)
         with self._lock:
-            if task in self._entries:
+            if key in self._entries:
                 done: Future[None] = Future()
                 done.set_result(None)
                 return done
-            self.counters.failures.pop(task, None)
-            return self._loading.get(task) or self._start_load(task)
+            self.counters.failures.pop(key, None)
+            return self._loading.get(key) or self._start_load(ref)
 
-    def invalidate(self, task: str) -> None:
-        """Drop the task's resident delta now, or once the last running request that pins it ends."""
+    def invalidate(self, task: str, keep_sha: str | None = None) -> None:
+        """Retire the task's resident versions other than `keep_sha`: dropped now, or once the last
+        running request that pins them ends. Only frees memory early: a request never uses a version
+        other than the one it resolved."""
         with self._lock:
-            entry = self._entries.pop(task, None)
-            self.counters.failures.pop(task, None)
-            if entry is not None and entry.pins > 0:
-                entry.retired = True
-                self._retired.append(entry)
+            self._retire_task(task, keep_sha)
+            for key in [k for k in self.counters.failures if k[0] == task and k[1] != keep_sha]:
+                del self.counters.failures[key]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _start_load(self, task: str) -> Future[None]:
-        future = self._pool.submit(self._load, task)
-        self._loading[task] = future
+    def _start_load(self, ref: TaskRef) -> Future[None]:
+        future = self._pool.submit(self._load, ref)
+        self._loading[key_of(ref)] = future
         return future
 
-    def _load(self, task: str) -> None:
+    def _load(self, ref: TaskRef) -> None:
         started = time.perf_counter()
         try:
-            delta = self._unpack(task, self._read_checked(task))
+            delta = self._unpack(ref, self.source.read(ref))
             if delta.nbytes > self.budget:
-                raise DeltaLoadFailed(f"delta of {task!r} needs {delta.nbytes} B, over the cache budget {self.budget} B")
-            self._insert(task, delta, time.perf_counter() - started)
+                raise DeltaLoadFailed(f"delta of {ref.task!r} needs {delta.nbytes} B, over the cache budget "
+                                      f"{self.budget} B")
+            self._insert(ref, delta, time.perf_counter() - started)
         except BaseException as exc:
             with self._lock:
-                self._loading.pop(task, None)
-                self.counters.failures[task] = exc
+                self._loading.pop(key_of(ref), None)
+                self.counters.failures[key_of(ref)] = exc
             raise
         finally:
             self._on_change()
 
-    def _read_checked(self, task: str) -> bytes:
-        ref: TaskRef | None = self.source.lookup(task)
-        if ref is None:
-            raise TaskNotFoundError(f"task {task!r} is not published")
-        data = self.source.read(ref)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != ref.sha256:
-            raise DeltaLoadFailed(f"artifact of {task!r} has sha256 {digest}, the index says {ref.sha256}")
-        return data
-
-    def _insert(self, task: str, delta: ResidentDelta, seconds: float) -> None:
+    def _insert(self, ref: TaskRef, delta: ResidentDelta, seconds: float) -> None:
+        key = key_of(ref)
         with self._lock:
+            self._retire_task(ref.task, ref.sha256)
             self._evict_for(delta.nbytes)
-            self._entries[task] = Entry(delta, delta.nbytes)
-            self._loading.pop(task, None)
+            self._entries[key] = Entry(delta, delta.nbytes)
+            self._loading.pop(key, None)
             self.counters.loads += 1
             self.counters.load_seconds += seconds
 
+    def _retire_task(self, task: str, keep_sha: str | None) -> None:
+        """Under the lock: take the task's versions other than `keep_sha` out of service."""
+        for key in [k for k in self._entries if k[0] == task and k[1] != keep_sha]:
+            entry = self._entries.pop(key)
+            if entry.pins > 0:
+                entry.retired = True
+                self._retired.append(entry)
+
     def _evict_for(self, incoming: int) -> None:
         """Evict unpinned deltas, least recently used first, until `incoming` fits (or none is left)."""
-        for task in list(self._entries):
+        for key in list(self._entries):
             if self._resident_bytes() + incoming <= self.budget:
                 return
-            if self._entries[task].pins == 0:
-                del self._entries[task]
+            if self._entries[key].pins == 0:
+                del self._entries[key]
                 self.counters.evictions += 1
+
+    def _shrink(self) -> None:
+        """Under the lock: evict least recently used deltas neither pinned nor wanted while over budget."""
+        for key in list(self._entries):
+            if self._resident_bytes() <= self.budget:
+                return
+            if self._entries[key].pins == 0 and self._wanted[key] == 0:
+                del self._entries[key]
+                self.counters.evictions += 1
+
+    def _unwant(self, key: Key) -> None:
+        if self._wanted[key] <= 1:
+            self._wanted.pop(key, None)
+        else:
+            self._wanted[key] -= 1
 
     def _resident_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values()) + sum(e.nbytes for e in self._retired)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from server.engine.types import (
     QueueFullError,
     RequestFailedError,
     TaskNotFoundError,
+    TaskRef,
     TokenLogprob,
 )
 from server.engine.validation import validate_request
@@ -96,8 +98,8 @@ class Engine:
         log.info("base %s loaded in %.1fs; KV cache %d blocks of %d tokens", self.base_name,
                  time.perf_counter() - started, self.kv.num_blocks, self.kv.block_size)
 
-    def _unpack(self, task: str, data: bytes) -> ResidentDelta:
-        return unpack_artifact(task, data, self.base_dir, self.device, self.dtype)
+    def _unpack(self, ref: TaskRef, data: bytes) -> ResidentDelta:
+        return unpack_artifact(ref.task, data, self.base_dir, self.device, self.dtype, sha256=ref.sha256)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop admitting; let in-flight requests finish within `timeout`, then abort the rest."""
@@ -122,8 +124,7 @@ class Engine:
         if not self.ready:
             raise EngineNotReadyError("the engine is starting or shutting down")
         validate_request(request, self.max_model_len, self.config.vocab_size)
-        if request.task is not None and await asyncio.to_thread(self.source.lookup, request.task) is None:
-            raise TaskNotFoundError(f"task {request.task!r} is not published")
+        request = await self._resolved(request)
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._submit(self._sequence(request, _thread_safe_sink(queue)))
         finished = False
@@ -138,6 +139,24 @@ class Engine:
         finally:
             if not finished:
                 await self.abort(request.request_id)
+
+    async def _resolved(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the version of its task it runs: the one the caller resolved, or (for a
+        caller that did not) the source's current version, looked up once here."""
+        if request.ref is not None:
+            if request.ref.task != request.task:
+                raise InvalidRequestError(f"the request names task {request.task!r} but carries a version of "
+                                          f"{request.ref.task!r}", "task")
+            return request
+        if request.task is None:
+            return request
+        return replace(request, ref=await self._lookup(request.task))
+
+    async def _lookup(self, task: str) -> TaskRef:
+        ref = await asyncio.to_thread(self.source.lookup, task)
+        if ref is None:
+            raise TaskNotFoundError(f"task {task!r} is not published")
+        return ref
 
     def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         seed = request.params.seed
@@ -164,16 +183,19 @@ class Engine:
         """Make the task's delta resident (admin "warm"); raises TaskNotFoundError / DeltaLoadError."""
         if not hasattr(self, "deltas"):
             raise EngineNotReadyError("the engine has not loaded its base yet")
+        ref = await self._lookup(task)
         try:
-            await asyncio.wrap_future(self.deltas.prefetch(task))
+            await asyncio.wrap_future(self.deltas.prefetch(ref))
         except EngineError:
             raise
         except Exception as exc:
             raise DeltaLoadError(f"delta of {task!r} failed to load: {exc}") from exc
 
-    def invalidate(self, task: str) -> None:
+    def invalidate(self, task: str, keep_sha: str | None = None) -> None:
+        """The task changed: retire its resident versions other than `keep_sha` (frees them early;
+        requests never use a version other than the one they resolved anyway)."""
         if hasattr(self, "deltas"):
-            self.deltas.invalidate(task)
+            self.deltas.invalidate(task, keep_sha)
 
     def stats(self) -> EngineStats:
         counters = self.deltas.counters if hasattr(self, "deltas") else None

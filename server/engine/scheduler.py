@@ -1,20 +1,21 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
 Each step spends a token budget: running decodes first (oldest first), then prefill chunks of running
-sequences, then new admissions in arrival order. A waiting request is admitted only once its task's
-delta is resident; one whose delta is loading is passed over (others keep running), while one that
-finds no room for its delta, or no KV blocks, holds the queue until pins and blocks drain, so nothing
-behind it can starve it. When blocks run out mid-flight the newest sequence is preempted (its blocks
-freed, recomputed later).
+sequences, then new admissions in arrival order. A waiting request is admitted only once the delta of
+the very version it resolved (its TaskRef) is resident; one whose delta is loading is passed over
+(others keep running), while one that finds no room for its delta, or no KV blocks, holds the queue
+until pins and blocks drain, so nothing behind it can starve it. When blocks run out mid-flight the
+newest sequence is preempted (its blocks freed, recomputed later).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.delta_cache import DeltaCache, DeltaState
+from server.engine.delta_cache import DeltaCache, DeltaState, key_of
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import Sequence, Status
+from server.engine.types import TaskRef
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if seq.task is not None:
-            self.deltas.request(seq.task)
+        if seq.ref is not None:
+            self.deltas.request(seq.ref)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -71,34 +72,42 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_running:
                 break
-            state = self.deltas.state(seq.task) if seq.task is not None else DeltaState.READY
-            if state is DeltaState.FAILED:
-                failed.extend(self._fail_task(seq.task))
+            state = self.deltas.state(seq.ref) if seq.ref is not None else DeltaState.READY
+            if state is DeltaState.FAILED and seq.ref is not None:
+                failed.extend(self._fail_version(seq.ref))
                 continue
             if state is DeltaState.LOADING:
                 continue
             n = min(seq.uncomputed, budget)
             if state is DeltaState.NO_ROOM or not self.kv.can_allocate(self.kv.blocks_needed(0, n)):
                 break
-            self._start(seq, n)
+            if not self._start(seq, n):
+                continue
             chunks.append(ScheduledChunk(seq, 0, n))
             budget -= n
         return failed
 
-    def _start(self, seq: Sequence, num_tokens: int) -> None:
+    def _start(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pin the sequence's delta and give it blocks; False when its delta went meanwhile (the loader
+        made room for another), so it waits for a reload."""
+        seq.delta_entry = self.deltas.acquire(seq.ref) if seq.ref is not None else None
+        if seq.ref is not None and seq.delta_entry is None:
+            return False
         seq.blocks = self.kv.allocate(self.kv.blocks_needed(0, num_tokens))
-        seq.delta_entry = self.deltas.acquire(seq.task) if seq.task is not None else None
         seq.status = Status.RUNNING
         self.waiting.remove(seq)
         self.running.append(seq)
+        return True
 
-    def _fail_task(self, task: str | None) -> list[tuple[Sequence, BaseException]]:
-        error = self.deltas.take_failure(task) if task is not None else None
-        doomed = [s for s in self.waiting if s.task == task]
+    def _fail_version(self, ref: TaskRef) -> list[tuple[Sequence, BaseException]]:
+        """End every waiting request for the version whose load failed (other versions are not touched)."""
+        error = self.deltas.take_failure(ref)
+        doomed = [s for s in self.waiting if s.ref is not None and key_of(s.ref) == key_of(ref)]
         for seq in doomed:
             self.waiting.remove(seq)
+            self.deltas.withdraw(ref)
             seq.status = Status.FINISHED
-        return [(seq, error or RuntimeError(f"delta of {task!r} failed to load")) for seq in doomed]
+        return [(seq, error or RuntimeError(f"delta of {ref.task!r} failed to load")) for seq in doomed]
 
     def _reserve(self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk]) -> bool:
         """Give `seq` the blocks for `num_tokens` more tokens, preempting the newest unscheduled sequences."""
@@ -120,6 +129,8 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
+        if seq.ref is not None:
+            self.deltas.want(seq.ref)
         self.waiting.append(seq)
         self.waiting.sort(key=lambda s: s.arrival)
 
@@ -127,6 +138,8 @@ class Scheduler:
         """Remove a finished or aborted sequence, wherever it is, freeing its blocks and pin."""
         if seq in self.waiting:
             self.waiting.remove(seq)
+            if seq.ref is not None:
+                self.deltas.withdraw(seq.ref)
         self._release(seq)
         seq.status = Status.FINISHED
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
+from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TaskRef, TokenLogprob
 
 Sink = Callable[[GenerationChunk | BaseException], None]
 _arrival = itertools.count()
@@ -40,7 +40,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     delta_entry: Any = None
-    """The pinned delta-cache entry while running with a task (None for the base)."""
+    """The pinned delta-cache entry of `ref` while running with a task (None for the base)."""
 
     @property
     def request_id(self) -> str:
@@ -49,6 +49,11 @@ class Sequence:
     @property
     def task(self) -> str | None:
         return self.request.task
+
+    @property
+    def ref(self) -> TaskRef | None:
+        """The task version this request runs with (resolved before it reached the engine)."""
+        return self.request.ref
 
     @property
     def prompt(self) -> tuple[int, ...]:

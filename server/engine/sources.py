@@ -13,10 +13,13 @@ SUFFIX = ".safetensors"
 
 
 class LocalDirDeltaSource:
-    """Implements DeltaSource over `folder/<task>.safetensors`; the version is always 1."""
+    """Implements DeltaSource over `folder/<task>.safetensors`; the version is always 1 and the sha256
+    tells versions apart (a replaced file is a new one)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._digests: dict[str, tuple[tuple[int, int, int], str]] = {}
+        """task -> (the file's (inode, mtime_ns, size), its sha256): a lookup hashes a file once per change."""
 
     def _path(self, task: str) -> Path | None:
         if not TASK_NAME.match(task):
@@ -28,9 +31,12 @@ class LocalDirDeltaSource:
         path = self._path(task)
         if path is None:
             return None
-        data = path.read_bytes()
         stat = path.stat()
-        return TaskRef(task, 1, hashlib.sha256(data).hexdigest(), len(data), created=stat.st_mtime)
+        state = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        known = self._digests.get(task)
+        if known is None or known[0] != state:
+            known = self._digests[task] = (state, hashlib.sha256(path.read_bytes()).hexdigest())
+        return TaskRef(task, 1, known[1], stat.st_size, created=stat.st_mtime)
 
     def read(self, ref: TaskRef) -> bytes:
         path = self._path(ref.task)

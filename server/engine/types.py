@@ -38,6 +38,9 @@ class GenerationRequest:
     """The task whose delta applies; None for the base model alone."""
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    ref: TaskRef | None = None
+    """The task's version as the caller resolved it (once, for the whole request); the engine serves
+    exactly this version's delta. None with a task: the engine resolves it through its DeltaSource."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class DeltaSource(Protocol):
     """Where the engine's delta cache reads artifacts from (the registry implements it)."""
 
     def lookup(self, task: str) -> TaskRef | None:
-        """The task's current version, or None when no such task is published."""
+        """The task's current version, or None when no such task is published; raises
+        RegistryUnavailableError when the task is not known and the registry cannot be reached."""
         ...
 
     def read(self, ref: TaskRef) -> bytes:
@@ -97,6 +101,11 @@ class EngineError(Exception):
 
 class TaskNotFoundError(EngineError):
     """The request names a task that is not published (HTTP 404 model_not_found)."""
+
+
+class RegistryUnavailableError(EngineError):
+    """The registry cannot be reached and the answer is not in its last known index (HTTP 503 with
+    code registry_unavailable and Retry-After)."""
 
 
 class QueueFullError(EngineError):

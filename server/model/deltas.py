@@ -34,9 +34,10 @@ class ResidentDelta:
 
 
 def unpack_artifact(
-    task: str, data: bytes, base_dir: Any, device: torch.device, dtype: torch.dtype
+    task: str, data: bytes, base_dir: Any, device: torch.device, dtype: torch.dtype, sha256: str | None = None
 ) -> ResidentDelta:
-    """Validate artifact bytes against the base and unpack every module into the kernels' layout.
+    """Validate artifact bytes against the base and unpack every module into the kernels' layout;
+    `sha256`: the bytes' digest when the caller already checked it (else it is computed here).
     Nothing unchecked is unpacked: load_artifact checks the manifest and every stored tensor, and each
     module's decode checks what it makes (compressor.validate), so a bad artifact raises ArtifactError."""
     from compressor import load_artifact
@@ -51,7 +52,7 @@ def unpack_artifact(
         u, s, v = module.factors()  # u [out, K], s [K], v [in, K]; a 2-D sparse/full delta is (D, 1, I)
         if s.numel() > 0:
             factors[module.name] = kernels.pack_factors(u, s, v, device=device, dtype=dtype)
-    return ResidentDelta(task, hashlib.sha256(data).hexdigest(), factors, dense)
+    return ResidentDelta(task, sha256 or hashlib.sha256(data).hexdigest(), factors, dense)
 
 
 class StepDeltas:

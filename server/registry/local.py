@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
-from server.registry.store import JOB_TTL_S, ChangeListener, valid_job_id
+from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
 
 
 log = logging.getLogger("deltaserve.registry")
@@ -90,6 +90,10 @@ class LocalStore:
     def entry(self, task: str) -> TaskEntry | None:
         raw = self._read_raw(task)
         return None if raw is None else _entry_from_raw(task, raw)
+
+    def entries(self) -> list[TaskEntry]:
+        found = (self.entry(name) for name in self.task_names())
+        return [entry for entry in found if entry is not None]
 
     def task_names(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "index").glob("*.json"))
@@ -152,7 +156,8 @@ class LocalStore:
         except (OSError, ValueError):
             return None
 
-    def subscribe(self, listener: ChangeListener) -> None:
+    def subscribe(self, listener: ChangeListener, resync: Resync | None = None) -> None:
+        """`resync` is not needed here: the watch compares whole index states, so it misses nothing."""
         self._listeners.append(listener)
         if self._watcher is None:
             self._seen = self._index_state()

@@ -8,29 +8,56 @@ Keys under the prefix (default `deltaserve:`):
     events             pub/sub channel: a task's name after it changed
     job:<id>           a compression job's record (JSON, expires JOB_TTL_S after its last write)
     jobs               sorted set of job ids by last write, to list them
-Every read of a blob re-hashes it against its key.
+Every read of a blob re-hashes it against its key. Every call waits at most the client's timeout (no
+retries): an unreachable or hung Redis raises RegistryUnavailableError, never a redis exception. The
+events listener reconnects with backoff and, after every (re)subscription, asks for a full resync, since
+messages published while it was away are lost.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from server.engine.types import RegistryUnavailableError
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
-from server.registry.store import JOB_TTL_S, ChangeListener, valid_job_id
+from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
 
 log = logging.getLogger("deltaserve.registry")
 CHUNK_BYTES = 4 << 20
 UPLOAD_TTL_S = 3600
+LISTEN_POLL_S = 0.2
+"""How long the events listener waits for a message before it checks whether it should stop."""
+RECONNECT_S = (0.1, 2.0)
+"""First and longest wait of the events listener between reconnection attempts (doubling)."""
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _guarded(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """`method` with Redis' connection errors and timeouts raised as RegistryUnavailableError."""
+    @functools.wraps(method)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except UNREACHABLE as exc:
+            message = f"the Redis registry cannot be reached: {type(exc).__name__}: {exc}"
+            raise RegistryUnavailableError(message) from exc
+
+    return call
 
 _SET_CURRENT = """
 if redis.call('HEXISTS', KEYS[1], 'v:' .. ARGV[1]) == 1 then
@@ -42,15 +69,18 @@ return 0
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "deltaserve:") -> None:
-        self.client = redis.Redis.from_url(url)
+    def __init__(self, url: str, prefix: str = "deltaserve:", timeout_s: float = 1.0) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), 0))
         self.prefix = prefix
         self._set_current = self.client.register_script(_SET_CURRENT)
-        self._pubsub: redis.client.PubSub | None = None
-        self._thread: redis.client.PubSubWorkerThread | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._listeners: list[ChangeListener] = []
+        self._resyncs: list[Resync] = []
         self._lock = threading.Lock()
 
+    @_guarded
     def put_blob(self, sha256: str, source: Path | bytes) -> None:
         upload = self._key(f"upload:{uuid.uuid4().hex}")
         for start, chunk in enumerate(_chunks(source)):
@@ -64,19 +94,23 @@ class RedisStore:
         pipe.persist(self._key(f"blob:{sha256}"))
         pipe.execute()
 
+    @_guarded
     def read_blob(self, sha256: str) -> bytes:
         data = b"".join(self._read_chunks(self._key(f"blob:{sha256}")))
         if not data or hashlib.sha256(data).hexdigest() != sha256:
             raise BlobCorruptError(f"artifact {sha256} is missing from Redis or does not match its sha256")
         return data
 
+    @_guarded
     def delete_blob(self, sha256: str) -> None:
         self.client.delete(self._key(f"blob:{sha256}"))
 
+    @_guarded
     def blob_digests(self) -> set[str]:
         start = len(self._key("blob:"))
         return {key.decode()[start:] for key in self.client.scan_iter(match=self._key("blob:*"), count=500)}
 
+    @_guarded
     def add_version(self, version: TaskVersion) -> TaskVersion:
         key = self._key(f"task:{version.task}")
         number = int(self.client.hincrby(key, "next", 1))
@@ -87,20 +121,29 @@ class RedisStore:
         pipe.execute()
         return numbered
 
+    @_guarded
     def entry(self, task: str) -> TaskEntry | None:
-        raw = self.client.hgetall(self._key(f"task:{task}"))
-        if b"current" not in raw:
-            return None
-        versions = sorted((TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")),
-                          key=lambda v: v.version)
-        return TaskEntry(task=task, current=int(raw[b"current"]), versions=tuple(versions))
+        return _entry_from_hash(task, self.client.hgetall(self._key(f"task:{task}")))
 
+    @_guarded
+    def entries(self) -> list[TaskEntry]:
+        """Every task's entry, read in one round trip after the names."""
+        names = self.task_names()
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._key(f"task:{name}"))
+        found = (_entry_from_hash(name, raw) for name, raw in zip(names, pipe.execute()))
+        return [entry for entry in found if entry is not None]
+
+    @_guarded
     def task_names(self) -> list[str]:
         return sorted(name.decode() for name in self.client.smembers(self._key("tasks")))
 
+    @_guarded
     def set_current(self, task: str, version: int) -> bool:
         return bool(self._set_current(keys=[self._key(f"task:{task}")], args=[version]))
 
+    @_guarded
     def delete_task(self, task: str) -> TaskEntry | None:
         found = self.entry(task)
         if found is None:
@@ -111,6 +154,7 @@ class RedisStore:
         pipe.execute()
         return found
 
+    @_guarded
     def collect_garbage(self, grace_s: float) -> list[str]:
         """Partial uploads expire by their TTL; here: blobs no task version points to."""
         referenced = {v.sha256 for name in self.task_names() for v in (self.entry(name) or _EMPTY).versions}
@@ -122,6 +166,7 @@ class RedisStore:
                 removed.append(f"blob:{sha}")
         return removed
 
+    @_guarded
     def put_job(self, record: dict[str, Any]) -> None:
         job_id = str(record["id"])
         if not valid_job_id(job_id):
@@ -131,12 +176,14 @@ class RedisStore:
         pipe.zadd(self._key("jobs"), {job_id: time.time()})
         pipe.execute()
 
+    @_guarded
     def job(self, job_id: str) -> dict[str, Any] | None:
         if not valid_job_id(job_id):
             return None
         raw = self.client.get(self._key(f"job:{job_id}"))
         return None if raw is None else json.loads(raw)
 
+    @_guarded
     def jobs(self) -> list[dict[str, Any]]:
         """Records by the index of job ids; ids whose record expired leave the index here."""
         self.client.zremrangebyscore(self._key("jobs"), "-inf", time.time() - JOB_TTL_S)
@@ -149,35 +196,63 @@ class RedisStore:
             self.client.zrem(self._key("jobs"), *gone)
         return [json.loads(raw) for raw in raws if raw is not None]
 
-    def subscribe(self, listener: ChangeListener) -> None:
+    def subscribe(self, listener: ChangeListener, resync: Resync | None = None) -> None:
         with self._lock:
             self._listeners.append(listener)
-            if self._pubsub is None:
-                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                self._pubsub.subscribe(**{self._key("events"): self._dispatch})
-                self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+            if resync is not None:
+                self._resyncs.append(resync)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._listen, name="registry-events", daemon=True)
+                self._thread.start()
 
+    @_guarded
     def notify(self, task: str) -> None:
         self.client.publish(self._key("events"), task)
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
-            if self._thread is not None:
-                self._thread.stop()
-                self._thread.join(timeout=2.0)
-            if self._pubsub is not None:
-                self._pubsub.close()
-            self._thread, self._pubsub = None, None
-            self._listeners.clear()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=2.0)
+        self._listeners.clear()
+        self._resyncs.clear()
         self.client.close()
 
-    def _dispatch(self, message: dict) -> None:
-        task = message["data"].decode()
-        for listener in list(self._listeners):
+    def _listen(self) -> None:
+        """Hear `events` until closed; after a lost connection reconnect with backoff, then resync."""
+        wait = RECONNECT_S[0]
+        while not self._stop.is_set():
             try:
-                listener(task)
+                self._listen_once()
+                wait = RECONNECT_S[0]
+            except UNREACHABLE as exc:
+                log.warning("registry events: Redis connection lost (%s); reconnecting in %.1fs",
+                            type(exc).__name__, wait)
+                self._stop.wait(wait)
+                wait = min(2 * wait, RECONNECT_S[1])
+
+    def _listen_once(self) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self._key("events"))
+            pubsub.get_message(timeout=LISTEN_POLL_S)  # the subscription's confirmation: the channel is live
+            self._call(self._resyncs, None)
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=LISTEN_POLL_S)
+                if message is not None and message.get("type") == "message":
+                    self._call(self._listeners, message["data"].decode())
+        finally:
+            pubsub.close()
+
+    def _call(self, callbacks: list[Any], task: str | None) -> None:
+        """Call each listener with `task` (each resync without arguments when `task` is None); one
+        callback's failure is logged and stops neither the others nor the listener."""
+        for callback in list(callbacks):
+            try:
+                callback() if task is None else callback(task)
             except Exception:
-                log.exception("registry change listener failed for task %s", task)
+                log.exception("registry change callback failed (task %s)", task)
 
     def _read_chunks(self, key: str) -> Iterator[bytes]:
         start = 0
@@ -190,6 +265,14 @@ class RedisStore:
 
 
 _EMPTY = TaskEntry(task="", current=0, versions=())
+
+
+def _entry_from_hash(task: str, raw: dict[bytes, bytes]) -> TaskEntry | None:
+    if b"current" not in raw:
+        return None
+    versions = sorted((TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")),
+                      key=lambda v: v.version)
+    return TaskEntry(task=task, current=int(raw[b"current"]), versions=tuple(versions))
 
 
 def _chunks(source: Path | bytes) -> Iterator[bytes]:

@@ -1,7 +1,9 @@
 """The registry: published tasks and their artifacts, over a Store backend. Implements DeltaSource.
 
 Publish is blob first (content-addressed by sha256), index entry last, so a task is visible only when
-its artifact is whole. Every change is announced to listeners (the engine drops stale resident deltas).
+its artifact is whole. Reads of the index go through the RegistryView (view.py), the last known index
+in memory; this process's own changes reach it at once, other processes' by events and resync, and
+every change of it is announced to listeners (the engine retires stale resident deltas).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from server.engine.types import TaskRef
 from server.registry.local import LocalStore
 from server.registry.records import TaskEntry, TaskMissingError, TaskVersion, validate_task_name
 from server.registry.store import ChangeListener, Store, digest_of
+from server.registry.view import RegistryView
 
 log = logging.getLogger("deltaserve.registry")
 GARBAGE_GRACE_S = 3600.0
@@ -23,8 +26,9 @@ GARBAGE_GRACE_S = 3600.0
 
 
 class Registry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, resync_s: float = 0.5) -> None:
         self.store = store
+        self.view = RegistryView(store, resync_s)
 
     def publish(self, task: str, source: Path | bytes, *, method: str, ratio: float | None,
                 origin: str = "artifact", quality: dict[str, Any] | None = None) -> TaskVersion:
@@ -36,33 +40,32 @@ class Registry:
                             created=time.time(), source=origin, quality=dict(quality or {}))
         published = self.store.add_version(draft)
         log.info("published task %s version %d (%s, %d bytes)", task, published.version, sha256[:12], size)
-        self.store.notify(task)
+        self._changed(task)
         return published
 
     def lookup(self, task: str) -> TaskRef | None:
-        found = self.entry(task)
-        return None if found is None else found.current_version.to_ref()
+        """The task's current version (from the last known index; read through when unknown)."""
+        return self.view.resolve(task)
 
     def read(self, ref: TaskRef) -> bytes:
+        """The artifact's bytes, checked against ref.sha256 by the store (the one check of a load)."""
         return self.store.read_blob(ref.sha256)
 
     def tasks(self) -> list[TaskRef]:
         return [entry.current_version.to_ref() for entry in self.entries()]
 
     def entry(self, task: str) -> TaskEntry | None:
-        validate_task_name(task)
-        return self.store.entry(task)
+        return self.view.entry(task)
 
     def entries(self) -> list[TaskEntry]:
-        found = (self.store.entry(name) for name in self.store.task_names())
-        return [entry for entry in found if entry is not None]
+        return self.view.entries()
 
     def rollback(self, task: str, version: int) -> TaskVersion:
         """Point `task` back (or forward) to a kept version."""
         validate_task_name(task)
         if not self.store.set_current(task, version):
             raise TaskMissingError(f"task {task!r} has no version {version}")
-        self.store.notify(task)
+        self._changed(task)
         return self.require(task).current_version
 
     def delete(self, task: str) -> TaskEntry:
@@ -71,10 +74,10 @@ class Registry:
         removed = self.store.delete_task(task)
         if removed is None:
             raise TaskMissingError(f"no task named {task!r}")
-        still_used = {v.sha256 for entry in self.entries() for v in entry.versions}
+        self._changed(task)
+        still_used = {v.sha256 for entry in self.store.entries() for v in entry.versions}
         for sha in {v.sha256 for v in removed.versions} - still_used:
             self.store.delete_blob(sha)
-        self.store.notify(task)
         log.info("deleted task %s (%d versions)", task, len(removed.versions))
         return removed
 
@@ -85,7 +88,17 @@ class Registry:
         return found
 
     def subscribe(self, listener: ChangeListener) -> None:
-        self.store.subscribe(listener)
+        """Call `listener` with a task's name whenever its entry changes (here or in another process)."""
+        self.view.subscribe(listener)
+
+    def ensure_reachable(self) -> None:
+        """Read the index now; RegistryUnavailableError when the store cannot be reached (refuse a write
+        up front rather than fail it half way)."""
+        self.view.sync(raising=True)
+
+    def start(self) -> None:
+        """Keep the view current: listen to the store's events and resync periodically."""
+        self.view.start()
 
     def collect_garbage(self, grace_s: float = GARBAGE_GRACE_S) -> list[str]:
         removed = self.store.collect_garbage(grace_s)
@@ -94,7 +107,13 @@ class Registry:
         return removed
 
     def close(self) -> None:
+        self.view.close()
         self.store.close()
+
+    def _changed(self, task: str) -> None:
+        """After this process changed `task`: the view takes it now, then other processes hear of it."""
+        self.view.refresh(task)
+        self.store.notify(task)
 
 
 def open_registry(settings: Settings) -> Registry:
@@ -102,5 +121,5 @@ def open_registry(settings: Settings) -> Registry:
     if settings.registry == "redis":
         from server.registry.redis_store import RedisStore
 
-        return Registry(RedisStore(settings.redis_url))
-    return Registry(LocalStore(settings.resolved(settings.registry_dir)))
+        return Registry(RedisStore(settings.redis_url, timeout_s=settings.registry_timeout), settings.registry_resync_s)
+    return Registry(LocalStore(settings.resolved(settings.registry_dir)), settings.registry_resync_s)

@@ -1,7 +1,8 @@
 """The storage backend behind the registry: an index of task versions and a content-addressed blob store.
 
 Two implementations: LocalStore (a folder) and RedisStore. The registry (registry.py) adds name checks,
-hashing and change notification on top; a backend only stores and reads.
+hashing and the in-memory view of the index (view.py) on top; a backend only stores, reads and
+relays change events. A backend that cannot be reached raises RegistryUnavailableError.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from server.registry.records import TaskEntry, TaskVersion
 
 ChangeListener = Callable[[str], None]
 """Called with a task's name after it was published, rolled back or deleted (by any process)."""
+Resync = Callable[[], None]
+"""Called when changes may have been missed (the store's notification channel reconnected)."""
 JOB_TTL_S = 7 * 24 * 3600
 """A job's shared record is kept this long after its last write."""
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,6 +48,10 @@ class Store(Protocol):
 
     def entry(self, task: str) -> TaskEntry | None: ...
 
+    def entries(self) -> list[TaskEntry]:
+        """Every task's entry (the whole index), by name."""
+        ...
+
     def task_names(self) -> list[str]: ...
 
     def set_current(self, task: str, version: int) -> bool:
@@ -59,8 +66,9 @@ class Store(Protocol):
         """Remove leftovers older than grace_s (partial uploads, unreferenced blobs); what was removed."""
         ...
 
-    def subscribe(self, listener: ChangeListener) -> None:
-        """Call `listener` on changes made by this or any other process sharing the store."""
+    def subscribe(self, listener: ChangeListener, resync: Resync | None = None) -> None:
+        """Call `listener` on changes made by this or any other process sharing the store, and
+        `resync` whenever changes may have been missed."""
         ...
 
     def put_job(self, record: dict[str, Any]) -> None:

@@ -25,11 +25,13 @@ class FakeSource:
 
     def __init__(self) -> None:
         self.gates: dict[str, threading.Event] = {}
+        self.reads: list[TaskRef] = []
 
     def lookup(self, task: str) -> TaskRef:
-        return TaskRef(task, 1, hashlib.sha256(task.encode()).hexdigest(), len(task))
+        return ref(task)
 
     def read(self, ref: TaskRef) -> bytes:
+        self.reads.append(ref)
         gate = self.gates.get(ref.task)
         if gate is not None:
             gate.wait(5)
@@ -39,8 +41,14 @@ class FakeSource:
         return []
 
 
-def fake_unpack(task: str, data: bytes) -> ResidentDelta:
-    return ResidentDelta(task, hashlib.sha256(data).hexdigest(), {}, {"w": torch.zeros(UNIT)})
+def ref(task: str, content: str | None = None) -> TaskRef:
+    """A version of `task` whose artifact bytes are `content` (the task's name by default)."""
+    data = (content or task).encode()
+    return TaskRef(task, 1, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def fake_unpack(ref: TaskRef, data: bytes) -> ResidentDelta:
+    return ResidentDelta(ref.task, ref.sha256, {}, {"w": torch.zeros(UNIT)})
 
 
 def tiny_config() -> ModelConfig:
@@ -56,9 +64,9 @@ def make_scheduler(blocks: int = 64, deltas: int = 4, max_running: int = 8, budg
     return Scheduler(kv, cache, max_running, budget)
 
 
-def seq(task: str | None, prompt: int = 6, max_tokens: int = 3) -> Sequence:
+def seq(task: str | None, prompt: int = 6, max_tokens: int = 3, version: TaskRef | None = None) -> Sequence:
     request = GenerationRequest(f"{task}-{time.perf_counter_ns()}", task, tuple(range(prompt)),
-                                SamplingParams(max_tokens=max_tokens))
+                                SamplingParams(max_tokens=max_tokens), version or (ref(task) if task else None))
     return Sequence(request, IncrementalDetokenizer(None, [], ()), lambda item: None, 10_000)
 
 
@@ -75,9 +83,9 @@ def step(s: Scheduler) -> StepPlan:
     return plan
 
 
-def wait_ready(s: Scheduler, task: str) -> None:
+def wait_ready(s: Scheduler, task: str, version: TaskRef | None = None) -> None:
     deadline = time.monotonic() + 5
-    while s.deltas.state(task) is not DeltaState.READY and time.monotonic() < deadline:
+    while s.deltas.state(version or ref(task)) is not DeltaState.READY and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
@@ -124,26 +132,26 @@ def test_eviction_never_touches_a_pinned_delta() -> None:
     s = make_scheduler(deltas=2)
     cache = s.deltas
     for task in ("a", "b"):
-        cache.state(task)
+        cache.state(ref(task))
         wait_ready(s, task)
-    pinned = cache.acquire("a")  # "a" is now pinned; "b" is the most recently loaded but unpinned
-    cache.state("c")
+    pinned = cache.acquire(ref("a"))  # "a" is now pinned; "b" is the most recently loaded but unpinned
+    cache.state(ref("c"))
     wait_ready(s, "c")
     assert set(cache.resident_tasks) == {"a", "c"} and cache.counters.evictions == 1
-    cache.acquire("c")
-    assert cache.state("d") is DeltaState.NO_ROOM
+    cache.acquire(ref("c"))
+    assert cache.state(ref("d")) is DeltaState.NO_ROOM
     assert set(cache.resident_tasks) == {"a", "c"}
     cache.release(pinned)
-    assert cache.state("d") is DeltaState.LOADING
+    assert cache.state(ref("d")) is DeltaState.LOADING
     wait_ready(s, "d")
     assert set(cache.resident_tasks) == {"c", "d"}
 
 
 def test_invalidated_delta_stays_for_its_running_requests_then_goes() -> None:
     s = make_scheduler()
-    s.deltas.state("a")
+    s.deltas.state(ref("a"))
     wait_ready(s, "a")
-    entry = s.deltas.acquire("a")
+    entry = s.deltas.acquire(ref("a"))
     s.deltas.invalidate("a")
     assert s.deltas.resident_tasks == [] and s.deltas.resident_bytes == UNIT * 4
     s.deltas.release(entry)
@@ -181,3 +189,85 @@ def test_blocks_running_out_preempts_the_newest_sequence() -> None:
         assert s.kv.used_blocks <= 6
     assert len(old.output) == 12 and len(new.output) == 12
     assert s.kv.used_blocks == 0
+
+
+def test_a_resident_version_never_serves_a_request_that_resolved_another() -> None:
+    """No notification at all: v1 is resident and running; a request resolved to v2 waits for v2's own
+    load, runs on v2, and v1 goes once its last request ends (a rollback to v1 loads v1 again)."""
+    source = FakeSource()
+    s = make_scheduler(source=source)
+    v1, v2 = ref("t", "t-v1"), ref("t", "t-v2")
+    old = seq("t", max_tokens=20, version=v1)
+    s.add(old)
+    wait_ready(s, "t", v1)
+    step(s)
+    assert old.delta_entry.delta.sha256 == v1.sha256
+    source.gates["t"] = threading.Event()
+    new = seq("t", version=v2)
+    s.add(new)
+    for _ in range(3):
+        assert new not in [c.seq for c in step(s).chunks], "v2's request ran before v2 was resident"
+    source.gates["t"].set()
+    wait_ready(s, "t", v2)
+    step(s)
+    assert new.delta_entry is not None and new.delta_entry.delta.sha256 == v2.sha256
+    assert old.delta_entry.delta.sha256 == v1.sha256 and s.deltas.resident_version("t") == v2.sha256
+    assert s.deltas.resident_bytes == 2 * UNIT * 4  # v1 retired but pinned by its running request
+    s.finish(old)
+    assert s.deltas.resident_bytes == UNIT * 4 and s.deltas.state(v1) is DeltaState.LOADING
+    wait_ready(s, "t", v1)
+    assert [r.sha256 for r in source.reads] == [v1.sha256, v2.sha256, v1.sha256]
+
+
+def test_a_failed_load_fails_only_the_requests_of_that_version() -> None:
+    class Broken(FakeSource):
+        def read(self, version: TaskRef) -> bytes:
+            if version.sha256 == bad.sha256:
+                raise OSError("blob gone")
+            return super().read(version)
+
+    bad, good = ref("t", "bad"), ref("t", "good")
+    s = make_scheduler(source=Broken())
+    doomed, fine = seq("t", version=bad), seq("t", version=good)
+    s.add(doomed)
+    s.add(fine)
+    deadline, failed = time.monotonic() + 5, []
+    while len(fine.output) < 3 and time.monotonic() < deadline:
+        failed += [f for f, _ in step(s).failed]
+    assert failed == [doomed] and len(fine.output) == 3
+
+
+def test_resident_bytes_return_under_budget_once_pins_drain() -> None:
+    """A load that completes while the others are pinned overshoots the budget; the releases bring
+    the cache back under it (least recently used first), never touching a pinned delta."""
+    source = FakeSource()
+    s = make_scheduler(deltas=2, source=source)
+    cache = s.deltas
+    cache.state(ref("a"))
+    wait_ready(s, "a")
+    a = cache.acquire(ref("a"))
+    cache.state(ref("b"))
+    wait_ready(s, "b")
+    source.gates["c"] = threading.Event()
+    assert cache.state(ref("c")) is DeltaState.LOADING  # a alone is pinned: room for one more
+    b = cache.acquire(ref("b"))
+    source.gates["c"].set()
+    wait_ready(s, "c")
+    assert cache.resident_bytes == 3 * UNIT * 4 and cache.counters.evictions == 0
+    cache.release(a)
+    assert cache.resident_bytes <= cache.budget and set(cache.resident_tasks) == {"b", "c"}
+    cache.release(b)
+    assert cache.resident_bytes <= cache.budget and cache.counters.evictions == 1
+
+
+def test_a_burst_of_many_tasks_ends_within_the_budget() -> None:
+    s = make_scheduler(deltas=2, max_running=6, budget=64)
+    burst = [seq(f"t{i % 7}", max_tokens=2 + i % 3) for i in range(28)]
+    for item in burst:
+        s.add(item)
+    deadline = time.monotonic() + 20
+    while s.has_work() and time.monotonic() < deadline:
+        if not step(s).chunks:
+            time.sleep(0.001)
+    assert all(len(item.output) == item.request.params.max_tokens for item in burst)
+    assert s.deltas.resident_bytes <= s.deltas.budget
