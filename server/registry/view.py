@@ -9,7 +9,8 @@ view can be while the store answers.
 Requests resolve a task from memory, so a known task never waits on the store: while the store is down
 or hung, resident tasks keep serving from the last known index. A task the view does not know is read
 through to the store (bounded by the store's timeout); only when that fails is RegistryUnavailableError
-raised. Every change of the view is announced to its listeners (the engine retires stale deltas).
+raised, and until the next successful resync further unknown names fail at once instead of waiting.
+Every change of the view is announced to its listeners (the engine retires stale deltas).
 
 Reads race with writes: a read that began before a task was last refreshed does not overwrite it
 (each task remembers the generation that last set it), so an older answer never replaces a newer one.
@@ -55,12 +56,18 @@ class RegistryView:
         return None if found is None else found.current_version.to_ref()
 
     def entry(self, task: str) -> TaskEntry | None:
-        """The task's entry from memory; a task not in memory is read from the store (raises
-        RegistryUnavailableError when the store cannot be reached)."""
+        """The task's entry from memory; a task not in memory is read from the store. Raises
+        RegistryUnavailableError when the store cannot be reached, at once while it is known to be
+        unreachable (until a resync succeeds), so a flood of unknown names cannot tie up threads."""
         validate_task_name(task)
         self.start()
         found = self._entries.get(task)
-        return found if found is not None else self.refresh(task)
+        if found is not None:
+            return found
+        if not self.reachable:
+            raise RegistryUnavailableError(f"the registry is unreachable and task {task!r} is not in its last "
+                                           f"known index")
+        return self.refresh(task)
 
     def entries(self) -> list[TaskEntry]:
         """The last known index, by name; RegistryUnavailableError when it was never read and the
@@ -74,7 +81,11 @@ class RegistryView:
     def refresh(self, task: str) -> TaskEntry | None:
         """Read `task` from the store now and take it into the view; its entry, or None when gone."""
         started = self._generation
-        found = self.store.entry(task)
+        try:
+            found = self.store.entry(task)
+        except RegistryUnavailableError as exc:
+            self._mark_reachable(False, exc)
+            raise
         self._apply({task: found}, started)
         return found
 

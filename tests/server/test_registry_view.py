@@ -54,7 +54,12 @@ def test_known_tasks_resolve_from_memory_while_redis_is_down(private_redis: Priv
             registry.publish("known", b"v2", method="impart", ratio=8.0)
         with pytest.raises(RegistryUnavailableError):
             registry.read(registry.lookup("known"))
+        started = time.monotonic()
+        with pytest.raises(RegistryUnavailableError):
+            registry.lookup("unknown-too")  # known unreachable: refused at once, no new attempt
+        assert time.monotonic() - started < 0.05
         private_redis.start()
+        assert eventually(lambda: registry.view.reachable, 5 * registry.view.resync_s) is not None
         assert registry.lookup("unknown") is None
         assert registry.read(registry.lookup("known")) == b"v1"  # the AOF kept it
         assert registry.publish("known", b"v2", method="impart", ratio=8.0).version == 2
@@ -76,7 +81,12 @@ def test_a_hung_redis_costs_an_unknown_task_at_most_the_timeout(private_redis: P
         with pytest.raises(RegistryUnavailableError):
             registry.lookup("other")
         assert time.monotonic() - started < TIMEOUT_S + 0.5
+        started = time.monotonic()
+        with pytest.raises(RegistryUnavailableError):
+            registry.lookup("another")
+        assert time.monotonic() - started < 0.05, "a second unknown name waited on the hung Redis again"
         private_redis.resume()
+        assert eventually(lambda: registry.view.reachable, 5 * TIMEOUT_S) is not None
         assert registry.lookup("other") is None
     finally:
         private_redis.resume()
