@@ -214,6 +214,7 @@ class Engine:
             evictions=counters.evictions if counters else 0,
             steps=self._counts["steps"],
             generated_tokens=self._counts["tokens"],
+            failed_requests=self._counts["failed_requests"],
         )
 
     def _queue_depth(self) -> int:

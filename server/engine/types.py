@@ -155,3 +155,6 @@ class EngineStats:
     evictions: int
     steps: int = 0
     generated_tokens: int = 0
+    failed_requests: int = 0
+    """Requests ended by a fault of their own inside a step (non-finite logits, a forward that failed only
+    for them); every other request of those steps went on."""

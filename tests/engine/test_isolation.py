@@ -85,6 +85,7 @@ async def test_a_poisoned_task_fails_alone_among_16_live_streams(tiny_model: Pat
     finally:
         await engine.stop(timeout=1.0)
     assert all(isinstance(r, RequestFailedError) for r in first + poison_results), (first, poison_results)
+    assert engine.stats().failed_requests == 3
     assert "non-finite" in str(poison_results[0])
     for before, during, after in zip(clean, streams, again):
         assert not isinstance(during, BaseException), during
