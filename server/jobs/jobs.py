@@ -101,6 +101,9 @@ class JobManager:
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self._jobs: dict[str, Job] = {}
         self._shared_at: dict[str, float] = {}
+        self._shared_updated: dict[str, float] = {}
+        """Per job, the `updated` of the snapshot last written to the store."""
+        self._share_lock = threading.Lock()
         self._specs: dict[str, JobSpec] = {}
         """Specs of jobs not finished yet (their uploads are removed when the job ends or is cancelled)."""
         self._lock = threading.Lock()
@@ -280,9 +283,14 @@ class JobManager:
         self._share(job)
 
     def _share(self, job: Job) -> None:
-        """Write the job to the shared store; a store error is logged, never fails the job."""
-        self._shared_at[job.id] = time.monotonic()
-        self._store_call(lambda store: store.put_job(job.to_dict()))
+        """Write the job to the shared store, never an older snapshot over a newer one (the listener,
+        the job's thread and shutdown share concurrently); a store error is logged, never fails the job."""
+        with self._share_lock:
+            if job.updated < self._shared_updated.get(job.id, 0.0):
+                return
+            self._shared_updated[job.id] = job.updated
+            self._shared_at[job.id] = time.monotonic()
+            self._store_call(lambda store: store.put_job(job.to_dict()))
 
     def _store_call(self, call: Any) -> Any:
         try:
@@ -298,6 +306,7 @@ class JobManager:
         for job in finished[:max(0, len(finished) - KEPT_FINISHED_JOBS)]:
             self._jobs.pop(job.id, None)
             self._shared_at.pop(job.id, None)
+            self._shared_updated.pop(job.id, None)
 
 
 def collect_leftovers(work_dir: Path, grace_s: float = 3600.0) -> list[str]:
