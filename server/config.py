@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     """Folder of the local registry (index and blobs)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL of the shared registry when `registry` is `redis`."""
-    registry_timeout: float = Field(0.5, gt=0.0)
+    registry_timeout: float = Field(1.0, gt=0.0)
     """Seconds one Redis registry call may wait (connect, each read) before the registry counts as unreachable."""
     registry_resync_s: float = Field(0.5, gt=0.0)
     """Seconds between full re-reads of the registry index (repairs missed change events; bounds staleness)."""

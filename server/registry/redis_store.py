@@ -220,23 +220,26 @@ class RedisStore:
         self.client.close()
 
     def _listen(self) -> None:
-        """Hear `events` until closed; after a lost connection reconnect with backoff, then resync."""
+        """Hear `events` until closed; after a lost connection reconnect with backoff (from the shortest
+        wait again once a subscription held), then resync."""
         wait = RECONNECT_S[0]
         while not self._stop.is_set():
+            subscribed = threading.Event()
             try:
-                self._listen_once()
-                wait = RECONNECT_S[0]
+                self._listen_once(subscribed)
             except UNREACHABLE as exc:
+                wait = RECONNECT_S[0] if subscribed.is_set() else wait
                 log.warning("registry events: Redis connection lost (%s); reconnecting in %.1fs",
                             type(exc).__name__, wait)
                 self._stop.wait(wait)
                 wait = min(2 * wait, RECONNECT_S[1])
 
-    def _listen_once(self) -> None:
+    def _listen_once(self, subscribed: threading.Event) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(self._key("events"))
             pubsub.get_message(timeout=LISTEN_POLL_S)  # the subscription's confirmation: the channel is live
+            subscribed.set()
             self._call(self._resyncs, None)
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=LISTEN_POLL_S)

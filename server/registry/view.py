@@ -39,7 +39,7 @@ class RegistryView:
         self._synced = False
         """Whether the whole index was read at least once."""
         self.reachable = True
-        """Whether the store answered the last full resync."""
+        """False from a failed read of the store until a full resync succeeds."""
         self._lock = threading.Lock()
         self._listeners: list[ChangeListener] = []
         self._stop = threading.Event()
