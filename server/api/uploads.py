@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.api.errors import APIError, bad_request, too_large
@@ -57,6 +58,8 @@ async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes
             if sink.error is not None:
                 raise sink.error
         parser.finalize()
+    except MultipartParseError as exc:
+        raise bad_request(f"The multipart body is malformed: {exc}", "file") from None
     finally:
         sink.close()
     if sink.error is not None:

@@ -281,3 +281,10 @@ def test_prompts_too_large_to_tokenize_cheaply_are_400(client: httpx.Client, pat
                                                        param: str) -> None:
     body = {**(CHAT if "chat" in path else COMPLETION), **change}
     assert _error(client.post(path, json=body), 400)["param"] == param
+
+
+def test_a_malformed_multipart_checkpoint_is_400_naming_the_file(client: httpx.Client) -> None:
+    """Found by the fuzz (bench/fuzz_http.py --seed 1): the multipart parser's error was a 500."""
+    reply = client.post("/admin/v1/tasks/fuzzed/checkpoint", content=b"\x8e{",
+                        headers={"content-type": "multipart/form-data; boundary=x"})
+    assert _error(reply, 400)["param"] == "file"
