@@ -2,8 +2,9 @@
 
 Text is decoded from a short window of recent tokens (the offsets scheme of TGI / vLLM), so a
 character split across tokens is emitted once whole, and each step costs O(window), not O(output).
-Stop strings are matched by one Knuth-Morris-Pratt automaton each, fed only the new characters: a
-step costs O(new characters x stop strings), whatever the output's length or the stop strings' length.
+Stop strings are matched by one Knuth-Morris-Pratt automaton each, fed only the new characters, and
+only the text not yet emitted is kept: a step costs O(new characters x stop strings + held-back tail),
+whatever the output's length.
 """
 
 from __future__ import annotations
@@ -53,17 +54,16 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stops = [StopMatcher(s) for s in stop if s]
-        self.text = ""
-        """All text decoded so far (stop string excluded once found)."""
-        self._emitted = 0
+        self._pending = ""
+        """Decoded text not emitted yet: this step's, or a tail that may begin a stop string."""
         self.stopped = False
 
     def add(self, token_id: int) -> None:
         """Append one generated token; sets `stopped` when the text now contains a stop string."""
         self._ids.append(token_id)
         piece = self._next_piece()
-        start = len(self.text)
-        self.text += piece
+        start = len(self._pending)
+        self._pending += piece
         if self._stops and not self.stopped:
             self._match(start, piece)
 
@@ -73,7 +73,7 @@ class IncrementalDetokenizer:
         for offset, char in enumerate(piece):
             completed = [len(matcher.stop) for matcher in self._stops if matcher.feed(char)]
             if completed:
-                self.text = self.text[: start + offset + 1 - max(completed)]
+                self._pending = self._pending[: start + offset + 1 - max(completed)]
                 self.stopped = True
                 return
 
@@ -88,11 +88,11 @@ class IncrementalDetokenizer:
 
     def flush(self, final: bool) -> str:
         """New text safe to show: on a non-final step, any tail that may begin a stop string is withheld."""
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held_back()
-        piece = self.text[self._emitted : end]
-        self._emitted = max(self._emitted, end)
+        end = len(self._pending) if final or self.stopped else len(self._pending) - self._held_back()
+        piece, self._pending = self._pending[:end], self._pending[end:]
         return piece
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of some stop string."""
+        """Length of the longest suffix of the text that is a proper prefix of some stop string (it is
+        never emitted, so it lies within the pending text)."""
         return max((matcher.matched for matcher in self._stops), default=0)
