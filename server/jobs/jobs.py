@@ -166,10 +166,13 @@ class JobManager:
     def shutdown(self, wait: bool = False) -> None:
         """Record every queued job cancelled and every running one interrupted at once (the shared record
         says so now, not when it goes stale), remove their uploads and scratch, and stop the worker;
-        nothing is published after this. A job that already published keeps its success."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        nothing is published after this. A job that already published keeps its success. Idempotent (the
+        server calls it when the drain begins and again when the app stops)."""
         with self._publish_lock:
+            if self._closing:
+                return
             self._closing = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             ended = {job.id: CANCELLED if job.state == "queued" else INTERRUPTED for job in self._jobs.values()
                      if job.state == "queued" or (job.state == "running" and job.version is None)}

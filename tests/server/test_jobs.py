@@ -206,3 +206,5 @@ def test_a_job_running_at_shutdown_is_recorded_interrupted_at_once(tiny_model: P
     assert not upload.exists() and (not scratch.exists() or list(scratch.iterdir()) == [])
     time.sleep(2.0)
     assert jobs.get(job.id).error == INTERRUPTED and jobs.registry.lookup("cut") is None
+    jobs.shutdown(wait=True)  # the app calls it again when it stops: a no-op
+    assert Job.from_record(store.job(job.id), time.time()).error == INTERRUPTED
