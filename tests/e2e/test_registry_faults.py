@@ -180,7 +180,10 @@ def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_t
     baseline = min(_timed(lambda: _served(server, "hung", expected)) for _ in range(3))
     redis_server.pause()
     try:
-        during = _timed(lambda: _served(server, "hung", expected) == "v1" or pytest.fail("wrong version"))
+        # each request would wait at least the timeout if it touched the hung Redis; the fastest of two
+        # keeps the shared CPU's noise out of the comparison
+        during = min(_timed(lambda: _served(server, "hung", expected) == "v1" or pytest.fail("wrong version"))
+                     for _ in range(2))
         with server.admin() as admin:
             unknown = _timed(lambda: _assert_registry_unavailable(admin.post("/v1/chat/completions", json={
                 "model": "never-published", "messages": MESSAGES, "max_tokens": 2})))
