@@ -230,7 +230,7 @@ def check_base(manifest: dict[str, object], codes: dict[str, ModuleCode], base_d
     from compressor.checkpoint import Checkpoint, base_fingerprint
 
     if manifest.get("base_fingerprint") != base_fingerprint(base_dir):
-        raise WrongBaseError(f"artifact was made against another base than {base_dir} (fingerprint differs)")
+        raise WrongBaseError("artifact was made against another base (its base fingerprint differs from this base's)")
     infos = Checkpoint(base_dir).infos
     for name, code in codes.items():
         if name not in infos or tuple(infos[name].shape) != tuple(code.shape):

@@ -90,10 +90,13 @@ def _method_for(kind: str) -> str:
 
 @pytest.mark.parametrize("kind", list(_all_edits()))
 def test_a_crafted_artifact_is_400_invalid_artifact_and_publishes_nothing(
-        kind: str, server: LiveServer, admin: httpx.Client, good: dict[str, bytes]) -> None:
+        kind: str, server: LiveServer, admin: httpx.Client, good: dict[str, bytes], tiny_model: Path) -> None:
     before = _state(server, admin)
     bad = crafted.craft(good[_method_for(kind)], _all_edits()[kind], random.Random(7))
-    _assert_refused(admin.put("/admin/v1/tasks/crafted/artifact", content=bad), code="invalid_artifact")
+    reply = admin.put("/admin/v1/tasks/crafted/artifact", content=bad)
+    _assert_refused(reply, code="invalid_artifact")
+    message = reply.json()["error"]["message"]
+    assert str(tiny_model) not in message and str(server.work_dir) not in message, message
     assert _state(server, admin) == before
     assert admin.get("/admin/v1/tasks/crafted").status_code == 404
 
