@@ -145,7 +145,9 @@ def load_artifact(source: Path | str | bytes, base_dir: Path | str | None = None
         raise CorruptArtifactError("artifact checksum mismatch: the file is damaged or was edited")
     codes = _codes(manifest, tensors)
     if base_dir is not None:
-        check_base(manifest, codes, Path(base_dir))
+        check_base(manifest, codes, Path(base_dir))  # first: the base bounds every shape checked below
+    for code in codes.values():
+        check_code(code)
     return Artifact(manifest, codes)
 
 
@@ -208,7 +210,8 @@ def _manifest(metadata: dict[str, str]) -> dict[str, object]:
 
 
 def _codes(manifest: dict[str, object], tensors: dict[str, torch.Tensor]) -> dict[str, ModuleCode]:
-    """One checked ModuleCode per manifest module; a tensor of no module is an error."""
+    """One ModuleCode per manifest module entry (checked: validate.module_entry); a tensor of no module
+    is an error."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, role = key.rpartition(":")
@@ -221,7 +224,6 @@ def _codes(manifest: dict[str, object], tensors: dict[str, torch.Tensor]) -> dic
     for name, entry in modules.items():
         shape, layout, meta = module_entry(name, entry)
         codes[name] = ModuleCode(name, shape, layout, grouped.get(name, {}), meta)
-        check_code(codes[name])
     return codes
 
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from compressor.codec import VALUE_DTYPE, ModuleCode, column_bits, sparse_drops
+from compressor.codec import VALUE_DTYPE, ModuleCode, column_bits
 from compressor.errors import InvalidArtifactError
 from compressor.masks import MASK_SCHEME
 from compressor.quantize import n_groups
@@ -22,6 +22,9 @@ from compressor.quantize import n_groups
 MAX_DELTA = 65504.0
 """The largest delta entry served (the largest float16): a larger one overflows 16-bit activations."""
 MAX_BITS = 8
+MAX_DIM = 2**31 - 1
+"""The largest dimension of a module (drop counts are stored in at most 32 bits)."""
+MAX_NAME = 512
 DROPS = (torch.uint16, torch.int32)
 _SVD = {"s": (torch.float32,), "u": (VALUE_DTYPE,), "v": (VALUE_DTYPE,), "u_drops": DROPS, "v_drops": DROPS}
 ROLES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
@@ -42,8 +45,7 @@ def check_manifest_fields(manifest: dict[str, object]) -> None:
             raise InvalidArtifactError(f"manifest field {key!r} must be {kind.__name__}, "
                                        f"not {type(manifest.get(key)).__name__}")
     ratio = manifest.get("ratio")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or
-                              not math.isfinite(ratio)):
+    if ratio is not None and not (type(ratio) is int or (type(ratio) is float and math.isfinite(ratio))):
         raise InvalidArtifactError(f"manifest field 'ratio' must be a finite number or null, not {ratio!r:.40}")
     if manifest.get("mask_scheme", MASK_SCHEME) != MASK_SCHEME:
         raise InvalidArtifactError(f"mask_scheme {manifest.get('mask_scheme')!r:.40} is not {MASK_SCHEME!r}: "
@@ -58,12 +60,14 @@ def check_manifest_fields(manifest: dict[str, object]) -> None:
 
 def module_entry(name: str, entry: object) -> tuple[tuple[int, ...], str, dict[str, object]]:
     """(shape, layout, metadata) of one manifest module entry."""
+    if len(name) > MAX_NAME:
+        raise InvalidArtifactError(f"module name {name[:60]!r}... is longer than {MAX_NAME} characters")
     if not isinstance(entry, dict):
         raise InvalidArtifactError(f"{name}: manifest entry must be an object")
     meta = dict(entry)
     shape, layout = meta.pop("shape", None), meta.pop("layout", None)
-    if not isinstance(shape, list) or not all(type(n) is int and n > 0 for n in shape):
-        raise InvalidArtifactError(f"{name}: shape {shape!r:.60} is not a list of positive integers")
+    if not isinstance(shape, list) or not all(type(n) is int and 0 < n <= MAX_DIM for n in shape):
+        raise InvalidArtifactError(f"{name}: shape {shape!r:.60} is not a list of integers in 1..{MAX_DIM}")
     if not isinstance(layout, str) or layout not in ROLES:
         raise InvalidArtifactError(f"{name}: unknown layout {layout!r:.40} (known: {', '.join(ROLES)})")
     if (layout == "dense") != (len(shape) != 2):
@@ -177,8 +181,8 @@ def _check_sparse(code: ModuleCode) -> None:
     out, inp = code.shape
     _key(code, "key")
     extra = _meta_int(code, "drop_extra", 0, out)
-    _meta_int(code, "drop_base", 0, inp - (1 if extra else 0))
-    kept = out * inp - sum(sparse_drops(code))
+    base = _meta_int(code, "drop_base", 0, inp - (1 if extra else 0))
+    kept = out * inp - (base * out + extra)  # codec.sparse_drops() summed, without making the list
     if code.layout == "sparse":
         _size(code, "d", (kept,))
         return

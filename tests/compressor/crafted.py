@@ -135,6 +135,12 @@ def _module_not_in_base(manifest: dict, tensors: Tensors, rng: random.Random) ->
         tensors[f"{name}.renamed:{key.rpartition(':')[2]}"] = tensors.pop(key)
 
 
+def _shape_not_the_bases(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
+    """A shape far larger than the base's (decoding it unchecked would allocate without bound)."""
+    entry = manifest["modules"][rng.choice(sorted(manifest["modules"]))]
+    entry["shape"] = [n * rng.choice([2, 1000, 2**20]) for n in entry["shape"]]
+
+
 def _bad_entry(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
     name = rng.choice(sorted(manifest["modules"]))
     entry = manifest["modules"][name]
@@ -194,6 +200,7 @@ ARTIFACT_EDITS: dict[str, Edit] = {
     "bad mask key": _bad_mask_key,
     "wrong base": _wrong_base,
     "module not in the base": _module_not_in_base,
+    "shape not the base's": _shape_not_the_bases,
     "bad module entry": _bad_entry,
     "bad manifest field": _bad_field,
     "manifest a list": lambda m, t, r: Replace([m]),
