@@ -16,10 +16,10 @@ from pydantic import BaseModel, Field
 
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import APIError, bad_request, from_engine, not_found, registry_unavailable
+from server.api.errors import APIError, bad_request, from_engine, not_found, not_ready, registry_unavailable
 from server.api.uploads import receive_checkpoint, receive_raw
 from server.engine.types import EngineError
-from server.jobs import JobSpec
+from server.jobs import JobsClosedError, JobSpec
 from server.registry import (
     InvalidTaskNameError,
     RegistryUnavailableError,
@@ -54,7 +54,11 @@ async def upload_checkpoint(task: str, request: Request, method: Method | None =
         raise
     spec = JobSpec(task=task, checkpoint_dir=folder, method=method or ctx.settings.default_method,
                    ratio=ratio or ctx.settings.default_ratio, seed=seed)
-    job = ctx.jobs.submit(spec)
+    try:
+        job = ctx.jobs.submit(spec)
+    except JobsClosedError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise not_ready("The server is shutting down; send the upload again (another replica takes it).") from None
     return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/admin/v1/jobs/{job.id}"})
 
 

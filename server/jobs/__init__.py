@@ -1,5 +1,5 @@
 """Upload -> compress -> publish, off the request path."""
 
-from server.jobs.jobs import Job, JobManager, JobSpec
+from server.jobs.jobs import Job, JobManager, JobsClosedError, JobSpec
 
-__all__ = ["Job", "JobManager", "JobSpec"]
+__all__ = ["Job", "JobManager", "JobSpec", "JobsClosedError"]

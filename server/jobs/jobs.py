@@ -47,6 +47,10 @@ class JobInterruptedError(RuntimeError):
     """The server began shutting down before the job could publish."""
 
 
+class JobsClosedError(RuntimeError):
+    """A job submitted after shutdown began (the caller should answer 503: another replica takes it)."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     task: str
@@ -110,6 +114,7 @@ class JobManager:
         self._publish_lock = threading.Lock()
         """Held across the last check for shutdown and the publish, so shutdown knows which jobs published."""
         self._closing = False
+        """Set once by shutdown, under both locks."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         self._progress = spawn_context().Queue()
         self._worker: ProcessPoolExecutor | None = None
@@ -119,11 +124,13 @@ class JobManager:
         job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio,
                   replica=self.replica)
         with self._lock:
+            if self._closing:
+                raise JobsClosedError("the server is shutting down and takes no new jobs")
             self._jobs[job.id] = job
             self._specs[job.id] = spec
             self._forget_old()
+            self._pool.submit(self._run, job.id, spec)
         self._share(job)
-        self._pool.submit(self._run, job.id, spec)
         log.info("job %s queued: compress %s with %s at ratio %g", job.id, spec.task, spec.method, spec.ratio)
         return job
 
@@ -168,7 +175,7 @@ class JobManager:
         says so now, not when it goes stale), remove their uploads and scratch, and stop the worker;
         nothing is published after this. A job that already published keeps its success. Idempotent (the
         server calls it when the drain begins and again when the app stops)."""
-        with self._publish_lock:
+        with self._publish_lock, self._lock:
             if self._closing:
                 return
             self._closing = True

@@ -208,3 +208,13 @@ def test_a_job_running_at_shutdown_is_recorded_interrupted_at_once(tiny_model: P
     assert jobs.get(job.id).error == INTERRUPTED and jobs.registry.lookup("cut") is None
     jobs.shutdown(wait=True)  # the app calls it again when it stops: a no-op
     assert Job.from_record(store.job(job.id), time.time()).error == INTERRUPTED
+
+
+def test_a_job_submitted_after_shutdown_is_refused(tiny_model: Path, finetune: Path, tmp_path: Path) -> None:
+    from server.jobs import JobsClosedError
+
+    jobs = JobManager(Registry(LocalStore(tmp_path / "reg")), tiny_model, tmp_path / "work")
+    jobs.shutdown(wait=True)
+    with pytest.raises(JobsClosedError):
+        jobs.submit(JobSpec("late", _upload(finetune, tmp_path / "work", "late"), method="impart", ratio=8.0))
+    assert jobs.list() == []

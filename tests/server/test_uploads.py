@@ -104,3 +104,22 @@ def test_a_shard_linked_out_of_the_upload_is_400_naming_it(tiny_model: Path, tmp
     message = refused.value.message
     assert "model.safetensors.index.json: shard 'model-00001-of-00001.safetensors'" in message
     assert "symbolic link" in message and str(tiny_model) not in message and str(folder) not in message
+
+
+def test_an_upload_after_shutdown_began_is_503_and_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """Jobs stop when the drain begins; an upload still arriving on an open connection gets a 503 (retry
+    elsewhere), not a 500, and its files are removed."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import load_settings
+
+    settings = load_settings(base_model=str(tiny_model), registry_dir=tmp_path / "reg", work_dir=tmp_path / "work",
+                             kv_cache_bytes=4 << 20)
+    files = [("file", (p.name, p.read_bytes())) for p in sorted(tiny_model.iterdir())
+             if p.name in ("config.json", "model.safetensors")]
+    with TestClient(create_app(settings)) as client:
+        client.app.state.deltaserve.jobs.shutdown()
+        reply = client.post("/admin/v1/tasks/late/checkpoint", files=files)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "not_ready"
+        assert list((tmp_path / "work" / "uploads").iterdir()) == []
