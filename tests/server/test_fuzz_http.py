@@ -14,7 +14,7 @@ import pytest
 from bench.fuzz_http import Target, fuzz, publish_task
 from live_app import ADMIN_KEY, API_KEY, keyed_app, serving
 
-REQUESTS = int(os.environ.get("DELTASERVE_FUZZ_REQUESTS", "1500"))
+REQUESTS = int(os.environ.get("DELTASERVE_FUZZ_REQUESTS", "3000"))
 
 
 @pytest.fixture(scope="module")
