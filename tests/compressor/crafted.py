@@ -17,6 +17,8 @@ from safetensors.torch import save as st_save
 from compressor.artifact import CHECKSUM_KEY, MANIFEST_KEY, _checksum
 
 Tensors = dict[str, torch.Tensor]
+DEEP = 100_000
+"""Nesting that Python's JSON parser cannot follow (RecursionError, not JSONDecodeError)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,8 @@ QSVD_EDITS: dict[str, Edit] = {"bad bit rule": _qsvd_bit_rule}
 
 def raw_damage(good: bytes, rng: random.Random) -> tuple[str, bytes]:
     """Damage no re-sealing hides: truncation, a flipped byte, metadata that is not a string."""
-    kind = rng.choice(["truncated", "flipped byte", "metadata value not a string", "header not an object"])
+    kind = rng.choice(["truncated", "flipped byte", "metadata value not a string", "header not an object",
+                       "manifest nested past the parser's depth"])
     if kind == "truncated":
         return kind, good[: rng.randrange(len(good))]
     if kind == "flipped byte":
@@ -222,6 +225,9 @@ def raw_damage(good: bytes, rng: random.Random) -> tuple[str, bytes]:
         flipped[rng.randrange(8 + 8, len(good))] ^= 1 << rng.randrange(8)
         return kind, bytes(flipped)
     header = header_of(good)
+    if kind == "manifest nested past the parser's depth":
+        header["__metadata__"][MANIFEST_KEY] = "[" * DEEP + "]" * DEEP
+        return kind, with_header(good, header)
     if kind == "header not an object":
         return kind, with_header(good, [header])  # type: ignore[arg-type]
     header["__metadata__"][rng.choice([MANIFEST_KEY, CHECKSUM_KEY, "other"])] = rng.choice([1, {"a": 1}, None, ["x"]])
@@ -259,4 +265,6 @@ def checkpoint_edits(outside: Path) -> dict[str, Callable[[Path], None]]:
         "config null": lambda folder: (folder / "config.json").write_text("null"),
         "config a string": lambda folder: (folder / "config.json").write_text('"llama"'),
         "config not json": lambda folder: (folder / "config.json").write_text("{"),
+        "config nested past the parser's depth": lambda folder: (folder / "config.json").write_text(
+            "[" * DEEP + "]" * DEEP),
     }

@@ -104,7 +104,7 @@ def test_a_crafted_artifact_is_400_invalid_artifact_and_publishes_nothing(
 def test_truncated_flipped_and_non_string_metadata_artifacts_are_refused(
         server: LiveServer, admin: httpx.Client, good: dict[str, bytes]) -> None:
     before, rng, kinds = _state(server, admin), random.Random(3), set()
-    while len(kinds) < 4:
+    while len(kinds) < 5:
         kind, bad = crafted.raw_damage(good["impart"], rng)
         kinds.add(kind)
         _assert_refused(admin.put("/admin/v1/tasks/damaged/artifact", content=bad), code="invalid_artifact")
