@@ -31,6 +31,10 @@ from server.registry import (
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_principal)])
 _T = TypeVar("_T")
 Method = Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
+MAX_RATIO = 1e6
+"""Past a matrix's size a ratio keeps nothing; the bound refuses inf and absurd values with a 400."""
+MAX_SEED = 2**63 - 1
+"""The mask seed is a signed 64-bit integer."""
 
 
 class RollbackRequest(BaseModel):
@@ -39,7 +43,8 @@ class RollbackRequest(BaseModel):
 
 @router.post("/tasks/{task:path}/checkpoint", status_code=202)
 async def upload_checkpoint(task: str, request: Request, method: Method | None = None,
-                            ratio: float | None = Query(None, gt=1.0), seed: int = 0) -> JSONResponse:
+                            ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
+                            seed: int = Query(0, ge=0, le=MAX_SEED)) -> JSONResponse:
     """Stream a fine-tuned checkpoint (multipart: config.json + *.safetensors) and queue its compression."""
     ctx, task = context_of(request), _task_name(task)
     await _registry(ctx.registry.ensure_reachable)  # refuse now, not after the upload and the compression

@@ -288,3 +288,11 @@ def test_a_malformed_multipart_checkpoint_is_400_naming_the_file(client: httpx.C
     reply = client.post("/admin/v1/tasks/fuzzed/checkpoint", content=b"\x8e{",
                         headers={"content-type": "multipart/form-data; boundary=x"})
     assert _error(reply, 400)["param"] == "file"
+
+
+@pytest.mark.parametrize(("query", "param"), [("seed=1180591620717411303424", "seed"), ("seed=-1", "seed"),
+                                              ("ratio=inf", "ratio"), ("ratio=nan", "ratio"), ("ratio=1", "ratio")])
+def test_checkpoint_query_parameters_out_of_range_are_400(client: httpx.Client, query: str, param: str) -> None:
+    reply = client.post(f"/admin/v1/tasks/fuzzed/checkpoint?{query}", content=b"",
+                        headers={"content-type": "multipart/form-data; boundary=x"})
+    assert _error(reply, 400)["param"] == param
