@@ -15,6 +15,7 @@ import pytest
 
 from live import ADMIN_KEY, LiveServer, checkpoint_files, greedy_reference, launch_server, wait_ready
 from tests.private_redis import PrivateRedis
+from tests.waiting import eventually
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 MAX_TOKENS = 6
@@ -88,13 +89,6 @@ def _publish(server: LiveServer, task: str, data: bytes) -> httpx.Response:
         return admin.put(f"/admin/v1/tasks/{task}/artifact", content=data)
 
 
-def _until(check: Callable[[], bool], deadline_s: float) -> float | None:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > deadline_s:
-            return None
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def _assert_registry_unavailable(reply: httpx.Response) -> None:
@@ -111,7 +105,7 @@ def test_after_a_redis_kill_and_restart_a_republished_version_is_served_on_every
     redis_server, replicas = cluster
     assert _publish(replicas[0], "flip", artifacts["v1"]).status_code == 201
     for replica in replicas:
-        assert _until(lambda r=replica: _served(r, "flip", expected) == "v1", 10.0) is not None
+        assert eventually(lambda r=replica: _served(r, "flip", expected) == "v1", 10.0) is not None
     redis_server.kill()
     time.sleep(1.0)  # the replicas' event listeners lose their connection
     redis_server.start()
@@ -119,7 +113,7 @@ def test_after_a_redis_kill_and_restart_a_republished_version_is_served_on_every
     assert published.status_code == 201 and published.json()["version"] == 2
     started = time.monotonic()
     with ThreadPoolExecutor(len(replicas)) as pool:
-        waits = list(pool.map(lambda r: _until(lambda: _served(r, "flip", expected) == "v2", 10.0), replicas))
+        waits = list(pool.map(lambda r: eventually(lambda: _served(r, "flip", expected) == "v2", 10.0), replicas))
     print(f"\nre-publish after a Redis kill/restart -> v2 served: {[round(w, 3) for w in waits if w]} s "
           f"(total {time.monotonic() - started:.3f} s)")
     assert all(w is not None and w <= SWITCH_GOAL_S for w in waits), waits
@@ -133,7 +127,7 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
     redis_server, replicas = cluster
     assert _publish(replicas[0], "steady", artifacts["v1"]).status_code == 201
     for replica in replicas:
-        assert _until(lambda r=replica: _served(r, "steady", expected) == "v1", 10.0) is not None
+        assert eventually(lambda r=replica: _served(r, "steady", expected) == "v1", 10.0) is not None
     redis_server.kill()
     try:
         calls = [(replica, task) for replica in replicas for task in ("steady", "tiny")] * 6
@@ -156,11 +150,11 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
     finally:
         redis_server.start()
     with replicas[1].admin() as admin:
-        assert _until(lambda: admin.post("/v1/chat/completions", json={
+        assert eventually(lambda: admin.post("/v1/chat/completions", json={
             "model": "never-published", "messages": MESSAGES, "max_tokens": 2}).status_code == 404, 5.0) is not None
     assert _publish(replicas[1], "steady", artifacts["v2"]).status_code == 201
     for replica in replicas:
-        assert _until(lambda r=replica: _served(r, "steady", expected) == "v2", SWITCH_GOAL_S) is not None
+        assert eventually(lambda r=replica: _served(r, "steady", expected) == "v2", SWITCH_GOAL_S) is not None
 
 
 def _outcome(server: LiveServer, task: str, expected: dict[str, list[int]]) -> str:
@@ -194,7 +188,7 @@ def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_t
     finally:
         redis_server.resume()
     with server.admin() as admin:
-        assert _until(lambda: admin.post("/v1/chat/completions", json={
+        assert eventually(lambda: admin.post("/v1/chat/completions", json={
             "model": "never-published", "messages": MESSAGES, "max_tokens": 2}).status_code == 404, 5.0) is not None
     assert _publish(server, "hung", artifacts["v2"]).status_code == 201
     assert _served(server, "hung", expected) == "v2"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from live import ADMIN_KEY, LiveServer, checkpoint_files, launch_server, wait_job, wait_ready
+from tests.waiting import eventually
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
@@ -33,13 +33,6 @@ def _say(server: LiveServer, task: str) -> str:
                                           temperature=0).choices[0].message.content
 
 
-def _eventually(check: Callable[[], bool], deadline_s: float = 5.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while not check():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer, LiveServer],
@@ -62,9 +55,9 @@ def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer,
         code = admin.get("/admin/v1/tasks/code/artifact").content
         assert admin.put("/admin/v1/tasks/math/artifact", content=code).json()["version"] == 2
         code_says = _say(first, "code")
-        assert _eventually(lambda: _say(second, "math") == code_says), "second replica kept the old delta"
+        assert eventually(lambda: _say(second, "math") == code_says, 5.0) is not None, "second replica kept the old delta"
         admin.post("/admin/v1/tasks/math/rollback", json={"version": 1}).raise_for_status()
-        assert _eventually(lambda: _say(second, "math") == math_v1), "second replica missed the rollback"
+        assert eventually(lambda: _say(second, "math") == math_v1, 5.0) is not None, "second replica missed the rollback"
         admin.delete("/admin/v1/tasks/code").raise_for_status()
 
     def second_lost_code() -> bool:
@@ -74,4 +67,4 @@ def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer,
             return True
         return False
 
-    assert _eventually(second_lost_code)
+    assert eventually(second_lost_code, 5.0) is not None

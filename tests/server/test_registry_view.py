@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from server.registry import Registry, RegistryUnavailableError, TaskEntry
 from server.registry.local import LocalStore
 from server.registry.redis_store import RedisStore
 from tests.private_redis import PrivateRedis
+from tests.waiting import eventually
 
 TIMEOUT_S = 0.5
 
@@ -30,14 +31,6 @@ def redis_registry(url: str, resync_s: float = 0.2) -> Registry:
     return Registry(RedisStore(url, timeout_s=TIMEOUT_S), resync_s=resync_s)
 
 
-def eventually(check: Callable[[], bool], deadline_s: float) -> float | None:
-    """Seconds until `check` held, or None when it did not within the deadline."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > deadline_s:
-            return None
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def test_known_tasks_resolve_from_memory_while_redis_is_down(private_redis: PrivateRedis) -> None:
