@@ -93,7 +93,8 @@ class Engine:
         self.model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
         self.kv = KVCache(self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype)
         self.deltas = DeltaCache(self.source, self.settings.delta_cache_bytes, self._unpack, self._wake)
-        self.scheduler = Scheduler(self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens)
+        self.scheduler = Scheduler(self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens,
+                                   self.settings.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.tokenizer)
         log.info("base %s loaded in %.1fs; KV cache %d blocks of %d tokens", self.base_name,
                  time.perf_counter() - started, self.kv.num_blocks, self.kv.block_size)
@@ -215,7 +216,21 @@ class Engine:
             steps=self._counts["steps"],
             generated_tokens=self._counts["tokens"],
             failed_requests=self._counts["failed_requests"],
+            **self._prefix_stats(),
         )
+
+    def _prefix_stats(self) -> dict[str, int | float]:
+        """The prefix cache's fields of EngineStats (zeros before the base is loaded)."""
+        if not hasattr(self, "scheduler"):
+            return {}
+        counts = self.scheduler.prefix
+        return {
+            "prefix_cache_prompt_tokens": counts.prompt_tokens,
+            "prefix_cache_hit_tokens": counts.hit_tokens,
+            "prefix_cache_hit_rate": counts.hit_tokens / counts.prompt_tokens if counts.prompt_tokens else 0.0,
+            "prefix_cache_blocks": self.kv.cached_blocks,
+            "prefix_cache_evictions": self.kv.evictions,
+        }
 
     def _queue_depth(self) -> int:
         waiting = len(self.scheduler.waiting) if hasattr(self, "scheduler") else 0
@@ -274,6 +289,7 @@ class Engine:
                 continue
             seq.num_computed += result.chunk.num_tokens
             if result.token is not None:
+                self.scheduler.publish(seq)
                 self._append(seq, result.token, result.logprob)
                 self._counts["tokens"] += 1
         self._counts["steps"] += 1
@@ -301,11 +317,11 @@ class Engine:
         seq.sink(seq.chunk((), True))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
-        self._release(seq)
+        self._release(seq, failed=True)
         seq.sink(error)
 
-    def _release(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
+    def _release(self, seq: Sequence, failed: bool = False) -> None:
+        self.scheduler.finish(seq, failed)
         with self._cond:
             self._active.pop(seq.request_id, None)
 

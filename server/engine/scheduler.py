@@ -6,6 +6,11 @@ the very version it resolved (its TaskRef) is resident; one whose delta is loadi
 (others keep running), while one that finds no room for its delta, or no KV blocks, holds the queue
 until pins and blocks drain, so nothing behind it can starve it. When blocks run out mid-flight the
 newest sequence is preempted (its blocks freed, recomputed later).
+
+With prefix caching on, an admitted sequence first claims the published blocks that match its leading
+full blocks (the chain starts from its task version's key, so nothing crosses tasks, the base or
+versions) and prefills only the rest; the last token is always computed, since its logits are needed.
+A sequence publishes its full blocks once a sampled token has shown its K/V finite.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.engine.delta_cache import DeltaCache, DeltaState, key_of
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, block_hash, prefix_root
 from server.engine.sequence import Sequence, Status
 from server.engine.types import TaskRef
 
@@ -38,12 +43,24 @@ class StepPlan:
     """Waiting sequences whose delta failed to load: the engine ends them with the error."""
 
 
+@dataclass
+class PrefixCounters:
+    prompt_tokens: int = 0
+    """Tokens of admitted sequences (a preempted sequence counts again when it is re-admitted)."""
+    hit_tokens: int = 0
+    """Of them, tokens whose K/V came from published blocks instead of being computed."""
+
+
 class Scheduler:
-    def __init__(self, kv: KVCache, deltas: DeltaCache, max_running: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self, kv: KVCache, deltas: DeltaCache, max_running: int, max_batch_tokens: int, prefix_cache: bool = True
+    ) -> None:
         self.kv = kv
         self.deltas = deltas
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.prefix_cache = prefix_cache
+        self.prefix = PrefixCounters()
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -78,26 +95,64 @@ class Scheduler:
                 continue
             if state is DeltaState.LOADING:
                 continue
-            n = min(seq.uncomputed, budget)
-            if state is DeltaState.NO_ROOM or not self.kv.can_allocate(self.kv.blocks_needed(0, n)):
+            hits = self._cached_prefix(seq)
+            cached = len(hits) * self.kv.block_size
+            n = min(seq.length - cached, budget)
+            need = self.kv.blocks_needed(len(hits), cached + n)
+            if state is DeltaState.NO_ROOM or not self.kv.can_allocate(need, hits):
                 break
-            if not self._start(seq, n):
+            if not self._start(seq, hits, need):
                 continue
-            chunks.append(ScheduledChunk(seq, 0, n))
+            chunks.append(ScheduledChunk(seq, cached, n))
             budget -= n
         return failed
 
-    def _start(self, seq: Sequence, num_tokens: int) -> bool:
-        """Pin the sequence's delta and give it blocks; False when its delta went meanwhile (the loader
-        made room for another), so it waits for a reload."""
+    def _start(self, seq: Sequence, hits: list[int], need: int) -> bool:
+        """Pin the sequence's delta, claim its cached prefix `hits` and give it `need` more blocks; False
+        when its delta went meanwhile (the loader made room for another), so it waits for a reload."""
         seq.delta_entry = self.deltas.acquire(seq.ref) if seq.ref is not None else None
         if seq.ref is not None and seq.delta_entry is None:
             return False
-        seq.blocks = self.kv.allocate(self.kv.blocks_needed(0, num_tokens))
+        self.kv.claim(hits)
+        seq.blocks = hits + self.kv.allocate(need)
+        seq.num_cached_blocks = len(hits)
+        seq.num_computed = len(hits) * self.kv.block_size
+        self.prefix.prompt_tokens += seq.length
+        self.prefix.hit_tokens += seq.num_computed
         seq.status = Status.RUNNING
         self.waiting.remove(seq)
         self.running.append(seq)
         return True
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The published blocks that hold the sequence's leading full blocks, within all but its last
+        token (that one is always computed: its logits are needed)."""
+        if not self.prefix_cache:
+            return []
+        return self.kv.match(self._hashes(seq, (seq.length - 1) // self.kv.block_size))
+
+    def publish(self, seq: Sequence) -> None:
+        """Publish the sequence's fully computed blocks; called once a sampled token of the sequence came
+        from finite logits, which every K/V of its context entered."""
+        full = seq.num_computed // self.kv.block_size
+        if not self.prefix_cache or full <= seq.num_cached_blocks:
+            return
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_cached_blocks, len(hashes)):
+            self.kv.publish(seq.blocks[i], hashes[i])
+        seq.num_cached_blocks = len(hashes)
+
+    def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The chain hashes of the sequence's first `count` full blocks (none for a task without a
+        resolved version: it cannot be told apart from another version)."""
+        if seq.task is not None and seq.ref is None:
+            return []
+        size = self.kv.block_size
+        while len(seq.block_hashes) < count:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else prefix_root(seq.task, seq.ref.sha256 if seq.ref else None)
+            seq.block_hashes.append(block_hash(parent, seq.tokens(i * size, (i + 1) * size)))
+        return seq.block_hashes[:count]
 
     def _fail_version(self, ref: TaskRef) -> list[tuple[Sequence, BaseException]]:
         """End every waiting request for the version whose load failed (other versions are not touched)."""
@@ -134,20 +189,22 @@ class Scheduler:
         self.waiting.append(seq)
         self.waiting.sort(key=lambda s: s.arrival)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence, wherever it is, freeing its blocks and pin."""
+    def finish(self, seq: Sequence, failed: bool = False) -> None:
+        """Remove a finished, aborted or `failed` sequence, wherever it is, freeing its blocks and pin; a
+        failed one's blocks that nobody else holds leave the prefix cache (their K/V may be bad)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
             if seq.ref is not None:
                 self.deltas.withdraw(seq.ref)
-        self._release(seq)
+        self._release(seq, drop=failed)
         seq.status = Status.FINISHED
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, drop: bool = False) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        self.kv.free(seq.blocks)
+        self.kv.free(seq.blocks, drop)
         seq.blocks = []
+        seq.num_cached_blocks = 0
         if seq.delta_entry is not None:
             self.deltas.release(seq.delta_entry)
             seq.delta_entry = None

@@ -41,6 +41,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     delta_entry: Any = None
     """The pinned delta-cache entry of `ref` while running with a task (None for the base)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of the sequence's leading full blocks, as far as they were needed."""
+    num_cached_blocks: int = 0
+    """Leading `blocks` that are published in the prefix cache (claimed at admission or published since)."""
 
     @property
     def request_id(self) -> str:

@@ -158,3 +158,13 @@ class EngineStats:
     failed_requests: int = 0
     """Requests ended by a fault of their own inside a step (non-finite logits, a forward that failed only
     for them); every other request of those steps went on."""
+    prefix_cache_prompt_tokens: int = 0
+    """Tokens of admitted requests (prompt, plus output so far for a re-admitted preempted one)."""
+    prefix_cache_hit_tokens: int = 0
+    """Of them, tokens whose K/V the prefix cache supplied (not computed)."""
+    prefix_cache_hit_rate: float = 0.0
+    """prefix_cache_hit_tokens / prefix_cache_prompt_tokens (0 before any request)."""
+    prefix_cache_blocks: int = 0
+    """KV blocks published in the prefix cache, in use or idle."""
+    prefix_cache_evictions: int = 0
+    """Idle published blocks reused for new tokens (their cached prefix forgotten) when no free block was left."""

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 MONOTONIC_STATS = frozenset({"delta_hits", "delta_misses", "delta_loads", "evictions", "load_seconds", "steps",
-                             "generated_tokens", "failed_requests"})
+                             "generated_tokens", "failed_requests", "prefix_cache_prompt_tokens",
+                             "prefix_cache_hit_tokens", "prefix_cache_evictions"})
 """Engine stats that only grow: exposed as counters (`..._total`), the rest as gauges."""
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
