@@ -1,4 +1,4 @@
-"""`deltaserve compress | inspect | merge | reconstruct`: the compressor's subcommands.
+"""`deltaserve compress | import-lora | inspect | merge | reconstruct`: the compressor's subcommands.
 
 Registered by server/cli.py through `register(subparsers)`; heavy imports happen in the handlers.
 """
@@ -19,6 +19,7 @@ METHOD_CHOICES = ["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_compress(sub)
+    _register_import_lora(sub)
     inspect = sub.add_parser("inspect", help="show an artifact's manifest, both ratios and per-module error")
     inspect.add_argument("artifact", type=Path, help="artifact file")
     inspect.add_argument("--base", type=Path, default=None, help="also validate against this base folder")
@@ -52,6 +53,18 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
                    help="method for the embedding / LM head (default: --method)")
     p.add_argument("--embedding-ratio", type=float, default=None, help="ratio for the embedding / LM head")
     p.set_defaults(handler=_cmd_compress)
+
+
+def _register_import_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-lora", help="turn a PEFT LoRA adapter folder into an artifact (method lora, exact)")
+    p.add_argument("adapter", type=Path, help="adapter folder: adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--base", type=Path, required=True, help="base model folder the adapter was trained on")
+    p.add_argument("--out", type=Path, required=True, help="artifact file to write")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="compress the adapter's delta to this CR instead of storing its factors exactly")
+    p.add_argument("--method", choices=["impart", "lowrank"], default="impart", help="method used with --ratio")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random drops (with --ratio)")
+    p.set_defaults(handler=_cmd_import_lora)
 
 
 def _register_merge(sub: argparse._SubParsersAction) -> None:
@@ -88,6 +101,31 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_lora(args: argparse.Namespace) -> int:
+    from compressor.errors import AdapterError, IncompatibleCheckpointError
+    from compressor.lora import import_lora
+
+    try:
+        report = import_lora(args.adapter, args.base, args.out, ratio=args.ratio, method=args.method, seed=args.seed)
+    except AdapterError as exc:
+        print(f"deltaserve import-lora: {exc.field}: {exc}", file=sys.stderr)
+        return 2
+    except IncompatibleCheckpointError as exc:
+        print(f"deltaserve import-lora: {exc}", file=sys.stderr)
+        return 2
+    ranks = sorted({m.rank for m in report.modules if m.rank})
+    print(f"{report.out_path}: {report.artifact_bytes} bytes, sha256 {report.sha256}")
+    print(f"{len(report.modules)} modules, rank {_span(ranks)}, whole artifact {report.whole_ratio:.2f}x "
+          f"vs the dense 16-bit delta of those modules")
+    return 0
+
+
+def _span(values: list[int]) -> str:
+    if not values:
+        return "0"
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -117,6 +155,7 @@ def _manifest_head(manifest: dict[str, object]) -> dict[str, object]:
 def _describe(s: ArtifactSummary, manifest: dict[str, object]) -> str:
     errors = [q["rel_error"] for q in s.quality.values() if q["group"] == "linear"]
     mean_err = sum(errors) / len(errors) if errors else 0.0
+    ranks = sorted({int(q["rank"]) for q in s.quality.values() if q.get("rank")})
     return "\n".join([
         f"artifact   {s.path} ({s.file_bytes} bytes, sha256 {s.sha256})",
         f"format     {manifest['format']} v{manifest['version']}, {manifest.get('tool')}, created {manifest.get('created')}",
@@ -125,6 +164,7 @@ def _describe(s: ArtifactSummary, manifest: dict[str, object]) -> str:
         f"ratios     linear CR {s.linear_cr:.2f} (params), linear bytes {s.linear_bytes_ratio:.2f}x, "
         f"whole artifact {s.whole_ratio:.2f}x vs the dense 16-bit delta ({s.dense_delta_bytes} bytes)",
         f"size       {s.over_ideal:.3f}x its ideal {s.ideal_bytes} bytes; stored bitmasks would add {s.bitmask_bytes}",
+        f"rank       {_span(ranks)} over {len(s.quality)} modules",
         f"quality    mean relative error of the linear layers {mean_err:.4f} over {len(errors)} modules",
     ])
 

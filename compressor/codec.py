@@ -9,6 +9,8 @@ Layouts:
 - "full": a 2-D delta stored whole (float16, tensor "d"), e.g. a merged delta; factors (D, 1, I).
 - "qsvd" / "qsparse": "svd" / "sparse" with the kept values quantised (quantize.py): tensors "u", "v"
   (or "d") hold packed codes, "groups" the float16 (min, scale) of every group of 128.
+- "lora": dense factors stored exactly (a LoRA adapter's module): u [out, r] = B, s [r] = its scaling,
+  v [in, r] = A^T; u and v in float32 or the adapter's 16-bit dtype, s float32.
 Values are stored already rescaled by 1/(1 - p), so decoding is a scatter.
 """
 
@@ -29,7 +31,7 @@ class ModuleCode:
     name: str
     shape: tuple[int, ...]
     layout: str
-    """"svd" | "qsvd" | "sparse" | "qsparse" | "full" | "dense"."""
+    """"svd" | "qsvd" | "sparse" | "qsparse" | "full" | "dense" | "lora"."""
     tensors: dict[str, torch.Tensor]
     """Stored tensors by role: svd {s, u, v, u_drops, v_drops}; sparse {d}; dense {delta}."""
     meta: dict[str, object] = field(default_factory=dict)
@@ -43,11 +45,13 @@ class ModuleCode:
             return int(self.rank * (self.shape[0] + self.shape[1]) - drops)
         if self.layout in ("sparse", "qsparse"):
             return int(self.shape[0] * self.shape[1] - sum(sparse_drops(self)))
+        if self.layout == "lora":
+            return self.rank * (self.shape[0] + self.shape[1])
         return int(torch.Size(self.shape).numel())
 
     @property
     def rank(self) -> int:
-        return int(self.tensors["s"].numel()) if self.layout in ("svd", "qsvd") else 0
+        return int(self.tensors["s"].numel()) if self.layout in ("svd", "qsvd", "lora") else 0
 
 
 def drops_tensor(drops: list[int] | tuple[int, ...], rows: int) -> torch.Tensor:
@@ -60,6 +64,8 @@ def decode_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.
     """(u [out, K], s [K], v [in, K]) float32 with delta = u @ diag(s) @ v.T (contract A)."""
     if code.layout in ("svd", "qsvd"):
         return _svd_factors(code)
+    if code.layout == "lora":
+        return tuple(code.tensors[role].to(torch.float32) for role in ("u", "s", "v"))  # type: ignore[return-value]
     if code.layout in ("sparse", "qsparse", "full"):
         d = decode_dense(code)
         return d, torch.ones(d.shape[1]), torch.eye(d.shape[1])
@@ -75,7 +81,7 @@ def decode_dense(code: ModuleCode) -> torch.Tensor:
     if code.layout in ("sparse", "qsparse"):
         keep = keep_mask(int(str(code.meta["key"]), 16), code.shape[1], sparse_drops(code))  # [in, out]
         return scatter_columns(_sparse_values(code), keep).t().contiguous()
-    u, s, v = _svd_factors(code)
+    u, s, v = decode_factors(code)
     return (u * s) @ v.t()
 
 

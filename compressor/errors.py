@@ -28,3 +28,13 @@ class InvalidArtifactError(ArtifactError):
 
 class UnsupportedVersionError(ArtifactError):
     """The artifact's format version is not one this code reads."""
+
+
+class AdapterError(ValueError):
+    """A PEFT adapter cannot be imported on this base: an unsupported or malformed adapter_config.json field,
+    a module the base lacks, factors that do not fit the base's shapes, an unreadable weights file.
+    `field` names what is wrong (a config field, `adapter_config.json` or `adapter_model.safetensors`)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field

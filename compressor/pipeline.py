@@ -138,7 +138,7 @@ def write_artifact(
     """Serialise codes with their manifest to out_path (atomically) and report on it."""
     data = artifact_bytes(_manifest(base_dir, method, params, reports), codes)
     write_atomic(out_path, data)
-    return _report(out_path, data, method, float(params.get("ratio", 0.0)), reports, time.perf_counter() - started)
+    return _report(out_path, data, method, float(params.get("ratio") or 0.0), reports, time.perf_counter() - started)
 
 
 def _encode_all(

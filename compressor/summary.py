@@ -50,6 +50,8 @@ def ideal_bytes(code: ModuleCode) -> int:
         return code_bits(code) // 8 + t["groups"].numel() * 2 + KEY_BYTES
     if code.layout == "full":
         return code.kept * t["d"].element_size()
+    if code.layout == "lora":
+        return sum(x.numel() * x.element_size() for x in t.values())
     drops = 2 * code.rank * (2 if max(code.shape) < 2**16 else 4)
     values = code.kept * t["u"].element_size() if code.layout == "svd" else code_bits(code) // 8
     groups = t["groups"].numel() * t["groups"].element_size() if "groups" in t else 0

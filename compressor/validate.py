@@ -26,14 +26,17 @@ MAX_DIM = 2**31 - 1
 """The largest dimension of a module (drop counts are stored in at most 32 bits)."""
 MAX_NAME = 512
 DROPS = (torch.uint16, torch.int32)
+FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""A LoRA module's factors: float32, or the adapter's own 16-bit dtype."""
 _SVD = {"s": (torch.float32,), "u": (VALUE_DTYPE,), "v": (VALUE_DTYPE,), "u_drops": DROPS, "v_drops": DROPS}
 ROLES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "svd": _SVD,
     "qsvd": {**_SVD, "u": (torch.uint8,), "v": (torch.uint8,), "groups": (torch.float16,)},
     "sparse": {"d": (VALUE_DTYPE,)},
     "qsparse": {"d": (torch.uint8,), "groups": (torch.float16,)},
-    "full": {"d": (VALUE_DTYPE,)},
+    "full": {"d": (VALUE_DTYPE, torch.float32)},
     "dense": {"delta": (torch.float32,)},
+    "lora": {"u": FACTOR_DTYPES, "s": (torch.float32,), "v": FACTOR_DTYPES},
 }
 """Each layout's stored tensors and their allowed dtypes: exactly these, no more, no fewer."""
 
@@ -87,9 +90,10 @@ def check_code(code: ModuleCode) -> None:
 
 def check_decoded(name: str, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, layout: str) -> None:
     """Decoded factors (u [out, K], s [K], v [in, K]) are finite and every delta entry fits MAX_DELTA:
-    bounded for svd layouts by sum_k max|u_k| |s_k| max|v_k|, else by max|u| (u is the delta itself).
+    bounded for factor layouts (svd, qsvd, lora) by sum_k max|u_k| |s_k| max|v_k|, else by max|u| (u is the
+    delta itself).
     One pass over each factor: a NaN or Inf makes the bound NaN or Inf, which fails the comparison."""
-    if layout in ("svd", "qsvd"):
+    if layout in ("svd", "qsvd", "lora"):
         bound = float((_column_peaks(u) * s.double().abs() * _column_peaks(v)).sum())
     else:
         bound = float(_column_peaks(u).max()) if u.numel() else 0.0
@@ -191,6 +195,16 @@ def _check_sparse(code: ModuleCode) -> None:
     _size(code, "groups", (n_groups(kept), 2))
 
 
+def _check_lora(code: ModuleCode) -> None:
+    """u [out, r], s [r], v [in, r] with r >= 1."""
+    rank = code.tensors["s"].numel()
+    if rank < 1:
+        raise InvalidArtifactError(f"{code.name}: a lora module needs rank >= 1")
+    _size(code, "s", (rank,))
+    _size(code, "u", (code.shape[0], rank))
+    _size(code, "v", (code.shape[1], rank))
+
+
 def _check_full(code: ModuleCode) -> None:
     _size(code, "d", code.shape)
 
@@ -200,4 +214,4 @@ def _check_dense(code: ModuleCode) -> None:
 
 
 _LAYOUT_CHECKS = {"svd": _check_svd, "qsvd": _check_svd, "sparse": _check_sparse, "qsparse": _check_sparse,
-                  "full": _check_full, "dense": _check_dense}
+                  "full": _check_full, "dense": _check_dense, "lora": _check_lora}
