@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     """Most characters of a prompt (completions) or of all messages' text (chat), checked before tokenizing."""
     max_messages: int = Field(2048, ge=1)
     """Most messages in one chat request; more get HTTP 400 naming `messages`."""
+    max_n: int = Field(16, ge=1)
+    """Most choices one request may ask for (`n`); more get HTTP 400 naming `n`."""
+    max_logit_bias: int = Field(300, ge=0)
+    """Most entries of one request's `logit_bias`; more get HTTP 400 naming `logit_bias`."""
+    max_grammar_chars: int = Field(1 << 16, ge=1)
+    """Most characters of a request's grammar (its JSON schema as JSON, `guided_regex`, `guided_choice` as JSON)."""
+    grammar_compile_timeout_s: float = Field(10.0, gt=0.0)
+    """Seconds a request's grammar may take to compile; longer is HTTP 400 naming its field."""
+    grammar_cache_size: int = Field(256, ge=1)
+    """Compiled grammars kept (LRU) so that requests with the same schema skip compilation."""
     metrics_access: Literal["auto", "open", "admin"] = "auto"
     """Who may read /metrics: `open` (anyone), `admin` (an admin key), `auto` (admin when any key is configured)."""
     default_method: Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"] = "impart"

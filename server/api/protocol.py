@@ -57,6 +57,30 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    """`response_format.json_schema`: the schema the output must validate against."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON schema; absent or `{}` allows any JSON value."""
+    strict: bool | None = None
+    """Accepted; the output always follows the schema strictly."""
+
+
+class ResponseFormat(RequestModel):
+    """`response_format`: free text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type `json_schema`, and only with it")
+        return self
+
+
 class SamplingFields(RequestModel):
     """Fields that chat and completion requests share; vLLM-style extras `top_k`, `ignore_eos`, ..."""
 
@@ -78,6 +102,13 @@ class SamplingFields(RequestModel):
     """Accepted as caller metadata; not used."""
     return_token_ids: bool = False
     """Extension (as in vLLM): each choice also carries the generated token ids."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit."""
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None
+    """Extension (as in vLLM): the output must match this regular expression."""
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    """Extension (as in vLLM): the output must be exactly one of these strings."""
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -1,8 +1,9 @@
 """Serving logic shared by the OpenAI endpoints; knows the engine and the protocol, not FastAPI.
 
 A request's life: resolve the task (X-Task, else `model`), check the key's scope and that the task
-exists, build SamplingParams, start the engine's generator and pull its first chunk (so every engine
-error becomes an HTTP status before any byte is sent), then collect or stream the chunks.
+exists, build SamplingParams (with its logit bias and grammar), start the engine's generator of the
+request's `n` choices and pull its first chunk (so every engine error becomes an HTTP status before
+any byte is sent), then collect or stream the chunks, each tagged with its choice index.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
@@ -23,9 +24,11 @@ from server.engine.types import (
     EngineError,
     GenerationChunk,
     GenerationRequest,
+    GrammarSpec,
     RegistryUnavailableError,
     SamplingParams,
     TaskRef,
+    TokenLogprob,
 )
 from server.observability.metrics import Metrics
 from server.registry import InvalidTaskNameError
@@ -41,7 +44,7 @@ class EngineClient(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def generate_choices(self, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, GenerationChunk]]: ...
 
     def stats(self) -> Any: ...
 
@@ -101,11 +104,15 @@ class RequestLimits:
     max_stop_token_ids: int
     max_prompt_chars: int
     max_messages: int
+    max_n: int = 16
+    max_logit_bias: int = 300
+    max_grammar_chars: int = 1 << 16
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
         return cls(settings.max_stop_strings, settings.max_stop_chars, settings.max_stop_token_ids,
-                   settings.max_prompt_chars, settings.max_messages)
+                   settings.max_prompt_chars, settings.max_messages, settings.max_n, settings.max_logit_bias,
+                   settings.max_grammar_chars)
 
 
 def check_chat_size(req: ChatCompletionRequest, limits: RequestLimits) -> None:
@@ -139,8 +146,6 @@ def check_prompt_size(prompt: str | list[str] | list[int] | list[list[int]], max
 def sampling_params(req: SamplingFields, prompt_len: int, max_model_len: int, max_tokens: int | None,
                     logprobs: int | None, limits: RequestLimits) -> SamplingParams:
     """The engine's SamplingParams for an OpenAI request; 400 naming the parameter when unusable."""
-    if req.n != 1:
-        raise bad_request("Only n=1 is supported.", "n")
     check_limits(req, limits)
     room = max_model_len - prompt_len
     if room < 1:
@@ -152,7 +157,8 @@ def sampling_params(req: SamplingFields, prompt_len: int, max_model_len: int, ma
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
         max_tokens=max_tokens or room, stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logprobs=logprobs, ignore_eos=req.ignore_eos,
+        logprobs=logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req, limits),
+        grammar=grammar_spec(req, limits),
     )
 
 
@@ -165,61 +171,143 @@ def check_limits(req: SamplingFields, limits: RequestLimits) -> None:
         raise bad_request(f"A stop string may have at most {limits.max_stop_chars} characters.", "stop")
     if len(req.stop_token_ids or ()) > limits.max_stop_token_ids:
         raise bad_request(f"At most {limits.max_stop_token_ids} stop token ids are allowed.", "stop_token_ids")
+    if req.n > limits.max_n:
+        raise bad_request(f"At most {limits.max_n} choices (n) are allowed; got {req.n}.", "n")
+
+
+def logit_bias(req: SamplingFields, limits: RequestLimits) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; 400 naming it when too long, a key is not an integer or a
+    bias lies outside [-100, 100] (token ids beyond the vocabulary are refused by the engine)."""
+    items = (req.logit_bias or {}).items()
+    if len(items) > limits.max_logit_bias:
+        raise bad_request(f"logit_bias may hold at most {limits.max_logit_bias} entries.", "logit_bias")
+    pairs = []
+    for key, bias in items:
+        if not key.strip().lstrip("-").isdigit() or not -100.0 <= bias <= 100.0:
+            raise bad_request("logit_bias maps token ids (integers, as strings) to biases in [-100, 100]; "
+                              f"got {key!r}: {bias}.", "logit_bias")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
+
+
+def grammar_spec(req: SamplingFields, limits: RequestLimits) -> GrammarSpec | None:
+    """The grammar of `response_format`, `guided_regex` or `guided_choice` (at most one of them); 400
+    naming the field when its text exceeds `max_grammar_chars`."""
+    fmt = req.response_format
+    specs = [spec for spec in (
+        _format_spec(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None) if fmt else None,
+        GrammarSpec("regex", req.guided_regex, "guided_regex") if req.guided_regex is not None else None,
+        GrammarSpec("choice", json.dumps(req.guided_choice), "guided_choice") if req.guided_choice else None,
+    ) if spec is not None]
+    if len(specs) > 1:
+        raise bad_request("Give at most one of response_format (json), guided_regex and guided_choice.",
+                          specs[1].param)
+    if specs and len(specs[0].source) > limits.max_grammar_chars:
+        raise bad_request(f"The grammar of {specs[0].param} has more than {limits.max_grammar_chars} characters.",
+                          specs[0].param)
+    return specs[0] if specs else None
+
+
+def _format_spec(kind: str, schema: dict[str, Any] | None) -> GrammarSpec | None:
+    if kind == "json_object":
+        return GrammarSpec("json_object")
+    if kind == "json_schema":
+        return GrammarSpec("json_schema", json.dumps(schema or {}, separators=(",", ":")))
+    return None
 
 
 class Generation:
-    """One request's run through the engine, primed with its first chunk; records metrics as it goes."""
+    """One request's run through the engine (its n choices), primed with its first chunk; records metrics."""
 
-    def __init__(self, stream: AsyncIterator[GenerationChunk], first: GenerationChunk, task_label: str,
-                 endpoint: str, metrics: Metrics, started: float) -> None:
-        self._stream, self._first = stream, first
+    def __init__(self, stream: AsyncIterator[tuple[int, GenerationChunk]], first: tuple[int, GenerationChunk],
+                 n: int, task_label: str, endpoint: str, metrics: Metrics, started: float) -> None:
+        self._stream, self._first, self.n = stream, first, n
         self._task_label, self._endpoint, self._metrics = task_label, endpoint, metrics
         self._started, self._last = started, time.perf_counter()
         self._metrics.time_to_first_token.labels(endpoint).observe(self._last - started)
-        self.prompt_tokens, self.completion_tokens = first.prompt_tokens, first.completion_tokens
-        self.finish_reason: str | None = None
+        self.prompt_tokens = first[1].prompt_tokens
+        self._completion: dict[int, int] = {}
+        self.finish_reasons: dict[int, str] = {}
 
     @classmethod
     async def start(cls, engine: EngineClient, request: GenerationRequest, target: Target, endpoint: str,
-                    metrics: Metrics) -> Generation:
+                    metrics: Metrics, n: int = 1) -> Generation:
         started = time.perf_counter()
-        stream = engine.generate(request)
+        stream = engine.generate_choices(request, n)
         try:
             first = await anext(stream)
         except EngineError as exc:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
             metrics.task_requests.labels(target.model, "rejected").inc()
             raise from_engine(exc, target.model) from None
         except StopAsyncIteration:
             raise APIError(500, "The engine ended the request without output.", type="server_error") from None
-        return cls(stream, first, target.model, endpoint, metrics, started)
+        return cls(stream, first, n, target.model, endpoint, metrics, started)
 
-    async def chunks(self) -> AsyncIterator[GenerationChunk]:
-        """Every chunk, the primed first one included; ends after the chunk with a finish_reason."""
-        chunk: GenerationChunk | None = self._first
-        while chunk is not None:
-            self._account(chunk)
-            yield chunk
-            if chunk.finish_reason is not None:
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens of all choices."""
+        return sum(self._completion.values())
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Choice 0's finish reason once every choice finished; None while any runs."""
+        return self.finish_reasons.get(0) if len(self.finish_reasons) == self.n else None
+
+    async def chunks(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Every (choice index, chunk), the primed first one included; ends when every choice finished."""
+        item: tuple[int, GenerationChunk] | None = self._first
+        while item is not None:
+            self._account(*item)
+            yield item
+            if len(self.finish_reasons) == self.n:
                 return
-            chunk = await anext(self._stream, None)
+            item = await anext(self._stream, None)
 
     async def aclose(self) -> None:
-        """Close the engine's generator (aborting it when unfinished) and record the outcome."""
+        """Close the engine's generator (aborting unfinished choices) and record the outcome."""
         with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
+            await self._stream.aclose()  # type: ignore[attr-defined]
         outcome = self.finish_reason or "disconnected"
         self._metrics.observe_finished(self._task_label, self._endpoint, outcome, self.prompt_tokens,
                                        self.completion_tokens, time.perf_counter() - self._started)
 
-    def _account(self, chunk: GenerationChunk) -> None:
+    def _account(self, index: int, chunk: GenerationChunk) -> None:
         now = time.perf_counter()
-        new_tokens = chunk.completion_tokens - self.completion_tokens
-        if new_tokens > 0 and chunk is not self._first:
+        new_tokens = chunk.completion_tokens - self._completion.get(index, 0)
+        if new_tokens > 0 and chunk is not self._first[1]:
             self._metrics.inter_token_latency.labels(self._endpoint).observe((now - self._last) / new_tokens)
         self._last = now
-        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-        self.finish_reason = chunk.finish_reason
+        self._completion[index] = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reasons[index] = chunk.finish_reason
+
+
+@dataclass
+class Collected:
+    """One choice's whole output, gathered from its chunks."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect(run: Generation, model: str) -> list[Collected]:
+    """Every choice's output, by index; an engine error raises its APIError. Closes the run."""
+    choices = [Collected() for _ in range(run.n)]
+    try:
+        async for index, chunk in run.chunks():
+            choice = choices[index]
+            choice.text += chunk.text
+            choice.token_ids.extend(chunk.token_ids)
+            choice.logprobs.extend(chunk.logprobs or ())
+            choice.finish_reason = chunk.finish_reason or choice.finish_reason
+    except EngineError as exc:
+        raise from_engine(exc, model) from None
+    finally:
+        await run.aclose()
+    return choices
 
 
 def sse(payload: str) -> str:

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: chat template, then one engine run, collected or streamed as SSE."""
+"""POST /v1/chat/completions: chat template, then one engine run of n choices, collected or streamed as SSE."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from server.api.serving import (
     RequestLimits,
     Target,
     check_chat_size,
+    collect,
     sampling_params,
     sse,
     sse_error,
@@ -48,7 +49,7 @@ class ChatServing:
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top, self.limits)
         request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
-        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
+        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics, req.n)
         if req.stream:
             return self._stream(run, target, request_id, req)
         return await self._collect(run, target, request_id, req)
@@ -64,22 +65,13 @@ class ChatServing:
 
     async def _collect(self, run: Generation, target: Target, request_id: str,
                        req: ChatCompletionRequest) -> ChatCompletionResponse:
-        texts: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        try:
-            async for chunk in run.chunks():
-                texts.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                logprobs.extend(chunk.logprobs or ())
-        except EngineError as exc:
-            raise from_engine(exc, target.model) from None
-        finally:
-            await run.aclose()
-        choice = ChatChoice(message={"role": "assistant", "content": "".join(texts)},
-                            logprobs=chat_logprobs(logprobs) if req.logprobs else None,
-                            finish_reason=run.finish_reason, token_ids=token_ids if req.return_token_ids else None)
-        return ChatCompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
+        choices = [
+            ChatChoice(index=i, message={"role": "assistant", "content": c.text},
+                       logprobs=chat_logprobs(c.logprobs) if req.logprobs else None, finish_reason=c.finish_reason,
+                       token_ids=c.token_ids if req.return_token_ids else None)
+            for i, c in enumerate(await collect(run, target.model))
+        ]
+        return ChatCompletionResponse(id=request_id, model=target.model, choices=choices, usage=usage_of(run))
 
     async def _stream(self, run: Generation, target: Target, request_id: str,
                       req: ChatCompletionRequest) -> AsyncIterator[str]:
@@ -91,15 +83,16 @@ class ChatServing:
             return sse(chunk.model_dump_json(exclude_none=True))
 
         try:
-            yield event([ChatStreamChoice(delta=ChatDelta(role="assistant", content=""))])
-            async for chunk in run.chunks():
+            for i in range(req.n):
+                yield event([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            async for i, chunk in run.chunks():
                 if chunk.text or chunk.logprobs or (req.return_token_ids and chunk.token_ids):
                     logprobs = chat_logprobs(list(chunk.logprobs)) if chunk.logprobs else None
                     ids = list(chunk.token_ids) if req.return_token_ids else None
-                    yield event([ChatStreamChoice(delta=ChatDelta(content=chunk.text, token_ids=ids),
+                    yield event([ChatStreamChoice(index=i, delta=ChatDelta(content=chunk.text, token_ids=ids),
                                                   logprobs=logprobs)])
                 if chunk.finish_reason is not None:
-                    yield event([ChatStreamChoice(delta=ChatDelta(), finish_reason=chunk.finish_reason)])
+                    yield event([ChatStreamChoice(index=i, delta=ChatDelta(), finish_reason=chunk.finish_reason)])
             if req.include_usage:
                 yield event([], usage_of(run))
         except EngineError as exc:

@@ -1,4 +1,4 @@
-"""POST /v1/completions: one prompt (text or token ids), one engine run, collected or streamed as SSE."""
+"""POST /v1/completions: one prompt (text or token ids), one engine run of n choices, collected or streamed."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from server.api.serving import (
     RequestLimits,
     Target,
     check_prompt_size,
+    collect,
     sampling_params,
     sse,
     sse_error,
@@ -42,7 +43,7 @@ class CompletionServing:
         params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs,
                                 self.limits)
         request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
-        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics)
+        run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics, req.n)
         if req.stream:
             return self._stream(run, target, request_id, req)
         return await self._collect(run, target, request_id, req)
@@ -66,26 +67,17 @@ class CompletionServing:
 
     async def _collect(self, run: Generation, target: Target, request_id: str,
                        req: CompletionRequest) -> CompletionResponse:
-        texts: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        try:
-            async for chunk in run.chunks():
-                texts.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                logprobs.extend(chunk.logprobs or ())
-        except EngineError as exc:
-            raise from_engine(exc, target.model) from None
-        finally:
-            await run.aclose()
-        choice = CompletionChoice(text="".join(texts), finish_reason=run.finish_reason,
-                                  logprobs=completion_logprobs(logprobs, 0) if req.logprobs is not None else None,
-                                  token_ids=token_ids if req.return_token_ids else None)
-        return CompletionResponse(id=request_id, model=target.model, choices=[choice], usage=usage_of(run))
+        choices = [
+            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                             logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
+                             token_ids=c.token_ids if req.return_token_ids else None)
+            for i, c in enumerate(await collect(run, target.model))
+        ]
+        return CompletionResponse(id=request_id, model=target.model, choices=choices, usage=usage_of(run))
 
     async def _stream(self, run: Generation, target: Target, request_id: str,
                       req: CompletionRequest) -> AsyncIterator[str]:
-        created, offset = int(time.time()), 0
+        created, offsets = int(time.time()), [0] * req.n
 
         def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             body = CompletionResponse(id=request_id, created=created, model=target.model, choices=choices,
@@ -93,12 +85,12 @@ class CompletionServing:
             return sse(body.model_dump_json(exclude_none=True))
 
         try:
-            async for chunk in run.chunks():
-                logprobs = completion_logprobs(list(chunk.logprobs), offset) if chunk.logprobs else None
-                offset += len(chunk.text)
+            async for i, chunk in run.chunks():
+                logprobs = completion_logprobs(list(chunk.logprobs), offsets[i]) if chunk.logprobs else None
+                offsets[i] += len(chunk.text)
                 ids = list(chunk.token_ids) if req.return_token_ids else None
                 if chunk.text or chunk.finish_reason is not None or logprobs or ids:
-                    yield event([CompletionChoice(text=chunk.text, logprobs=logprobs, token_ids=ids,
+                    yield event([CompletionChoice(index=i, text=chunk.text, logprobs=logprobs, token_ids=ids,
                                                   finish_reason=chunk.finish_reason)])
             if req.include_usage:
                 yield event([], usage_of(run))

@@ -2,7 +2,9 @@
 
 The step loop runs in its own thread: it takes new requests and aborts from an inbox, asks the
 scheduler for a plan, runs the model once for every scheduled row, and hands each request's chunk
-back to its asyncio queue. `generate` is the async generator the HTTP layer iterates.
+back to its asyncio queue. `generate` is the async generator the HTTP layer iterates; `generate_choices`
+runs n samples of one request (OpenAI's `n`), the later ones sharing the first one's prefill through
+the prefix cache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import torch
 from server.config import Settings
 from server.engine.delta_cache import DeltaCache
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVCache, bytes_per_block
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
@@ -47,6 +51,7 @@ from server.model.llama import LlamaModel
 from server.model.provision import resolve_base_model
 
 log = logging.getLogger("deltaserve.engine")
+GRAMMAR_REJECTED = "The grammar of this request's response format rejected a token; the request ended."
 IDLE_WAIT_S = 0.5
 LOAD_WAIT_S = 0.01
 
@@ -96,6 +101,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens,
                                    self.settings.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids,
+                                 self.settings.grammar_cache_size, self.settings.grammar_compile_timeout_s)
         log.info("base %s loaded in %.1fs; KV cache %d blocks of %d tokens", self.base_name,
                  time.perf_counter() - started, self.kv.num_blocks, self.kv.block_size)
 
@@ -115,6 +122,8 @@ class Engine:
             await asyncio.to_thread(self._thread.join)
         if hasattr(self, "deltas"):
             self.deltas.close()
+        if hasattr(self, "grammars"):
+            self.grammars.close()
 
     def _has_work(self) -> bool:
         with self._cond:
@@ -126,8 +135,10 @@ class Engine:
             raise EngineNotReadyError("the engine is starting or shutting down")
         validate_request(request, self.max_model_len, self.config.vocab_size)
         request = await self._resolved(request)
+        grammar = request.params.grammar
+        compiled = await self.grammars.compiled(grammar) if grammar is not None else None
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        self._submit(self._sequence(request, _thread_safe_sink(queue)))
+        self._submit(self._sequence(request, _thread_safe_sink(queue), compiled))
         finished = False
         try:
             while not finished:
@@ -159,11 +170,28 @@ class Engine:
             raise TaskNotFoundError(f"task {task!r} is not published")
         return ref
 
-    def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
+    async def generate_choices(self, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """`n` samples of the request, as (choice index, chunk) in arrival order. Choice 0 runs first; the
+        others start once its first chunk arrived (its prompt's full KV blocks are then published, so
+        they prefill only the last partial block), as request ids `<id>-<i>` with seed `seed + i` when
+        a seed is given. Closing the generator aborts every unfinished choice."""
+        async with aclosing(self.generate(request)) as first_stream:
+            yield 0, await anext(first_stream)
+            if n == 1:
+                async for chunk in first_stream:
+                    yield 0, chunk
+                return
+            others = [self.generate(_choice(request, i)) for i in range(1, n)]
+            async with aclosing(_merged([first_stream, *others])) as merged:
+                async for item in merged:
+                    yield item
+
+    def _sequence(self, request: GenerationRequest, sink: Sink, grammar: Any = None) -> Sequence:
         seed = request.params.seed
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids), request.params.stop)
-        return Sequence(request, detok, sink, self.max_model_len, generator)
+        matcher = self.grammars.matcher(grammar) if grammar is not None else None
+        return Sequence(request, detok, sink, self.max_model_len, generator, matcher=matcher)
 
     def _submit(self, seq: Sequence) -> None:
         with self._cond:
@@ -296,14 +324,19 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Record one sampled token, decide whether the sequence is done, and send its chunk."""
+        grammar_done = _advance_grammar(seq, token)
+        if grammar_done is None:
+            self._counts["failed_requests"] += 1
+            self._fail(seq, RequestFailedError(GRAMMAR_REJECTED))
+            return
         seq.output.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         params = seq.request.params
         stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
-        if not stop_token:
+        if not stop_token and not grammar_done:
             seq.detok.add(token)
-        if stop_token or seq.detok.stopped:
+        if stop_token or grammar_done or seq.detok.stopped:
             seq.finish_reason = "stop"
         elif len(seq.output) >= params.max_tokens or seq.length >= seq.max_len:
             seq.finish_reason = "length"
@@ -331,6 +364,64 @@ class Engine:
             pending = list(self._active.values())
         for seq in pending:
             self._end(seq, "abort")
+
+
+def _advance_grammar(seq: Sequence, token: int) -> bool | None:
+    """Feed the token to the sequence's grammar: True when the grammar is now complete (the token was a
+    stop token it allowed), False when it goes on or the sequence is unconstrained, None when the grammar
+    rejects the token or fails."""
+    if seq.matcher is None:
+        return False
+    try:
+        if not seq.matcher.accept_token(token):
+            return None
+        return bool(seq.matcher.is_terminated())
+    except Exception:
+        log.exception("the grammar of request %s failed; only it ends", seq.request_id)
+        return None
+
+
+def _choice(request: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice `index` of an n > 1 request: its own request id and, for a seeded request, seed + index."""
+    seed = request.params.seed
+    params = replace(request.params, seed=None if seed is None else _wrap_int64(seed + index))
+    return replace(request, request_id=f"{request.request_id}-{index}", params=params)
+
+
+def _wrap_int64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
+
+
+async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Every chunk of every stream as (stream index, chunk), as they arrive; the first error raises. On
+    exit (done, error, or the consumer closing) every stream is closed, which aborts unfinished ones."""
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _thread_safe_sink(queue: asyncio.Queue[GenerationChunk | BaseException]) -> Sink:

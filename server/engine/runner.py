@@ -71,7 +71,7 @@ class ModelRunner:
         deltas = self._deltas(order, row_tasks, batch.logit_rows)
         logits = self.model.forward(batch, self.kv.layers, deltas)  # [R, vocab]
         sampling = [c for c in order if c.samples]
-        rows = [RowState(c.seq.request.params, c.seq.output, c.seq.generator) for c in sampling]
+        rows = [RowState(c.seq.request.params, c.seq.output, c.seq.generator, c.seq.matcher) for c in sampling]
         drawn = dict(zip(map(id, sampling), sample(logits, rows, self._token_text)))
         return [_result(c, drawn.get(id(c))) for c in order]
 

@@ -1,4 +1,7 @@
-"""Next-token choice per row: penalties, temperature, top-k, top-p, seeded sampling, logprobs.
+"""Next-token choice per row: grammar mask, logit bias, penalties, temperature, top-k, top-p, seeds, logprobs.
+
+A constrained row's logits are masked by its own grammar matcher (server/engine/grammar.py), then its
+logit bias is added, before penalties and temperature; other rows are untouched.
 
 Logprobs are those of the model's distribution after the presence/frequency penalties and before
 temperature and truncation (what vLLM reports by default). Every accepted parameter is well defined:
@@ -12,9 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from server.engine.grammar import mask_rows
 from server.engine.types import RequestFailedError, SamplingParams, TokenLogprob
 
 log = logging.getLogger("deltaserve.engine")
@@ -22,6 +27,7 @@ SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy (as in vLLM): logits / 1e-300 overflow to inf, softmax to NaN."""
 NON_FINITE = "The model produced non-finite values (NaN or infinity) for this request; no token was sampled."
 SAMPLING_FAILED = "The engine could not sample a token for this request."
+GRAMMAR_FAILED = "The grammar of this request's response format failed; no token was sampled."
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class RowState:
     params: SamplingParams
     output: Sequence[int]
     generator: torch.Generator | None
+    matcher: Any = None
+    """The row's xgrammar GrammarMatcher when its output is constrained."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +51,16 @@ def sample(
 ) -> list[Sampled | RequestFailedError]:
     """logits: [R, vocab] float32 -> each row's chosen token and logprob entry, or the error of that row alone."""
     finite = torch.isfinite(logits).all(dim=-1).tolist() if logits.shape[0] else []
+    logits, grammar_failed = _constrain(logits, rows)
     logits = _apply_penalties(logits, rows)
     greedy = torch.argmax(logits, dim=-1).tolist() if logits.shape[0] else []
     out: list[Sampled | RequestFailedError] = []
     for i, row in enumerate(rows):
         if not finite[i]:
             out.append(RequestFailedError(NON_FINITE))
+            continue
+        if i in grammar_failed:
+            out.append(RequestFailedError(GRAMMAR_FAILED))
             continue
         try:
             token = greedy[i] if _is_greedy(row.params) else _draw(logits[i], row)
@@ -57,6 +69,25 @@ def sample(
             log.exception("sampling failed for one row; only its request ends")
             out.append(RequestFailedError(SAMPLING_FAILED))
     return out
+
+
+def _constrain(logits: torch.Tensor, rows: Sequence[RowState]) -> tuple[torch.Tensor, set[int]]:
+    """logits: [R, vocab] -> a copy with each constrained row masked by its grammar and each biased row's
+    logit bias added (the input itself when no row has either), and the rows whose grammar failed or left
+    no token allowed."""
+    matchers = {i: r.matcher for i, r in enumerate(rows) if r.matcher is not None}
+    biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    if not matchers and not biased:
+        return logits, set()
+    logits = logits.clone()
+    failed = mask_rows(logits, matchers) if matchers else set()
+    for i in biased:
+        ids, biases = zip(*rows[i].params.logit_bias)
+        logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    if matchers:
+        allowed = torch.isfinite(logits[sorted(matchers)]).any(dim=-1).tolist()
+        failed |= {i for i, ok in zip(sorted(matchers), allowed) if not ok}
+    return logits, failed
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:

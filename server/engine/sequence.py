@@ -45,6 +45,8 @@ class Sequence:
     """Prefix-cache hashes of the sequence's leading full blocks, as far as they were needed."""
     num_cached_blocks: int = 0
     """Leading `blocks` that are published in the prefix cache (claimed at admission or published since)."""
+    matcher: Any = None
+    """The xgrammar GrammarMatcher of a constrained request (its parse state); None for free text."""
 
     @property
     def request_id(self) -> str:

@@ -11,6 +11,19 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
+GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match; its rows are decoded under this grammar's token mask."""
+
+    kind: GrammarKind
+    source: str = ""
+    """json_schema: the schema as canonical JSON; regex: the pattern; choice: a JSON list of the strings;
+    json_object: empty (any JSON object)."""
+    param: str = "response_format"
+    """The request field it came from, named by errors (`response_format`, `guided_regex`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,10 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob and the top k alternatives."""
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in [-100, 100]) added to the row's logits before penalties and sampling."""
+    grammar: GrammarSpec | None = None
+    """The grammar the output must match (constrained decoding); None for free text."""
 
 
 @dataclass(frozen=True)

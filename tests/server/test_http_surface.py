@@ -211,8 +211,9 @@ def test_a_chunked_body_over_the_cap_is_413(client: httpx.Client, live: tuple[st
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "logit_bias", {"5": 10}),
+    ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
+    ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
+    ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
     ("/v1/chat/completions", "parallel_tool_calls", False),
     ("/v1/chat/completions", "modalities", ["text"]),
     ("/v1/completions", "best_of", 2),
@@ -266,8 +267,30 @@ def test_the_openai_clients_ordinary_calls_pass(live: tuple[str, Any]) -> None:
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                       response_format={"type": "json_object"})
-    assert refused.value.code == "unsupported_parameter" and refused.value.param == "response_format"
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"guided_regex": "x" * ((1 << 16) + 1)}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"n": 17}, "n"),
+    ({"n": 0}, "n"),
+])
+def test_bad_structured_output_bias_and_n_fields_are_400_naming_them(client: httpx.Client, change: dict,
+                                                                     param: str) -> None:
+    error = _error(client.post("/v1/chat/completions", json={**CHAT, **change}), 400)
+    assert error["param"].split(".")[0] == param and error["type"] == "invalid_request_error", error
 
 
 @pytest.mark.parametrize("path, change, param", [

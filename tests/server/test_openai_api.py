@@ -83,7 +83,7 @@ def test_x_task_header_wins_over_model(client: TestClient) -> None:
 
 @pytest.mark.parametrize("change, param", [
     ({"temperature": 3.0}, "temperature"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"max_tokens": 10**6}, "max_tokens"),
     ({"messages": []}, "messages"),
     ({"top_p": 0}, "top_p"),
