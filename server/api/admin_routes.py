@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
 from server.api.errors import APIError, bad_request, from_engine, not_found, not_ready, registry_unavailable
-from server.api.uploads import receive_checkpoint, receive_raw
+from server.api.uploads import receive_adapter, receive_checkpoint, receive_raw
 from server.engine.types import EngineError
 from server.jobs import JobsClosedError, JobSpec
 from server.registry import (
@@ -31,6 +31,7 @@ from server.registry import (
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_principal)])
 _T = TypeVar("_T")
 Method = Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
+AdapterMethod = Literal["impart", "lowrank"]
 MAX_RATIO = 1e6
 """Past a matrix's size a ratio keeps nothing; the bound refuses inf and absurd values with a 400."""
 MAX_SEED = 2**63 - 1
@@ -65,6 +66,26 @@ async def upload_checkpoint(task: str, request: Request, method: Method | None =
         shutil.rmtree(folder, ignore_errors=True)
         raise not_ready("The server is shutting down; send the upload again (another replica takes it).") from None
     return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/admin/v1/jobs/{job.id}"})
+
+
+@router.post("/tasks/{task:path}/adapter", status_code=201)
+async def upload_adapter(task: str, request: Request, ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
+                         method: AdapterMethod = "impart", seed: int = Query(0, ge=0, le=MAX_SEED)) -> JSONResponse:
+    """Publish a PEFT LoRA adapter (multipart: adapter_config.json + adapter_model.safetensors) as the task's
+    new version, its factors stored exactly (method lora); `ratio` compresses its delta instead."""
+    ctx, task = context_of(request), _task_name(task)
+    await _registry(ctx.registry.ensure_reachable)
+    folder = _upload_path(ctx)
+    folder.mkdir(parents=True)
+    try:
+        await receive_adapter(request.headers.get("content-type"), request.stream(), folder,
+                              ctx.settings.max_upload_bytes)
+        path = folder / "artifact.safetensors"
+        await asyncio.to_thread(_import_adapter, ctx.base_dir, folder, path, ratio, method, seed)
+        published = await _registry(_publish_artifact, ctx, task, path, "adapter")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return JSONResponse(_version_dict(published), status_code=201)
 
 
 @router.put("/tasks/{task:path}/artifact", status_code=201)
@@ -205,7 +226,20 @@ def _check_checkpoint(base_dir: Path, folder: Path) -> None:
         raise bad_request(f"The checkpoint cannot be used: {exc}", "file") from None
 
 
-def _publish_artifact(ctx: ServerContext, task: str, path: Path) -> Any:
+def _import_adapter(base_dir: Path, folder: Path, out: Path, ratio: float | None, method: str, seed: int) -> None:
+    """The uploaded adapter as an artifact at `out`; 400 naming the field when it cannot serve on this base."""
+    from compressor.errors import AdapterError, IncompatibleCheckpointError
+    from compressor.lora import import_lora
+
+    try:
+        import_lora(folder, base_dir, out, ratio=ratio, method=method, seed=seed)
+    except AdapterError as exc:
+        raise bad_request(f"The adapter cannot be used: {exc}", exc.field) from None
+    except IncompatibleCheckpointError as exc:
+        raise bad_request(f"The adapter cannot be used: {exc}", "adapter_model.safetensors") from None
+
+
+def _publish_artifact(ctx: ServerContext, task: str, path: Path, origin: str = "artifact") -> Any:
     """Decode the artifact in full against the base (compressor.verify_artifact), then publish it."""
     import compressor
 
@@ -216,7 +250,7 @@ def _publish_artifact(ctx: ServerContext, task: str, path: Path) -> Any:
                        code="invalid_artifact") from None
     manifest = artifact.manifest
     ratio = manifest.get("ratio", manifest.get("params", {}).get("ratio"))
-    return ctx.registry.publish(task, path, method=artifact.method, ratio=ratio, origin="artifact",
+    return ctx.registry.publish(task, path, method=artifact.method, ratio=ratio, origin=origin,
                                 quality=manifest.get("quality") or {})
 
 

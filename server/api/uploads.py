@@ -1,4 +1,5 @@
-"""Uploads streamed to disk: multipart checkpoints (safetensors + config.json) and raw artifacts.
+"""Uploads streamed to disk: multipart checkpoints (safetensors + config.json), PEFT adapters
+(adapter_config.json + adapter_model.safetensors) and raw artifacts.
 
 The body is parsed as it arrives (python-multipart's streaming parser) and each file is written
 straight to the destination folder, so no upload is ever held in memory; the byte cap is enforced
@@ -10,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,7 +24,7 @@ CHECKPOINT_FILES = re.compile(r"(config\.json|[A-Za-z0-9._-]+\.safetensors|model
 SKIPPED_SUFFIXES = (".json", ".txt", ".md", ".jinja", ".model", ".gitattributes")
 """Side files of an HF folder (tokenizer, generation config, model card): accepted and dropped."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
-
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -32,12 +34,28 @@ class UploadedCheckpoint:
     size: int = 0
 
 
-def checkpoint_filename(name: str) -> str | None:
-    """The file's name when a checkpoint may hold it; None to skip it; 400 for anything else."""
+def _refuse_pickle(name: str) -> str:
+    """The file's base name; 400 when it is a pickle-based weights file."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     if base.lower().endswith(PICKLE_SUFFIXES):
         raise bad_request(f"`{base}` is a pickle-based checkpoint file; only safetensors are accepted "
                           f"(convert with `save_pretrained(..., safe_serialization=True)`).", "file")
+    return base
+
+
+def adapter_filename(name: str) -> str | None:
+    """The file's name when a PEFT adapter folder holds it; None to skip side files; 400 for anything else."""
+    base = _refuse_pickle(name)
+    if base in ADAPTER_FILES:
+        return base
+    if base.lower().endswith(SKIPPED_SUFFIXES):
+        return None
+    raise bad_request(f"`{base}` is not part of a LoRA adapter: send {' and '.join(ADAPTER_FILES)}.", "file")
+
+
+def checkpoint_filename(name: str) -> str | None:
+    """The file's name when a checkpoint may hold it; None to skip it; 400 for anything else."""
+    base = _refuse_pickle(name)
     if CHECKPOINT_FILES.fullmatch(base):
         return base
     if base.lower().endswith(SKIPPED_SUFFIXES):
@@ -49,8 +67,29 @@ def checkpoint_filename(name: str) -> str | None:
 async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes], folder: Path,
                              limit: int) -> UploadedCheckpoint:
     """Stream a multipart body's files into `folder`; checks names, the cap, and config.json's presence."""
+    upload = await _receive_files(content_type, body, folder, limit, checkpoint_filename)
+    if "config.json" not in upload.files:
+        raise bad_request("The checkpoint has no config.json.", "file")
+    if not any(n.endswith(".safetensors") for n in upload.files):
+        raise bad_request("The checkpoint has no *.safetensors file.", "file")
+    return upload
+
+
+async def receive_adapter(content_type: str | None, body: AsyncIterator[bytes], folder: Path,
+                          limit: int) -> UploadedCheckpoint:
+    """Stream a multipart PEFT adapter into `folder`: adapter_config.json and adapter_model.safetensors."""
+    upload = await _receive_files(content_type, body, folder, limit, adapter_filename)
+    for name in ADAPTER_FILES:
+        if name not in upload.files:
+            raise bad_request(f"The adapter has no {name}.", name)
+    return upload
+
+
+async def _receive_files(content_type: str | None, body: AsyncIterator[bytes], folder: Path, limit: int,
+                         namer: Callable[[str], str | None]) -> UploadedCheckpoint:
+    """Stream a multipart body's files into `folder`, each named by `namer` (None: skipped); the cap."""
     boundary = _boundary(content_type)
-    sink = _PartSink(folder, limit)
+    sink = _PartSink(folder, limit, namer)
     parser = MultipartParser(boundary, sink.callbacks())
     try:
         async for data in body:
@@ -64,11 +103,6 @@ async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes
         sink.close()
     if sink.error is not None:
         raise sink.error
-    names = sink.upload.files
-    if "config.json" not in names:
-        raise bad_request("The checkpoint has no config.json.", "file")
-    if not any(n.endswith(".safetensors") for n in names):
-        raise bad_request("The checkpoint has no *.safetensors file.", "file")
     return sink.upload
 
 
@@ -87,16 +121,17 @@ async def receive_raw(body: AsyncIterator[bytes], target: Path, limit: int) -> i
 def _boundary(content_type: str | None) -> bytes:
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or b"boundary" not in options:
-        raise bad_request("Send the checkpoint as multipart/form-data (one part per file).", "file")
+        raise bad_request("Send the files as multipart/form-data (one part per file).", "file")
     return options[b"boundary"]
 
 
 class _PartSink:
     """Callbacks of the multipart parser: one part at a time, written to its file as it arrives."""
 
-    def __init__(self, folder: Path, limit: int) -> None:
+    def __init__(self, folder: Path, limit: int, namer: Callable[[str], str | None]) -> None:
         self.upload = UploadedCheckpoint(folder)
         self.limit = limit
+        self.namer = namer
         self.error: APIError | None = None
         self._header_field, self._header_value = b"", b""
         self._headers: dict[bytes, bytes] = {}
@@ -130,7 +165,7 @@ class _PartSink:
         if filename is None:
             return
         try:
-            name = checkpoint_filename(filename.decode("utf-8", "replace"))
+            name = self.namer(filename.decode("utf-8", "replace"))
         except APIError as exc:
             self.error = exc
             return
