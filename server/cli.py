@@ -83,7 +83,7 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltaserve",
-        description="Serve many fine-tunes of one base LLM as ImPart-compressed deltas.",
+        description="Serve many fine-tunes of one base LLM: ImPart-compressed deltas and LoRA adapters.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (settings from DELTASERVE_* variables)")
