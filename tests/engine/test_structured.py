@@ -194,3 +194,25 @@ async def test_closing_an_n_run_aborts_every_choice(engine: Engine) -> None:
             break
         await asyncio.sleep(0.02)
     assert engine.stats().running == 0 and engine.stats().kv_blocks_used == 0
+
+
+async def test_smollm2_json_schema_and_choice_output_validates(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The grammar works with a real 49k-token byte-level BPE vocabulary, not only the tiny one."""
+    engine = make_engine(smollm2_dir, tmp_path, kv_cache_bytes=32 << 20)
+    await engine.start()
+    try:
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Describe an invoice from ACME as JSON."}], add_generation_prompt=True,
+            tokenize=True)
+        prompt = tuple(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        choice = GrammarSpec("choice", json.dumps(["positive", "negative"]), "guided_choice")
+        requests = [GenerationRequest(f"s{seed}", None, prompt, SamplingParams(
+            temperature=(0.0, 1.0)[seed % 2], seed=seed, max_tokens=120, grammar=SPEC)) for seed in range(4)]
+        requests.append(GenerationRequest("c", None, prompt, SamplingParams(max_tokens=8, grammar=choice)))
+        runs = await asyncio.gather(*(collect(engine, r) for r in requests))
+    finally:
+        await engine.stop(timeout=1.0)
+    for chunks in runs[:4]:
+        assert chunks[-1].finish_reason == "stop", _text(chunks)
+        jsonschema.validate(json.loads(_text(chunks)), SCHEMA)
+    assert _text(runs[4]) in ("positive", "negative")
