@@ -169,8 +169,11 @@ def read_weights(path: Path) -> tuple[dict[str, LoraModule], dict[str, torch.Ten
 
 
 def _add_whole(whole: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
-    if ".lora_" in name:
+    if ".lora_" in name and name.endswith(".bias"):
         raise AdapterError(f"{name}: LoRA biases are not supported", "lora_bias")
+    if ".lora_" in name:
+        raise AdapterError(f"{name[:120]}: not a LoRA factor name PEFT saves (lora_A.weight, lora_B.weight, "
+                           f"lora_embedding_A, lora_embedding_B)", WEIGHTS_FILE)
     if ".original_module." in name:
         return
     whole[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")

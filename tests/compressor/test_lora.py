@@ -124,6 +124,7 @@ def test_weights_that_do_not_fit_the_base_are_refused(pair: tuple[Path, Path], r
     weights = load_file(str(rich / WEIGHTS))
     key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     cases[WEIGHTS] = {**weights, key: torch.zeros(4, 65)}
+    cases["lora_bias"] = {**weights, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(64)}
     for i, (field, tensors) in enumerate(cases.items()):
         with pytest.raises(AdapterError) as refused:
             import_lora(_edited(rich, tmp_path / str(i), weights=tensors), pair[0], tmp_path / "a.safetensors")
