@@ -1,0 +1,150 @@
+"""LoRA benchmark: 16 mixed rank-16 LoRA tasks vs 16 mixed ImPart CR-32 tasks vs the base, tokens/s in one run.
+
+Scenarios, each at every concurrency (closed loop, as bench/serving.py), interleaved per round in one process:
+  base       every request on the base alone
+  lora16     requests round-robin over 16 LoRA tasks: synthetic PEFT-format adapters (rank --rank on
+             q, k, v, o, gate, up, down, random factors) written here and imported by compressor.lora
+  impart16   requests round-robin over 16 ImPart tasks (bench/serving.py's synthetic CR --ratio artifacts,
+             reused round-robin)
+The LoRA path is dense factors of rank r; ImPart's are sparse factors of larger rank.
+
+    .venv/bin/python bench/lora.py --quick     # concurrency 8, short outputs (a few minutes)
+Results: bench/results/lora.json (--out): tokens/s (best of --rounds), the ratios of the best, and the ratios
+inside each round with their medians (`round_ratios`). The machine is shared: read the ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
+    sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from bench.measure import Result, best_of, write_results  # noqa: E402
+from bench.serving import DEFAULT_BASE, WORK, make_engine, prepare, report, run_deltas, synthetic_artifacts  # noqa: E402
+from compressor.checkpoint import Checkpoint  # noqa: E402
+from compressor.lora import import_lora  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TASKS = 16
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of the synthetic adapters")
+    p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of the synthetic artifacts")
+    p.add_argument("--distinct", type=int, default=2, help="distinct ImPart artifacts (reused round-robin)")
+    p.add_argument("--quick", action="store_true", help="concurrency 8, short prompts and outputs")
+    p.add_argument("--concurrency", type=str, default=None, help="comma-separated (default 1,8; quick 8)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; quick 32)")
+    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 32; quick 16)")
+    p.add_argument("--waves", type=int, default=2, help="requests per client")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in (args.concurrency or ("8" if args.quick else "1,8")).split(",")]
+    args.prompt_len = args.prompt_len or (32 if args.quick else 64)
+    args.max_tokens = args.max_tokens or (16 if args.quick else 32)
+    return args
+
+
+def write_synthetic_adapter(base: Path, out: Path, rank: int, seed: int) -> Path:
+    """A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors) of random rank-`rank`
+    factors on every projection of `base`, sized like a trained adapter's (B A * alpha/r ~ 1% of W)."""
+    infos = Checkpoint(base).infos
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, info in infos.items():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in TARGETS:
+            out_dim, in_dim = info.shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) / in_dim**0.5
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS), "bias": "none"}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def task_folder(base: Path, impart: Path, rank: int) -> Path:
+    """l0..l15 (distinct LoRA artifacts) and t0..t15 (ImPart artifacts round-robin, hard links)."""
+    folder = WORK / "lora-tasks"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(TASKS):
+        adapter = write_synthetic_adapter(base, WORK / "adapters" / f"a{i}", rank, seed=2000 + i)
+        import_lora(adapter, base, folder / f"l{i}.safetensors")
+    sources = sorted(impart.glob("*.safetensors"))
+    for i in range(TASKS):
+        (folder / f"t{i}.safetensors").hardlink_to(sources[i % len(sources)])
+    return folder
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    by = {(r.scenario, r.concurrency): r.tokens_per_s for r in results}
+    out = {}
+    for (scenario, c), value in by.items():
+        if scenario != "base":
+            out[f"{scenario}/base@{c}"] = round(value / by[("base", c)], 3)
+    for c in {c for _, c in by}:
+        out[f"lora16/impart16@{c}"] = round(by[("lora16", c)] / by[("impart16", c)], 3)
+    return out
+
+
+def round_ratios(rounds: list[Result]) -> dict[str, object]:
+    """The ratios inside each round (its scenarios ran back to back) and their medians: the load of a shared
+    CPU drifts between rounds, so a best-of per scenario can pair a quiet round with a busy one."""
+    per_round = [ratios(rounds[i : i + 3]) for i in range(0, len(rounds), 3)]
+    keys = sorted(per_round[0]) if per_round else []
+    return {"per_round": per_round, "median": {k: statistics.median(r[k] for r in per_round) for k in keys}}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impart, compress_s = synthetic_artifacts(args.base, args.distinct, args.ratio)
+    folder = task_folder(args.base, impart, args.rank)
+    engine = make_engine(args, folder)
+    await engine.start()
+    plans = {"base": [None], "lora16": [f"l{i}" for i in range(TASKS)], "impart16": [f"t{i}" for i in range(TASKS)]}
+    await prepare(engine, plans, args)
+    rounds: list[Result] = []
+    for c in args.concurrency:
+        for _ in range(args.rounds):
+            for scenario, tasks in plans.items():
+                rounds.append(await run_deltas(engine, scenario, tasks, c, args))
+                print(json.dumps(asdict(rounds[-1])), flush=True)
+    stats = engine.stats()
+    await engine.stop()
+    notes = ["scenarios interleaved per concurrency, best of --rounds rounds (the CPU is shared and its load drifts)",
+             f"LoRA: {TASKS} distinct synthetic rank-{args.rank} adapters on every projection, imported exactly; "
+             f"ImPart: {args.distinct} synthetic CR-{args.ratio:g} artifacts reused round-robin"]
+    out = report(args, best_of(rounds), rounds, stats, folder, compress_s, notes)
+    out["ratios"] = ratios(best_of(rounds))
+    out["round_ratios"] = round_ratios(rounds)
+    out["config"]["rank"] = args.rank  # type: ignore[index]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_results(asyncio.run(main_async(args)), args.out)
+
+
+if __name__ == "__main__":
+    main()
