@@ -106,3 +106,19 @@ def test_smollm2_adapter_logits_equal_peft_merged(smollm2_dir: Path, tmp_path: P
     # tokens over 30 layers (measured 1.6e-4), not the adapter's; it only shows the batch leaves it alone.
     assert (logits[len(prompts[0]) :] - base).abs().max() < 1e-3
     assert (expected - merged_hf(smollm2_dir, None)(torch.tensor([prompts[0]])).logits[0]).abs().max() > 0.1
+
+
+def test_tied_base_with_embedding_lora_equals_peft_merged(tiny_tied_model: Path, tmp_path: Path) -> None:
+    """On a tied base the embedding's LoRA delta is the LM head's too, as in peft's merged model."""
+    adapter = write_adapter(tiny_tied_model, tmp_path / "ad", seed=13, r=4, lora_alpha=8,
+                            target_modules=["embed_tokens", "q_proj", "gate_proj"])
+    tasks = tmp_path / "tasks"
+    import_lora(adapter, tiny_tied_model, tasks / "tied.safetensors")
+    model = LlamaModel.from_dir(tiny_tied_model)
+    prompts = _prompts(2, model.config.vocab_size)
+    logits = _mixed_prefill(model, tasks, ("tied", None), prompts)
+    with torch.no_grad():
+        expected = peft_merged(tiny_tied_model, adapter)(torch.tensor([prompts[0]])).logits[0]
+        base = merged_hf(tiny_tied_model, None)(torch.tensor([prompts[1]])).logits[0]
+    assert (logits[: len(prompts[0])] - expected).abs().max() < 1e-4
+    assert (logits[len(prompts[0]) :] - base).abs().max() < 1e-4
