@@ -119,7 +119,7 @@ def _number(raw: dict[str, object], key: str, kind: type) -> float:
 
 
 def _pattern(raw: dict[str, object], key: str, kind: type) -> dict[str, float]:
-    value = raw.get(key) or {}
+    value = {} if raw.get(key) is None else raw.get(key)
     if not isinstance(value, dict):
         raise AdapterError(f"{key} must be an object of module pattern -> value", key)
     for pattern, number in value.items():

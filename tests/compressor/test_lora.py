@@ -92,7 +92,7 @@ def _renamed(rich: Path, old: str, new: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("config", "field"), [
     ({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"), ({"bias": "lora_only"}, "bias"),
     ({"r": "4"}, "r"), ({"lora_alpha": None}, "lora_alpha"), ({"use_rslora": "yes"}, "use_rslora"),
-    ({"rank_pattern": {"v_proj": 3}}, "rank_pattern"), ({"rank_pattern": ["v_proj"]}, "rank_pattern"),
+    ({"rank_pattern": {"v_proj": 3}}, "rank_pattern"), ({"rank_pattern": ["v_proj"]}, "rank_pattern"), ({"alpha_pattern": []}, "alpha_pattern"),
     ({"alpha_pattern": {"(": 2}}, "alpha_pattern"), ({"target_modules": 5}, "target_modules"),
     ({"modules_to_save": "lm_head"}, "modules_to_save"), ({"peft_type": "IA3"}, "peft_type"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
