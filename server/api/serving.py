@@ -183,11 +183,19 @@ def logit_bias(req: SamplingFields, limits: RequestLimits) -> tuple[tuple[int, f
         raise bad_request(f"logit_bias may hold at most {limits.max_logit_bias} entries.", "logit_bias")
     pairs = []
     for key, bias in items:
-        if not key.strip().lstrip("-").isdigit() or not -100.0 <= bias <= 100.0:
+        token = _int_or_none(key)
+        if token is None or not -100.0 <= bias <= 100.0:
             raise bad_request("logit_bias maps token ids (integers, as strings) to biases in [-100, 100]; "
                               f"got {key!r}: {bias}.", "logit_bias")
-        pairs.append((int(key), bias))
+        pairs.append((token, bias))
     return tuple(pairs)
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text) if len(text) <= 20 else None
+    except ValueError:
+        return None
 
 
 def grammar_spec(req: SamplingFields, limits: RequestLimits) -> GrammarSpec | None:

@@ -282,6 +282,7 @@ def test_the_openai_clients_ordinary_calls_pass(live: tuple[str, Any]) -> None:
     ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"--5": 1}}, "logit_bias"),
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"n": 17}, "n"),
