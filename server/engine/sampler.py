@@ -13,6 +13,7 @@ gets a RequestFailedError of its own; the other rows are sampled as usual.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,8 @@ def _logprob_entry(
         return None
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logprobs, k) if k > 0 else None
-    alternatives = (
-        tuple((int(t), token_text(int(t)), float(v)) for v, t in zip(top.values, top.indices)) if top else ()
+    alternatives = (  # a token its grammar masked (logprob -inf) is no alternative
+        tuple((int(t), token_text(int(t)), float(v)) for v, t in zip(top.values, top.indices) if v > -math.inf)
+        if top else ()
     )
     return TokenLogprob(token, token_text(token), float(logprobs[token]), alternatives)

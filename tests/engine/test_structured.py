@@ -216,3 +216,12 @@ async def test_smollm2_json_schema_and_choice_output_validates(smollm2_dir: Path
         assert chunks[-1].finish_reason == "stop", _text(chunks)
         jsonschema.validate(json.loads(_text(chunks)), SCHEMA)
     assert _text(runs[4]) in ("positive", "negative")
+
+
+async def test_logprobs_of_a_constrained_row_list_only_tokens_its_grammar_allows(engine: Engine) -> None:
+    spec = GrammarSpec("choice", json.dumps(["yes"]), "guided_choice")
+    chunks = await collect(engine, GenerationRequest("lp", None, PROMPT, SamplingParams(max_tokens=8, logprobs=5,
+                                                                                         grammar=spec)))
+    entries = [lp for c in chunks for lp in c.logprobs or ()]
+    assert _text(chunks) == "yes" and entries
+    assert all(len(e.top) == 1 and e.top[0][2] == e.logprob == 0.0 for e in entries)
