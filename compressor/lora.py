@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -41,6 +42,8 @@ MUST_BE_OFF = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "layer_r
 LORA_ROLES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
               ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
 COMPRESS_METHODS = ("impart", "lowrank")
+PATTERN_TIMEOUT_S = 0.05
+"""Longest one rank/alpha pattern may take to match one module name (ordinary patterns take microseconds)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,10 @@ class AdapterConfig:
     """What the manifest records (r, alpha, patterns, targets, modules_to_save, the advisory base name)."""
 
     def rank(self, module: str) -> int:
-        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module, "rank_pattern"), self.r)
 
     def scaling(self, module: str, rank: int) -> float:
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.alpha)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module, "alpha_pattern"), self.alpha)
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
 
@@ -73,9 +76,17 @@ class LoraModule:
     b: torch.Tensor | None = None
 
 
-def _pattern_key(patterns: dict[str, object], module: str) -> str:
-    """PEFT's match: the first pattern that matches the module name's tail at a dot boundary."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), module)
+def _pattern_key(patterns: dict[str, object], module: str, field: str) -> str:
+    """PEFT's match: the first pattern that matches the module name's tail at a dot boundary. Patterns
+    come from the uploader, so each match is bounded in time (the `regex` package, which transformers
+    already needs; `re` cannot be interrupted and holds the GIL, stalling every thread of the server)."""
+    for key in patterns:
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S):
+                return key
+        except TimeoutError:
+            raise AdapterError(f"{field}: {key[:60]!r} takes too long to match a module name", field) from None
+    return module
 
 
 def read_config(path: Path) -> AdapterConfig:

@@ -96,6 +96,8 @@ def _renamed(rich: Path, old: str, new: str) -> dict[str, torch.Tensor]:
     ({"alpha_pattern": {"(": 2}}, "alpha_pattern"), ({"target_modules": 5}, "target_modules"),
     ({"modules_to_save": "lm_head"}, "modules_to_save"), ({"peft_type": "IA3"}, "peft_type"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
+    # catastrophic backtracking on every module name: refused within the match timeout, not a hang
+    ({"alpha_pattern": {"(.*){1,32000}[bc]": 2}}, "alpha_pattern"),
 ])
 def test_unsupported_or_malformed_config_is_refused_naming_the_field(
     pair: tuple[Path, Path], rich: Path, tmp_path: Path, config: dict, field: str
