@@ -116,7 +116,8 @@ async def test_logit_bias_bans_and_forces_tokens(engine: Engine) -> None:
 
 
 async def test_an_uncompilable_grammar_is_invalid_request_naming_its_field(engine: Engine) -> None:
-    for spec in (GrammarSpec("json_schema", json.dumps({"type": "strin"})), GrammarSpec("regex", "[a-", "guided_regex")):
+    bad = (GrammarSpec("json_schema", json.dumps({"type": "strin"})), GrammarSpec("regex", "[a-", "guided_regex"))
+    for spec in bad:
         with pytest.raises(InvalidRequestError) as refused:
             await collect(engine, GenerationRequest("bad", None, PROMPT, SamplingParams(grammar=spec)))
         assert refused.value.param == spec.param
@@ -155,7 +156,8 @@ class _FailingMatcher:
         return getattr(self.inner, name)
 
 
-async def test_a_grammar_failing_mid_run_fails_only_its_request(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_grammar_failing_mid_run_fails_only_its_request(engine: Engine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     make = engine.grammars.matcher
     monkeypatch.setattr(engine.grammars, "matcher", lambda g: _FailingMatcher(make(g)))
     others = [GenerationRequest(f"other-{t}", t, PROMPT, greedy(12)) for t in (TASKS[0], None)]
