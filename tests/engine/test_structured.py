@@ -227,3 +227,20 @@ async def test_logprobs_of_a_constrained_row_list_only_tokens_its_grammar_allows
     entries = [lp for c in chunks for lp in c.logprobs or ()]
     assert _text(chunks) == "yes" and entries
     assert all(len(e.top) == 1 and e.top[0][2] == e.logprob == 0.0 for e in entries)
+
+
+async def test_a_grammar_that_compiles_past_the_time_limit_is_invalid_request(tiny_model: Path,
+                                                                           tmp_path: Path) -> None:
+    engine = make_engine(tiny_model, tmp_path, kv_cache_bytes=4 << 20, grammar_compile_timeout_s=0.02)
+    await engine.start()
+    properties = {f"p{i}": {"type": "string", "pattern": f"[a-z]{{{i % 9 + 1},{i % 9 + 40}}}"} for i in range(300)}
+    slow = GrammarSpec("json_schema", json.dumps({"type": "object", "properties": properties}))  # ~0.4 s here
+    try:
+        with pytest.raises(InvalidRequestError) as refused:
+            await collect(engine, GenerationRequest("slow", None, PROMPT, SamplingParams(grammar=slow)))
+        assert refused.value.param == "response_format" and "longer than" in str(refused.value)
+        assert engine.grammars.cached() == 0
+        chunks = await collect(engine, GenerationRequest("free", None, PROMPT, greedy(4)))
+        assert len(output_ids(chunks)) == 4
+    finally:
+        await engine.stop(timeout=1.0)
