@@ -34,8 +34,9 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script: bench/kernels.py would shadow the `kernels` package
 RESULTS = ROOT / "bench" / "results" / "fuzz_http.json"
 TASK = "fuzz-task"
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "best_of", "logit_bias",
-               "audio", "modalities", "parallel_tool_calls", "prediction", "store", "service_tier")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "audio", "modalities",
+               "parallel_tool_calls", "prediction", "store", "service_tier")
+"""OpenAI fields the server refuses (400 unsupported_parameter)."""
 SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc00", "ok\ud83d"])
 EDGE_INTS = st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30])
 HEADER_VALUE = st.text(st.sampled_from([chr(c) for c in (*range(0x21, 0x7F), *range(0x80, 0x100))]),
@@ -114,7 +115,24 @@ def sampling_fields(base: str) -> dict[str, st.SearchStrategy[Any]]:
         "presence_penalty": st.floats(-3, 3), "frequency_penalty": st.floats(-3, 3), "n": small,
         "stream": st.booleans(), "stream_options": st.fixed_dictionaries({}, optional={"include_usage": junk()}),
         "user": some_text(), "ignore_eos": st.booleans(), "return_token_ids": st.booleans(),
+        "response_format": response_formats(), "logit_bias": logit_biases(),
+        "guided_choice": st.lists(some_text(), max_size=3), "guided_regex": st.sampled_from(["[a-z]+", "(", "a{2,"]),
     }
+
+
+def response_formats() -> st.SearchStrategy[Any]:
+    """Valid, odd and broken response formats (small schemas: each compiles in milliseconds)."""
+    schema = st.sampled_from([{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                              {"type": "string", "maxLength": 3}, {"type": "bogus"}, {"$ref": "#/nope"}, {}, []])
+    json_schema = st.fixed_dictionaries({"name": some_text(), "schema": schema},
+                                        optional={"strict": st.booleans()})
+    return st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])}),
+                     st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_schema}), junk())
+
+
+def logit_biases() -> st.SearchStrategy[Any]:
+    keys = st.one_of(st.integers(-5, 600).map(str), some_text())
+    return st.one_of(st.dictionaries(keys, st.one_of(st.floats(-150, 150), EDGE_FLOATS, junk()), max_size=4), junk())
 
 
 def chat_body(base: str) -> st.SearchStrategy[dict[str, Any]]:
