@@ -71,6 +71,7 @@ def build_context(settings: Settings, engine: Any, registry: Registry | None) ->
     jobs = JobManager(registry, engine.base_dir, settings.resolved(settings.work_dir))
     metrics.watch_engine(engine.stats)
     metrics.watch_jobs(jobs.counts)
+    metrics.watch_registry(lambda: registry.view.reachable, lambda: registry.view.known_tasks)
     return ServerContext(settings=settings, keys=KeyRing.from_settings(settings), registry=registry, engine=engine,
                          metrics=metrics, jobs=jobs, base_dir=engine.base_dir,
                          chat=ChatServing(engine, metrics, limits),

@@ -59,6 +59,11 @@ class Metrics:
         """Expose the number of compression jobs in each state as deltaserve_jobs{state}."""
         self.registry.register(_JobCollector(counts))
 
+    def watch_registry(self, reachable: Callable[[], bool], known_tasks: Callable[[], int]) -> None:
+        """Expose whether the registry answered its last read (deltaserve_registry_reachable, 1 or 0)
+        and how many tasks its last known index holds (deltaserve_registry_known_tasks)."""
+        self.registry.register(_RegistryCollector(reachable, known_tasks))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -88,3 +93,15 @@ class _JobCollector(Collector):
         for state, count in sorted(self.counts().items()):
             family.add_metric([state], count)
         yield family
+
+
+class _RegistryCollector(Collector):
+    def __init__(self, reachable: Callable[[], bool], known_tasks: Callable[[], int]) -> None:
+        self.reachable, self.known_tasks = reachable, known_tasks
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("deltaserve_registry_reachable", "1 while the registry answers, 0 from a failed "
+                                "read until a full resync succeeds (known tasks serve from the last index)",
+                                value=int(self.reachable()))
+        yield GaugeMetricFamily("deltaserve_registry_known_tasks", "Tasks in the registry index this replica last "
+                                "read", value=self.known_tasks())

@@ -50,6 +50,11 @@ class RegistryView:
         found = self.entry(task)
         return None if found is None else found.current_version.to_ref()
 
+    @property
+    def known_tasks(self) -> int:
+        """How many tasks the last known index holds (never touches the store)."""
+        return len(self._entries)
+
     def known(self, task: str) -> TaskRef | None:
         """The task's current version as the view knows it now; never touches the store."""
         found = self._entries.get(task)

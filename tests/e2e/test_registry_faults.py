@@ -147,14 +147,25 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
                                                     files=checkpoint_files(finetunes["math"])))
             assert "steady" in {m["id"] for m in admin.get("/v1/models").json()["data"]}
             assert "steady" in {t["task"] for t in admin.get("/admin/v1/tasks").json()["data"]}
+            assert _gauge(admin, "deltaserve_registry_reachable") == 0.0
+            assert _gauge(admin, "deltaserve_registry_known_tasks") == 1.0
     finally:
         redis_server.start()
     with replicas[1].admin() as admin:
         assert eventually(lambda: admin.post("/v1/chat/completions", json={
             "model": "never-published", "messages": MESSAGES, "max_tokens": 2}).status_code == 404, 5.0) is not None
+        assert eventually(lambda: _gauge(admin, "deltaserve_registry_reachable") == 1.0, 5.0) is not None
     assert _publish(replicas[1], "steady", artifacts["v2"]).status_code == 201
     for replica in replicas:
         assert eventually(lambda r=replica: _served(r, "steady", expected) == "v2", SWITCH_GOAL_S) is not None
+
+
+def _gauge(admin: httpx.Client, name: str) -> float:
+    """The value of an unlabelled gauge in /metrics (the admin key may read it)."""
+    for line in admin.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def _outcome(server: LiveServer, task: str, expected: dict[str, list[int]]) -> str:
