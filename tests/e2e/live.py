@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,34 @@ def wait_ready(server: LiveServer) -> None:
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise AssertionError(f"server not ready after {READY_DEADLINE_S}s:\n{server.log.read_text()[-3000:]}")
+
+
+@contextmanager
+def redis_replicas(base: Path, tmp: Path, redis_url: str) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Two live servers of `base` sharing the registry at `redis_url`, ready; both stopped on exit."""
+    env = {"DELTASERVE_REGISTRY": "redis", "DELTASERVE_REDIS_URL": redis_url}
+    first, second = launch_server(base, tmp / "a", **env), launch_server(base, tmp / "b", **env)
+    try:
+        wait_ready(first)
+        wait_ready(second)
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
+
+
+def publish_synthetic_tasks(server: LiveServer, base: Path, root: Path, names: tuple[str, ...], seed0: int) -> None:
+    """A synthetic fine-tune of `base` per name, ImPart-compressed (CR 8) and published as that task."""
+    from compressor import compress
+    from server.model.provision import write_synthetic_finetune
+
+    with server.admin() as admin:
+        for seed, task in enumerate(names, start=seed0):
+            tuned = write_synthetic_finetune(base, root / f"ft-{task}", seed=seed, scale=0.6)
+            artifact = root / f"{task}.safetensors"
+            compress(base, tuned, artifact, method="impart", ratio=8.0, seed=seed)
+            put = admin.put(f"/admin/v1/tasks/{task}/artifact", content=artifact.read_bytes())
+            assert put.status_code in (200, 201), put.text
 
 
 def shard(folder: Path, dest: Path) -> Path:

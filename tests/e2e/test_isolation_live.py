@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 
-from live import ADMIN_KEY, LiveServer, start_server
-from server.model.provision import write_synthetic_finetune
+from live import ADMIN_KEY, LiveServer, publish_synthetic_tasks, start_server
 
 TASK_NAMES = ("north", "south", "east")
 STREAMS = 16
@@ -24,17 +23,9 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    from compressor import compress
-
     root = tmp_path_factory.mktemp("isolation-live")
     live = start_server(tiny_model, root / "server", DELTASERVE_MAX_BATCH_TOKENS="64")
-    with live.admin() as admin:
-        for seed, task in enumerate(TASK_NAMES, start=11):
-            tuned = write_synthetic_finetune(tiny_model, root / f"ft-{task}", seed=seed, scale=0.6)
-            artifact = root / f"{task}.safetensors"
-            compress(tiny_model, tuned, artifact, method="impart", ratio=8.0, seed=seed)
-            put = admin.put(f"/admin/v1/tasks/{task}/artifact", content=artifact.read_bytes())
-            assert put.status_code in (200, 201), put.text
+    publish_synthetic_tasks(live, tiny_model, root, TASK_NAMES, 11)
     yield live
     live.stop()
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from live import ADMIN_KEY, LiveServer, launch_server, wait_ready
+from live import ADMIN_KEY, LiveServer, redis_replicas
 from tests.compressor.peft_adapters import RICH, peft_merged, write_adapter
 from tests.engine.conftest import hf_greedy
 from tests.waiting import eventually
@@ -21,15 +21,8 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 @pytest.fixture()
 def replicas(redis_url: str, tiny_model: Path, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    env = {"DELTASERVE_REGISTRY": "redis", "DELTASERVE_REDIS_URL": redis_url}
-    first, second = launch_server(tiny_model, tmp_path / "a", **env), launch_server(tiny_model, tmp_path / "b", **env)
-    try:
-        wait_ready(first)
-        wait_ready(second)
-        yield first, second
-    finally:
-        first.stop()
-        second.stop()
+    with redis_replicas(tiny_model, tmp_path, redis_url) as pair:
+        yield pair
 
 
 def _logprobs(server: LiveServer, task: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from live import ADMIN_KEY, LiveServer, checkpoint_files, launch_server, wait_job, wait_ready
+from live import ADMIN_KEY, LiveServer, checkpoint_files, redis_replicas, wait_job
 from tests.waiting import eventually
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
@@ -16,15 +16,8 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 @pytest.fixture()
 def replicas(redis_url: str, tiny_model: Path, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    env = {"DELTASERVE_REGISTRY": "redis", "DELTASERVE_REDIS_URL": redis_url}
-    first, second = launch_server(tiny_model, tmp_path / "a", **env), launch_server(tiny_model, tmp_path / "b", **env)
-    try:
-        wait_ready(first)
-        wait_ready(second)
-        yield first, second
-    finally:
-        first.stop()
-        second.stop()
+    with redis_replicas(tiny_model, tmp_path, redis_url) as pair:
+        yield pair
 
 
 def _say(server: LiveServer, task: str) -> str:
