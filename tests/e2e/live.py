@@ -139,7 +139,9 @@ def checkpoint_files(folder: Path) -> list[tuple[str, tuple[str, bytes]]]:
 def wait_job(admin: httpx.Client, job_id: str, deadline_s: float = 120.0) -> dict:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        job = admin.get(f"/admin/v1/jobs/{job_id}").json()
+        reply = admin.get(f"/admin/v1/jobs/{job_id}")
+        assert reply.status_code == 200, f"job {job_id}: {reply.status_code} {reply.text}"
+        job = reply.json()
         if job["state"] in ("succeeded", "failed"):
             return job
         time.sleep(0.2)
