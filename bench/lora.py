@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bench.measure import Result, best_of, write_results  # noqa: E402
+from bench.measure import LoadShape, Result, best_of, write_results  # noqa: E402
 from bench.serving import DEFAULT_BASE, WORK, make_engine, prepare, report, run_deltas, synthetic_artifacts  # noqa: E402
 from compressor.checkpoint import Checkpoint  # noqa: E402
 from compressor.lora import import_lora  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS = 16
+LOAD = LoadShape(full_concurrency="1,8", quick_concurrency="8", quick_max_tokens=16)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,20 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of the synthetic adapters")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of the synthetic artifacts")
     p.add_argument("--distinct", type=int, default=2, help="distinct ImPart artifacts (reused round-robin)")
-    p.add_argument("--quick", action="store_true", help="concurrency 8, short prompts and outputs")
-    p.add_argument("--concurrency", type=str, default=None, help="comma-separated (default 1,8; quick 8)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; quick 32)")
-    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 32; quick 16)")
-    p.add_argument("--waves", type=int, default=2, help="requests per client")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
+    LOAD.add(p)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
-    args = p.parse_args(argv)
-    args.concurrency = [int(c) for c in (args.concurrency or ("8" if args.quick else "1,8")).split(",")]
-    args.prompt_len = args.prompt_len or (32 if args.quick else 64)
-    args.max_tokens = args.max_tokens or (16 if args.quick else 32)
-    return args
+    return LOAD.resolve(p.parse_args(argv))
 
 
 def write_synthetic_adapter(base: Path, out: Path, rank: int, seed: int) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from dataclasses import dataclass
@@ -55,3 +56,38 @@ def write_results(out: dict, path: Path) -> None:
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["ratios"], indent=1))
     print(f"wrote {path}")
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """The options every closed-loop serving benchmark shares (clients, prompt and output lengths, rounds,
+    threads, device), with its own defaults for a full and a `--quick` run."""
+
+    full_concurrency: str
+    quick_concurrency: str
+    quick_max_tokens: int
+    prompt_len: int = 64
+    quick_prompt_len: int = 32
+    max_tokens: int = 32
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quick", action="store_true",
+                       help=f"concurrency {self.quick_concurrency}, short prompts and outputs")
+        p.add_argument("--concurrency", type=str, default=None,
+                       help=f"comma-separated (default {self.full_concurrency}; quick {self.quick_concurrency})")
+        p.add_argument("--prompt-len", type=int, default=None,
+                       help=f"prompt tokens (default {self.prompt_len}; quick {self.quick_prompt_len})")
+        p.add_argument("--max-tokens", type=int, default=None,
+                       help=f"output tokens per request (default {self.max_tokens}; quick {self.quick_max_tokens})")
+        p.add_argument("--waves", type=int, default=2, help="requests per client")
+        p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        p.add_argument("--device", default="cpu")
+
+    def resolve(self, args: argparse.Namespace) -> argparse.Namespace:
+        """Fill the defaults `--quick` decides; concurrency becomes a list of ints."""
+        chosen = args.concurrency or (self.quick_concurrency if args.quick else self.full_concurrency)
+        args.concurrency = [int(c) for c in chosen.split(",")]
+        args.prompt_len = args.prompt_len or (self.quick_prompt_len if args.quick else self.prompt_len)
+        args.max_tokens = args.max_tokens or (self.quick_max_tokens if args.quick else self.max_tokens)
+        return args

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
+from bench.measure import LoadShape, Result, Timing, best_of, summarise, write_results  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sources import LocalDirDeltaSource  # noqa: E402
@@ -46,6 +46,8 @@ from server.model.llama import load_state_dict  # noqa: E402
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-serving")
 
+LOAD = LoadShape(full_concurrency="1,8,32", quick_concurrency="1,8", quick_max_tokens=12)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,21 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks-dir", type=Path, default=None, help="folder of <task>.safetensors artifacts")
     p.add_argument("--distinct", type=int, default=2, help="synthetic artifacts to make when --tasks-dir is absent")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of synthetic artifacts")
-    p.add_argument("--quick", action="store_true", help="concurrency 1 and 8, short prompts and outputs")
-    p.add_argument("--concurrency", type=str, default=None, help="comma-separated (default 1,8,32; quick 1,8)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; quick 32)")
-    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 32; quick 12)")
-    p.add_argument("--waves", type=int, default=2, help="requests per client")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
+    LOAD.add(p)
     p.add_argument("--scenarios", default="base,one,mix4,mix16,swap16")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
-    args = p.parse_args(argv)
-    args.concurrency = [int(c) for c in (args.concurrency or ("1,8" if args.quick else "1,8,32")).split(",")]
-    args.prompt_len = args.prompt_len or (32 if args.quick else 64)
-    args.max_tokens = args.max_tokens or (12 if args.quick else 32)
-    return args
+    return LOAD.resolve(p.parse_args(argv))
 
 
 def synthetic_artifacts(base: Path, count: int, ratio: float) -> tuple[Path, list[float]]:
