@@ -79,10 +79,11 @@ class LoraModule:
 def _pattern_key(patterns: dict[str, object], module: str, field: str) -> str:
     """PEFT's match: the first pattern that matches the module name's tail at a dot boundary. Patterns
     come from the uploader, so each match is bounded in time (the `regex` package, which transformers
-    already needs; `re` cannot be interrupted and holds the GIL, stalling every thread of the server)."""
+    already needs, releasing the GIL while it matches; `re` cannot be interrupted and holds the GIL,
+    stalling every thread of the server)."""
     for key in patterns:
         try:
-            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S):
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S, concurrent=True):
                 return key
         except TimeoutError:
             raise AdapterError(f"{field}: {key[:60]!r} takes too long to match a module name", field) from None
