@@ -34,20 +34,20 @@ from pathlib import Path
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # run as a script, bench/kernels.py would shadow the `kernels` package
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from compressor.artifact import artifact_bytes  # noqa: E402
-from compressor.budget import pre_prune  # noqa: E402
-from compressor.calibration import PROMPTS as CALIBRATION_PROMPTS  # noqa: E402
-from compressor.calibration import capture_inputs  # noqa: E402
-from compressor.checkpoint import Checkpoint  # noqa: E402
-from compressor.codec import ModuleCode, decode_dense  # noqa: E402
-from compressor.methods import MethodParams, encode_dare, encode_dense, impart_code, lowrank_code  # noqa: E402
-from compressor.pipeline import group_of, report_module  # noqa: E402
-from compressor.qt import encode_dare_qt, impart_qt_code, qt_svd_rank  # noqa: E402
-from compressor.summary import ideal_bytes, mask_bytes  # noqa: E402
-from compressor.svd import top_svd  # noqa: E402
+from compressor.artifact import artifact_bytes
+from compressor.budget import pre_prune
+from compressor.calibration import PROMPTS as CALIBRATION_PROMPTS
+from compressor.calibration import capture_inputs
+from compressor.checkpoint import Checkpoint
+from compressor.codec import ModuleCode, decode_dense
+from compressor.methods import MethodParams, encode_dare, encode_dense, impart_code, lowrank_code
+from compressor.pipeline import group_of, report_module
+from compressor.qt import encode_dare_qt, impart_qt_code, qt_svd_rank
+from compressor.summary import ideal_bytes, mask_bytes
+from compressor.svd import top_svd
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path("~/.cache/deltaserve").expanduser()
@@ -154,7 +154,7 @@ def svd_rank(shape: tuple[int, int], cfgs: list[Config]) -> int:
     ranks = [pre_prune(shape, c.ratio, 0.8)[0] for c in cfgs if c.method == "impart"]
     ranks += [qt_svd_rank(shape, MethodParams(ratio=c.ratio)) for c in cfgs if c.method == "impart-qt"]
     ranks += [shape[0] * shape[1] // int(c.ratio) // sum(shape) for c in cfgs if c.method == "lowrank"]
-    return min(min(shape), max(ranks))
+    return min(*shape, max(ranks))
 
 
 def run_methods(base: Path, ft: Path, cfgs: list[Config], acts: dict[str, torch.Tensor], seed: int) -> float:
@@ -180,8 +180,12 @@ def run_methods(base: Path, ft: Path, cfgs: list[Config], acts: dict[str, torch.
 
 def summarise(cfg: Config, base: Path) -> dict[str, object]:
     reports = [report_module(c.name, torch.zeros(c.shape), c) for c in cfg.codes]
-    manifest = {"method": cfg.method, "params": {"ratio": cfg.ratio}, "base_fingerprint": "bench",
-                "quality": {r.name: {"kept": r.kept, "rank": r.rank} for r in reports}}
+    manifest = {
+        "method": cfg.method,
+        "params": {"ratio": cfg.ratio},
+        "base_fingerprint": "bench",
+        "quality": {r.name: {"kept": r.kept, "rank": r.rank} for r in reports},
+    }
     size = len(artifact_bytes(manifest, cfg.codes))
     linear = [c for c in cfg.codes if group_of(c.name, len(c.shape)) == "linear"]
     dense16 = sum(2 * torch.Size(c.shape).numel() for c in cfg.codes)
@@ -190,7 +194,8 @@ def summarise(cfg: Config, base: Path) -> dict[str, object]:
         "method": cfg.method,
         "ratio": cfg.ratio,
         "linear_cr": sum(c.shape[0] * c.shape[1] for c in linear) / max(1, sum(c.kept for c in linear)),
-        "linear_bytes_ratio": sum(2 * c.shape[0] * c.shape[1] for c in linear) / max(1, sum(ideal_bytes(c) for c in linear)),
+        "linear_bytes_ratio": sum(2 * c.shape[0] * c.shape[1] for c in linear)
+        / max(1, sum(ideal_bytes(c) for c in linear)),
         "whole_ratio": dense16 / size,
         "artifact_bytes": size,
         "ideal_bytes": ideal,
@@ -214,21 +219,27 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 def timed_compress(base: Path, ft: Path, work: Path, svd: str, threads: int) -> dict[str, float]:
     """Compress at CR 32 in a fresh process: wall seconds and that process's peak RSS."""
-    code = TIMED.format(base=str(base), ft=str(ft), out=str(work / f"timed-{svd}.safetensors"), svd=svd, threads=threads)
+    code = TIMED.format(
+        base=str(base), ft=str(ft), out=str(work / f"timed-{svd}.safetensors"), svd=svd, threads=threads
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     seconds, rss, size = done.stdout.split()[-3:]
     return {"svd": svd, "seconds": float(seconds), "peak_rss_bytes": int(rss), "artifact_bytes": int(size)}
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    print("| method | CR | linear CR | whole ratio | artifact bytes | x ideal | bitmask would add | "
-          "rel err (linear) | output err (linear) | rel err (emb) | output err (emb) |")
+    print(
+        "| method | CR | linear CR | whole ratio | artifact bytes | x ideal | bitmask would add | "
+        "rel err (linear) | output err (linear) | rel err (emb) | output err (emb) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lin, emb = r["linear"], r["embedding"]
-        print(f"| {r['method']} | {r['ratio']:g} | {r['linear_cr']:.2f} | {r['whole_ratio']:.2f} | {r['artifact_bytes']:,} | "
-              f"{r['over_ideal']:.3f} | {r['bitmask_bytes']:,} | {lin['rel_error']:.3f} | {lin['output_error']:.4f} | "
-              f"{emb['rel_error']:.3f} | {emb['output_error']:.4f} |")
+        print(
+            f"| {r['method']} | {r['ratio']:g} | {r['linear_cr']:.2f} | {r['whole_ratio']:.2f} | {r['artifact_bytes']:,} | "
+            f"{r['over_ideal']:.3f} | {r['bitmask_bytes']:,} | {lin['rel_error']:.3f} | {lin['output_error']:.4f} | "
+            f"{emb['rel_error']:.3f} | {emb['output_error']:.4f} |"
+        )
 
 
 def main() -> int:
@@ -238,8 +249,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on this shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
-    parser.add_argument("--timing-only", action="store_true",
-                        help="rerun only the timed compressions and update them in the existing results file")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="rerun only the timed compressions and update them in the existing results file",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or ROOT / "bench" / "results" / ("compress-quick.json" if args.quick else "compress.json")
@@ -249,7 +263,9 @@ def main() -> int:
         print(f"pair: {pair_note}")
         timings = [timed_compress(base, ft, work, svd, args.threads) for svd in ("auto", "full")]
         for t in timings:
-            print(f"compress impart CR 32, svd={t['svd']}: {t['seconds']:.1f} s, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
+            print(
+                f"compress impart CR 32, svd={t['svd']}: {t['seconds']:.1f} s, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB"
+            )
         if args.timing_only:
             out.write_text(json.dumps({**json.loads(out.read_text()), "compress_cr32": timings}, indent=1) + "\n")
             print(f"updated compress_cr32 in {out}")
@@ -258,10 +274,18 @@ def main() -> int:
         svd_seconds = run_methods(base, ft, cfgs, capture_inputs(ft, PROMPTS), args.seed)
         rows = [summarise(cfg, base) for cfg in cfgs]
     print_table(rows)
-    result = {"pair": pair_note, "quick": args.quick, "threads": args.threads, "host": platform.node(),
-              "torch": torch.__version__, "compress_cr32": timings, "svd_seconds_all_methods": svd_seconds,
-              "prompts": PROMPTS, "methods": rows,
-              "reproduce": ".venv/bin/python bench/compress.py" + (" --quick" if args.quick else "")}
+    result = {
+        "pair": pair_note,
+        "quick": args.quick,
+        "threads": args.threads,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "compress_cr32": timings,
+        "svd_seconds_all_methods": svd_seconds,
+        "prompts": PROMPTS,
+        "methods": rows,
+        "reproduce": ".venv/bin/python bench/compress.py" + (" --quick" if args.quick else ""),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

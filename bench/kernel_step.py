@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
-from bench.measure import write_results  # noqa: E402
-from kernels import cpu  # noqa: E402
-from server.model.deltas import ResidentDelta, unpack_artifact  # noqa: E402
+import kernels
+from bench.measure import write_results
+from kernels import cpu
+from server.model.deltas import ResidentDelta, unpack_artifact
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 
@@ -79,8 +79,15 @@ def measure(deltas: list[ResidentDelta], rows: int, repeats: int) -> dict[str, f
     finally:
         cpu.USE_NATIVE = True
     base = best_seconds(base_step, repeats)
-    return {"rows_per_task": rows, "matrices": len(names), "native_ms": native * 1e3, "torch_ms": torch_only * 1e3,
-            "base_ms": base * 1e3, "native/torch": native / torch_only, "native/base": native / base}
+    return {
+        "rows_per_task": rows,
+        "matrices": len(names),
+        "native_ms": native * 1e3,
+        "torch_ms": torch_only * 1e3,
+        "base_ms": base * 1e3,
+        "native/torch": native / torch_only,
+        "native/base": native / base,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,26 +102,49 @@ def main(argv: list[str] | None = None) -> None:
     artifacts = sorted(folder.glob("*.safetensors"))
     if not artifacts:
         raise SystemExit(f"no *.safetensors artifacts in {folder}")
-    deltas = [unpack_artifact(f"t{i}", artifacts[i % len(artifacts)].read_bytes(), args.base, torch.device("cpu"),
-                              torch.float32) for i in range(args.tasks)]
+    deltas = [
+        unpack_artifact(
+            f"t{i}", artifacts[i % len(artifacts)].read_bytes(), args.base, torch.device("cpu"), torch.float32
+        )
+        for i in range(args.tasks)
+    ]
     factors = list(deltas[0].factors.values())
-    storage = {"dense": sum(f.native_kind == 1 for f in factors), "csr": sum(f.native_kind == 0 for f in factors),
-               "other": sum(f.native_kind is None for f in factors)}
+    storage = {
+        "dense": sum(f.native_kind == 1 for f in factors),
+        "csr": sum(f.native_kind == 0 for f in factors),
+        "other": sum(f.native_kind is None for f in factors),
+    }
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         results.append(measure(deltas, rows, args.repeats))
         r = results[-1]
-        print(f"T={args.tasks} R={rows}: native {r['native_ms']:.1f} ms, torch {r['torch_ms']:.1f} ms, "
-              f"base {r['base_ms']:.1f} ms; native/torch {r['native/torch']:.2f}, native/base {r['native/base']:.2f}",
-              flush=True)
-    write_results({
-        "command": "python bench/kernel_step.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": 1},
-        "artifacts": [p.name for p in artifacts], "tasks": args.tasks, "factor_storage": storage,
-        "resident_bytes_per_task": deltas[0].nbytes, "results": results,
-        "ratios": {f"{key}@R{r['rows_per_task']}": round(r[key], 3) for r in results for key in ("native/torch", "native/base")},
-    }, args.out)
+        print(
+            f"T={args.tasks} R={rows}: native {r['native_ms']:.1f} ms, torch {r['torch_ms']:.1f} ms, "
+            f"base {r['base_ms']:.1f} ms; native/torch {r['native/torch']:.2f}, native/base {r['native/base']:.2f}",
+            flush=True,
+        )
+    write_results(
+        {
+            "command": "python bench/kernel_step.py " + " ".join(sys.argv[1:]),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "torch": torch.__version__,
+                "threads": 1,
+            },
+            "artifacts": [p.name for p in artifacts],
+            "tasks": args.tasks,
+            "factor_storage": storage,
+            "resident_bytes_per_task": deltas[0].nbytes,
+            "results": results,
+            "ratios": {
+                f"{key}@R{r['rows_per_task']}": round(r[key], 3)
+                for r in results
+                for key in ("native/torch", "native/base")
+            },
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from torch import Tensor
 
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # run as a script, this file would shadow the `kernels` package it measures
-import kernels  # noqa: E402
+import kernels
 
 SHAPES = {
     "smollm2_attn": (576, 576),
@@ -162,7 +162,13 @@ def build_case(out: int, inn: int, ratio: float, rows: int, tasks: int, dtype: t
     factors = [kernels.pack_factors(*r, device=device, dtype=dtype) for r in raw]
     row_slots = torch.arange(rows) % tasks
     rank = lora_rank(factors[0], out, inn)
-    lora = [(torch.randn(rank, inn, generator=gen).to(device, dtype), torch.randn(out, rank, generator=gen).to(device, dtype)) for _ in range(tasks)]
+    lora = [
+        (
+            torch.randn(rank, inn, generator=gen).to(device, dtype),
+            torch.randn(out, rank, generator=gen).to(device, dtype),
+        )
+        for _ in range(tasks)
+    ]
     weight = (torch.randn(out, inn, generator=gen) / math.sqrt(inn)).to(device, dtype)
     x = torch.randn(rows, inn, generator=gen).to(device, dtype)
     plan = kernels.plan_batch(torch.sort(row_slots).values.to(device), tasks)
@@ -192,10 +198,15 @@ def run_lora_delta(y: Tensor, case: Case) -> Tensor:
     return y
 
 
-def measure(name: str, ratio: float, rows: int, tasks: int, dtype: torch.dtype, device: str, bw: float, min_time: float) -> Point:
+def measure(
+    name: str, ratio: float, rows: int, tasks: int, dtype: torch.dtype, device: str, bw: float, min_time: float
+) -> Point:
     out, inn = SHAPES[name]
     case = build_case(out, inn, ratio, rows, tasks, dtype, device)
-    dense_weights = [(case.weight.float() + (u @ torch.diag(s) @ v.T).to(device)).to(dtype) for u, s, v in case.raw[:MAX_DENSE_COPIES]]
+    dense_weights = [
+        (case.weight.float() + (u @ torch.diag(s) @ v.T).to(device)).to(dtype)
+        for u, s, v in case.raw[:MAX_DENSE_COPIES]
+    ]
     y = torch.empty(rows, out, dtype=dtype, device=device)
     t = time_interleaved({
         "base": lambda: _synced(F.linear, case.x, case.weight),
@@ -215,7 +226,9 @@ def measure_grouping(tasks: int, rows: int, device: str, min_time: float) -> dic
     """SmolLM2 attention input: q, k, v deltas as three calls vs one stacked call (stack_factors)."""
     gen = torch.Generator().manual_seed(7)
     outs, inn = (576, 192, 192), 576
-    per_matrix = [[kernels.pack_factors(*impart_like(o, inn, 32, gen), device=device) for _ in range(tasks)] for o in outs]
+    per_matrix = [
+        [kernels.pack_factors(*impart_like(o, inn, 32, gen), device=device) for _ in range(tasks)] for o in outs
+    ]
     stacked = [kernels.stack_factors([m[t] for m in per_matrix], outs, inn) for t in range(tasks)]
     x = torch.randn(rows, inn, device=device)
     plan = kernels.plan_batch((torch.arange(rows) % tasks).sort().values.to(device), tasks)
@@ -338,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per timing")
-    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/kernels.json (--quick: kernels-quick.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: bench/results/kernels.json (--quick: kernels-quick.json)"
+    )
     args = ap.parse_args(argv)
     if args.table:
         print_table(args.table)
@@ -365,7 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
-def _report(args: argparse.Namespace, bw: float, points: list[Point], grouping: list[dict], layouts: list[dict]) -> dict:
+def _report(
+    args: argparse.Namespace, bw: float, points: list[Point], grouping: list[dict], layouts: list[dict]
+) -> dict:
     return {
         "command": "bench/kernels.py" + (" --quick" if args.quick else "")
         + f" --device {args.device} --dtype {args.dtype} --threads {args.threads} --min-time {args.min_time}",

@@ -102,9 +102,15 @@ def plan_phase(config: LoadConfig, tasks: list[str] | None, base_name: str) -> l
 async def send(client: httpx.AsyncClient, item: Planned) -> Outcome:
     """One streamed chat request; times the first content chunk and the gaps between chunks."""
     outcome, started = Outcome(item.task), time.perf_counter()
-    body = {"model": item.model, "messages": [{"role": "user", "content": item.prompt}],
-            "max_tokens": item.max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": item.model,
+        "messages": [{"role": "user", "content": item.prompt}],
+        "max_tokens": item.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     headers = {"X-Task": item.task} if item.task else {}
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as reply:
@@ -174,8 +180,13 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict[str, object]:
             errors[o.error or "unknown"] = errors.get(o.error or "unknown", 0) + 1
     tokens = sum(o.completion_tokens for o in done)
     return {
-        "requests": len(outcomes), "succeeded": len(done), "errors": errors, "wall_s": wall,
-        "requests_per_s": len(done) / wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens,
+        "requests": len(outcomes),
+        "succeeded": len(done),
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": len(done) / wall,
+        "output_tokens_per_s": tokens / wall,
+        "output_tokens": tokens,
         "ttft_s": percentiles([o.ttft for o in done if o.ttft is not None]),
         "inter_token_s": percentiles([g for o in done for g in o.gaps]),
         "latency_s": percentiles([o.latency for o in done if o.latency is not None]),
@@ -193,10 +204,14 @@ def cache_figures(before: dict, after: dict) -> dict[str, float | int]:
     """The delta cache's work during one phase, from the engine's counters before and after it."""
     hits = int(after["delta_hits"]) - int(before["delta_hits"])
     misses = int(after["delta_misses"]) - int(before["delta_misses"])
-    return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "loads": int(after["delta_loads"]) - int(before["delta_loads"]),
-            "evictions": int(after["evictions"]) - int(before["evictions"]),
-            "load_seconds": float(after["load_seconds"]) - float(before["load_seconds"])}
+    return {
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "loads": int(after["delta_loads"]) - int(before["delta_loads"]),
+        "evictions": int(after["evictions"]) - int(before["evictions"]),
+        "load_seconds": float(after["load_seconds"]) - float(before["load_seconds"]),
+    }
 
 
 def predicted_hit_rate(n_tasks: int, zipf_s: float, resident: int) -> float:
@@ -225,19 +240,26 @@ def make_artifacts(base: Path, folder: Path, count: int, ratio: float) -> list[P
 
 
 @contextmanager
-def spawned_server(base: Path, work: Path, delta_cache_bytes: int,
-                   extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def spawned_server(
+    base: Path, work: Path, delta_cache_bytes: int, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     """A `deltaserve serve` process on the tiny base, on loopback; stopped (SIGTERM) afterwards."""
     port = free_port()
     env = os.environ | {
-        "DELTASERVE_BASE_MODEL": str(base), "DELTASERVE_PORT": str(port), "DELTASERVE_HOST": "127.0.0.1",
-        "DELTASERVE_REGISTRY_DIR": str(work / "registry"), "DELTASERVE_WORK_DIR": str(work / "work"),
-        "DELTASERVE_DELTA_CACHE_BYTES": str(delta_cache_bytes), "DELTASERVE_LOG_LEVEL": "warning",
-        "DELTASERVE_SHUTDOWN_TIMEOUT": "5", **(extra_env or {}),
+        "DELTASERVE_BASE_MODEL": str(base),
+        "DELTASERVE_PORT": str(port),
+        "DELTASERVE_HOST": "127.0.0.1",
+        "DELTASERVE_REGISTRY_DIR": str(work / "registry"),
+        "DELTASERVE_WORK_DIR": str(work / "work"),
+        "DELTASERVE_DELTA_CACHE_BYTES": str(delta_cache_bytes),
+        "DELTASERVE_LOG_LEVEL": "warning",
+        "DELTASERVE_SHUTDOWN_TIMEOUT": "5",
+        **(extra_env or {}),
     }
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, work / "server.log")
@@ -299,10 +321,18 @@ def measure(url: str, config: LoadConfig, key: str | None, delta_cache_bytes: in
         before = engine_stats(url, key)
         outcomes, wall = asyncio.run(run_phase(url, plan_phase(config, names, base_name), label, key))
         phases[label] = {**summarize(outcomes, wall), "delta_cache": cache_figures(before, engine_stats(url, key))}
-    prediction = {"resident_tasks": resident, "resident_bytes_per_task": per_task,
-                  "hit_rate_upper_bound": predicted_hit_rate(len(tasks), config.zipf_s, resident)}
-    return {"config": asdict(config), "tasks": len(tasks), "prediction": prediction, "phases": phases,
-            "tasks_vs_base": ratios(phases["tasks"], phases["base"])}
+    prediction = {
+        "resident_tasks": resident,
+        "resident_bytes_per_task": per_task,
+        "hit_rate_upper_bound": predicted_hit_rate(len(tasks), config.zipf_s, resident),
+    }
+    return {
+        "config": asdict(config),
+        "tasks": len(tasks),
+        "prediction": prediction,
+        "phases": phases,
+        "tasks_vs_base": ratios(phases["tasks"], phases["base"]),
+    }
 
 
 def ratios(tasks: dict, base: dict) -> dict[str, float | None]:
@@ -321,13 +351,17 @@ def ratios(tasks: dict, base: dict) -> dict[str, float | None]:
 def print_report(result: dict) -> None:
     for label, phase in result["phases"].items():
         ttft, itl, cache = phase["ttft_s"], phase["inter_token_s"], phase["delta_cache"]
-        print(f"{label:>5}: {phase['succeeded']}/{phase['requests']} ok, errors {phase['errors']}, "
-              f"{phase['output_tokens_per_s']:.1f} tok/s, TTFT p50 {_ms(ttft['p50'])} p99 {_ms(ttft['p99'])}, "
-              f"ITL p50 {_ms(itl['p50'])} p99 {_ms(itl['p99'])}, cache hit rate {cache['hit_rate']:.2f} "
-              f"({cache['loads']} loads, {cache['evictions']} evictions)")
+        print(
+            f"{label:>5}: {phase['succeeded']}/{phase['requests']} ok, errors {phase['errors']}, "
+            f"{phase['output_tokens_per_s']:.1f} tok/s, TTFT p50 {_ms(ttft['p50'])} p99 {_ms(ttft['p99'])}, "
+            f"ITL p50 {_ms(itl['p50'])} p99 {_ms(itl['p99'])}, cache hit rate {cache['hit_rate']:.2f} "
+            f"({cache['loads']} loads, {cache['evictions']} evictions)"
+        )
     pred = result["prediction"]
-    print(f"delta cache holds {pred['resident_tasks']} of {result['tasks']} tasks: hit rate at most "
-          f"{pred['hit_rate_upper_bound']:.2f} (the {pred['resident_tasks']} most popular tasks' share)")
+    print(
+        f"delta cache holds {pred['resident_tasks']} of {result['tasks']} tasks: hit rate at most "
+        f"{pred['hit_rate_upper_bound']:.2f} (the {pred['resident_tasks']} most popular tasks' share)"
+    )
     print("tasks / base: " + ", ".join(f"{k} {v:.2f}" for k, v in result["tasks_vs_base"].items() if v is not None))
 
 
@@ -383,8 +417,14 @@ def _resident_probe(base: Path, work: Path, artifact: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = LoadConfig(rate=args.rate, duration=args.duration, zipf_s=args.zipf, prompt_words=(4, 48),
-                        max_tokens=(8, 48) if not args.quick else (8, 24), seed=args.seed)
+    config = LoadConfig(
+        rate=args.rate,
+        duration=args.duration,
+        zipf_s=args.zipf,
+        prompt_words=(4, 48),
+        max_tokens=(8, 48) if not args.quick else (8, 24),
+        seed=args.seed,
+    )
     if args.url:
         result = measure(args.url, config, args.admin_key, args.delta_cache_bytes)
         result["server"] = {"spawned": False, "url": args.url}

@@ -28,13 +28,13 @@ if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from bench.measure import LoadShape, Result, best_of, write_results  # noqa: E402
-from bench.serving import DEFAULT_BASE, WORK, make_engine, prepare, report, run_deltas, synthetic_artifacts  # noqa: E402
-from compressor.checkpoint import Checkpoint  # noqa: E402
-from compressor.lora import import_lora  # noqa: E402
+from bench.measure import LoadShape, Result, best_of, write_results
+from bench.serving import DEFAULT_BASE, WORK, make_engine, prepare, report, run_deltas, synthetic_artifacts
+from compressor.checkpoint import Checkpoint
+from compressor.lora import import_lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS = 16
@@ -121,9 +121,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 print(json.dumps(asdict(rounds[-1])), flush=True)
     stats = engine.stats()
     await engine.stop()
-    notes = ["scenarios interleaved per concurrency, best of --rounds rounds (the CPU is shared and its load drifts)",
-             f"LoRA: {TASKS} distinct synthetic rank-{args.rank} adapters on every projection, imported exactly; "
-             f"ImPart: {args.distinct} synthetic CR-{args.ratio:g} artifacts reused round-robin"]
+    notes = [
+        "scenarios interleaved per concurrency, best of --rounds rounds (the CPU is shared and its load drifts)",
+        f"LoRA: {TASKS} distinct synthetic rank-{args.rank} adapters on every projection, imported exactly; "
+        f"ImPart: {args.distinct} synthetic CR-{args.ratio:g} artifacts reused round-robin",
+    ]
     out = report(args, best_of(rounds), rounds, stats, folder, compress_s, notes)
     out["ratios"] = ratios(best_of(rounds))
     out["round_ratios"] = round_ratios(rounds)

@@ -34,7 +34,12 @@ def summarise(name: str, concurrency: int, timings: list[Timing], seconds: float
     tokens = sum(t.tokens for t in timings)
     tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]
     return Result(
-        name, concurrency, len(timings), tokens, round(seconds, 3), round(tokens / seconds, 2),
+        name,
+        concurrency,
+        len(timings),
+        tokens,
+        round(seconds, 3),
+        round(tokens / seconds, 2),
         round(1000 * statistics.mean(tpot), 2) if tpot else 0.0,
         round(1000 * statistics.mean(t.first - t.started for t in timings), 2),
     )
@@ -71,14 +76,27 @@ class LoadShape:
     max_tokens: int = 32
 
     def add(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quick", action="store_true",
-                       help=f"concurrency {self.quick_concurrency}, short prompts and outputs")
-        p.add_argument("--concurrency", type=str, default=None,
-                       help=f"comma-separated (default {self.full_concurrency}; quick {self.quick_concurrency})")
-        p.add_argument("--prompt-len", type=int, default=None,
-                       help=f"prompt tokens (default {self.prompt_len}; quick {self.quick_prompt_len})")
-        p.add_argument("--max-tokens", type=int, default=None,
-                       help=f"output tokens per request (default {self.max_tokens}; quick {self.quick_max_tokens})")
+        p.add_argument(
+            "--quick", action="store_true", help=f"concurrency {self.quick_concurrency}, short prompts and outputs"
+        )
+        p.add_argument(
+            "--concurrency",
+            type=str,
+            default=None,
+            help=f"comma-separated (default {self.full_concurrency}; quick {self.quick_concurrency})",
+        )
+        p.add_argument(
+            "--prompt-len",
+            type=int,
+            default=None,
+            help=f"prompt tokens (default {self.prompt_len}; quick {self.quick_prompt_len})",
+        )
+        p.add_argument(
+            "--max-tokens",
+            type=int,
+            default=None,
+            help=f"output tokens per request (default {self.max_tokens}; quick {self.quick_max_tokens})",
+        )
         p.add_argument("--waves", type=int, default=2, help="requests per client")
         p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

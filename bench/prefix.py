@@ -37,14 +37,14 @@ if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
-from bench.serving import DEFAULT_BASE, synthetic_artifacts, task_folder  # noqa: E402
-from server.config import load_settings  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.sources import LocalDirDeltaSource  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from bench.measure import Result, Timing, best_of, summarise, write_results
+from bench.serving import DEFAULT_BASE, synthetic_artifacts, task_folder
+from server.config import load_settings
+from server.engine.engine import Engine
+from server.engine.sources import LocalDirDeltaSource
+from server.engine.types import GenerationRequest, SamplingParams
 
 TASKS = 16
 Prompt = tuple[int, ...]
@@ -73,8 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_engine(args: argparse.Namespace, tasks: Path, prefix_cache: bool) -> Engine:
     settings = load_settings(
-        base_model=str(args.base), device=args.device, kv_cache_bytes=1 << 30, delta_cache_bytes=4 << 30,
-        max_running=64, max_batch_tokens=args.max_batch_tokens, prefix_cache=prefix_cache,
+        base_model=str(args.base),
+        device=args.device,
+        kv_cache_bytes=1 << 30,
+        delta_cache_bytes=4 << 30,
+        max_running=64,
+        max_batch_tokens=args.max_batch_tokens,
+        prefix_cache=prefix_cache,
     )
     return Engine(settings, LocalDirDeltaSource(tasks))
 
@@ -96,8 +101,7 @@ async def ask(engine: Engine, rid: str, task: str | None, prompt: Prompt, max_to
     return Timing(len(tokens), first, last, started), tuple(tokens)
 
 
-async def conversation(engine: Engine, task: str, system: Prompt, users: list[Prompt], max_tokens: int
-                       ) -> list[Timing]:
+async def conversation(engine: Engine, task: str, system: Prompt, users: list[Prompt], max_tokens: int) -> list[Timing]:
     """The task's conversation, turn after turn, each prompt holding everything said before."""
     history, timings = system, []
     for k, user in enumerate(users):
@@ -108,8 +112,9 @@ async def conversation(engine: Engine, task: str, system: Prompt, users: list[Pr
     return timings
 
 
-async def run_conversations(engine: Engine, name: str, workload: dict[str, tuple[Prompt, list[Prompt]]],
-                            args: argparse.Namespace) -> tuple[Result, list[list[Timing]]]:
+async def run_conversations(
+    engine: Engine, name: str, workload: dict[str, tuple[Prompt, list[Prompt]]], args: argparse.Namespace
+) -> tuple[Result, list[list[Timing]]]:
     """Every task's conversation, --concurrency at a time; the summary and each conversation's timings."""
     queue = list(workload)
     done: list[list[Timing]] = []
@@ -134,8 +139,7 @@ async def run_probe(engine: Engine, name: str, probes: dict[str, Prompt], args: 
     return summarise(name, 1, timings, time.perf_counter() - started)
 
 
-async def run_noshare(engine: Engine, name: str, prompts: list[tuple[str, Prompt]], args: argparse.Namespace
-                      ) -> Result:
+async def run_noshare(engine: Engine, name: str, prompts: list[tuple[str, Prompt]], args: argparse.Namespace) -> Result:
     queue = list(enumerate(prompts))
     timings: list[Timing] = []
 
@@ -149,12 +153,18 @@ async def run_noshare(engine: Engine, name: str, prompts: list[tuple[str, Prompt
     return summarise(name, args.concurrency, timings, time.perf_counter() - started)
 
 
-def workloads(args: argparse.Namespace, names: list[str], vocab: int
-              ) -> tuple[dict[str, tuple[Prompt, list[Prompt]]], dict[str, Prompt]]:
+def workloads(
+    args: argparse.Namespace, names: list[str], vocab: int
+) -> tuple[dict[str, tuple[Prompt, list[Prompt]]], dict[str, Prompt]]:
     """Conversations (system prompt, user turns) per task, and one probe per task."""
     rng = random.Random(args.seed)
-    conv = {task: (random_tokens(rng, args.system_len, vocab),
-                   [random_tokens(rng, args.user_len, vocab) for _ in range(args.turns)]) for task in names}
+    conv = {
+        task: (
+            random_tokens(rng, args.system_len, vocab),
+            [random_tokens(rng, args.user_len, vocab) for _ in range(args.turns)],
+        )
+        for task in names
+    }
     probes = {task: conv[task][0] + random_tokens(rng, args.user_len, vocab) for task in names}
     return conv, probes
 
@@ -213,8 +223,9 @@ def ratios(results: list[Result], turns: dict[str, list[float]]) -> dict[str, fl
         "probe_ttft_on/off (goal <= 0.25)": ratio(by["probe-on"].ttft_ms, by["probe-off"].ttft_ms),
         "conversation_turn1_ttft_on/off": ratio(turns["on"][0], turns["off"][0]),
         "conversation_later_turns_ttft_on/off": ratio(later["on"], later["off"]),
-        "conversation_tokens_per_s_on/off": ratio(by["conversations-on"].tokens_per_s,
-                                                  by["conversations-off"].tokens_per_s),
+        "conversation_tokens_per_s_on/off": ratio(
+            by["conversations-on"].tokens_per_s, by["conversations-off"].tokens_per_s
+        ),
         "noshare_tokens_per_s_on/off (goal >= 1)": ratio(by["noshare-on"].tokens_per_s, by["noshare-off"].tokens_per_s),
         "noshare_ttft_on/off": ratio(by["noshare-on"].ttft_ms, by["noshare-off"].ttft_ms),
     }
@@ -237,16 +248,29 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return report(args, measured, stats, compress_s)
 
 
-def report(args: argparse.Namespace, measured: dict[str, object], stats: dict[str, dict], compress_s: list[float]
-           ) -> dict[str, object]:
+def report(
+    args: argparse.Namespace, measured: dict[str, object], stats: dict[str, dict], compress_s: list[float]
+) -> dict[str, object]:
     results: list[Result] = measured["results"]  # type: ignore[assignment]
     turns: dict[str, list[float]] = measured["turn_ttft_ms"]  # type: ignore[assignment]
-    keep = ("prefix_cache_prompt_tokens", "prefix_cache_hit_tokens", "prefix_cache_hit_rate", "prefix_cache_blocks",
-            "prefix_cache_evictions", "kv_blocks_total", "generated_tokens", "steps")
+    keep = (
+        "prefix_cache_prompt_tokens",
+        "prefix_cache_hit_tokens",
+        "prefix_cache_hit_rate",
+        "prefix_cache_blocks",
+        "prefix_cache_evictions",
+        "kv_blocks_total",
+        "generated_tokens",
+        "steps",
+    )
     return {
         "command": "python bench/prefix.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": args.device},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": args.device,
+        },
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "deltas": {"synthetic": args.distinct, "ratio": args.ratio, "tasks": TASKS, "compress_seconds": compress_s},
         "results": [asdict(r) for r in results],
@@ -254,8 +278,10 @@ def report(args: argparse.Namespace, measured: dict[str, object], stats: dict[st
         "noshare_rounds": [asdict(r) for r in measured["noshare_rounds"]],  # type: ignore[attr-defined]
         "engine": {mode: {k: s[k] for k in keep} for mode, s in stats.items()},
         "ratios": ratios(results, turns),
-        "notes": ["both engines resident in one process; each workload runs on both back to back, same prompts",
-                  "TTFT includes queueing behind other clients' prefills (conversations, noshare); the probe has none"],
+        "notes": [
+            "both engines resident in one process; each workload runs on both back to back, same prompts",
+            "TTFT includes queueing behind other clients' prefills (conversations, noshare); the probe has none",
+        ],
     }
 
 

@@ -20,12 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.testbed.quality_grid import Grid, Runner  # noqa: E402
-from bench.testbed.quality_report import write_report  # noqa: E402
-from bench.testbed.tasks import TASKS  # noqa: E402
+from bench.testbed.quality_grid import Grid, Runner
+from bench.testbed.quality_report import write_report
+from bench.testbed.tasks import TASKS
 
-QUICK = {"methods": ["impart", "dare", "lowrank"], "ratios": [32.0, 64.0], "qt_ratios": [], "seeds": 1, "limit": 60,
-         "grid": [(0.8, 0.5)], "merge": True, "merge_sources": ["none", "impart"], "merge_hows": ["ta", "ties"]}
+QUICK = {
+    "methods": ["impart", "dare", "lowrank"],
+    "ratios": [32.0, 64.0],
+    "qt_ratios": [],
+    "seeds": 1,
+    "limit": 60,
+    "grid": [(0.8, 0.5)],
+    "merge": True,
+    "merge_sources": ["none", "impart"],
+    "merge_hows": ["ta", "ties"],
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,11 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid", nargs="+", default=["0.8:0.5", "0.6:1.0"], help="ImPart beta:C candidates")
     parser.add_argument("--merge-ratio", type=float, default=32.0, help="CR of the DARE / ImPart merge inputs")
     parser.add_argument("--no-merge", dest="merge", action="store_false")
-    parser.add_argument("--merge-sources", nargs="+", default=["none", "dare", "impart"], choices=["none", "dare", "impart"])
+    parser.add_argument(
+        "--merge-sources", nargs="+", default=["none", "dare", "impart"], choices=["none", "dare", "impart"]
+    )
     parser.add_argument("--merge-hows", nargs="+", default=["ta", "ties"], choices=["ta", "ties"])
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip tasks with no cached fine-tune")
-    parser.add_argument("--cached-only", action="store_true",
-                        help="compute nothing: report the cells already scored (missing ones are left out)")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="compute nothing: report the cells already scored (missing ones are left out)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for compression and decoding")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.json, STEM.md, STEM.png")
@@ -58,14 +72,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
-    grid = Grid(tuple(args.tasks), tuple(args.methods), tuple(args.ratios), tuple(args.qt_ratios), args.seeds,
-                tuple(args.grid), args.merge_ratio, args.merge, tuple(args.merge_sources), tuple(args.merge_hows))
-    runner = Runner(limit=args.limit, train_missing=args.train and not args.cached_only, threads=args.threads,
-                    cached_only=args.cached_only)
+    grid = Grid(
+        tuple(args.tasks),
+        tuple(args.methods),
+        tuple(args.ratios),
+        tuple(args.qt_ratios),
+        args.seeds,
+        tuple(args.grid),
+        args.merge_ratio,
+        args.merge,
+        tuple(args.merge_sources),
+        tuple(args.merge_hows),
+    )
+    runner = Runner(
+        limit=args.limit,
+        train_missing=args.train and not args.cached_only,
+        threads=args.threads,
+        cached_only=args.cached_only,
+    )
     results = runner.run(grid)
-    results["config"] = {"argv": sys.argv[1:], "quick": args.quick, "limit": args.limit, "grid": grid.as_dict(),
-                         "threads": args.threads, "cached_only": args.cached_only,
-                         "wall_s": round(time.monotonic() - started, 1)}
+    results["config"] = {
+        "argv": sys.argv[1:],
+        "quick": args.quick,
+        "limit": args.limit,
+        "grid": grid.as_dict(),
+        "threads": args.threads,
+        "cached_only": args.cached_only,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     for path in write_report(results, args.out, args.stem):
         print(f"wrote {path}")
 

@@ -34,14 +34,14 @@ if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import LoadShape, Result, Timing, best_of, summarise, write_results  # noqa: E402
-from server.config import load_settings  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.sources import LocalDirDeltaSource  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
-from server.model.llama import load_state_dict  # noqa: E402
+from bench.measure import LoadShape, Result, Timing, best_of, summarise, write_results
+from server.config import load_settings
+from server.engine.engine import Engine
+from server.engine.sources import LocalDirDeltaSource
+from server.engine.types import GenerationRequest, SamplingParams
+from server.model.llama import load_state_dict
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-serving")
@@ -96,8 +96,12 @@ def task_folder(artifacts: Path, names: int) -> tuple[Path, dict[str, Path]]:
 
 def make_engine(args: argparse.Namespace, tasks: Path) -> Engine:
     settings = load_settings(
-        base_model=str(args.base), device=args.device, kv_cache_bytes=1 << 30, delta_cache_bytes=4 << 30,
-        max_running=64, max_batch_tokens=1024,
+        base_model=str(args.base),
+        device=args.device,
+        kv_cache_bytes=1 << 30,
+        delta_cache_bytes=4 << 30,
+        max_running=64,
+        max_batch_tokens=1024,
     )
     return Engine(settings, LocalDirDeltaSource(tasks))
 
@@ -127,7 +131,6 @@ async def closed_loop(
     return [t for ts in await asyncio.gather(*(client(c) for c in range(concurrency))) for t in ts]
 
 
-
 async def prepare(engine: Engine, plans: dict[str, list[str | None]], args: argparse.Namespace) -> None:
     """Make every delta resident and warm the code paths (loads are reported, not timed)."""
     prompt = tuple(range(100, 100 + args.prompt_len))
@@ -144,7 +147,9 @@ async def run_deltas(engine: Engine, name: str, tasks: list[str | None], c: int,
     return summarise(name, c, timings, time.perf_counter() - started)
 
 
-def merged_weights(engine: Engine, mapping: dict[str, Path], args: argparse.Namespace) -> dict[Path, dict[str, torch.Tensor]]:
+def merged_weights(
+    engine: Engine, mapping: dict[str, Path], args: argparse.Namespace
+) -> dict[Path, dict[str, torch.Tensor]]:
     """W_base + reconstructed delta of every distinct artifact, kept in host memory for the swap baseline."""
     from compressor import load_artifact
 
@@ -153,7 +158,10 @@ def merged_weights(engine: Engine, mapping: dict[str, Path], args: argparse.Name
 
 
 async def run_swap(
-    engine: Engine, merged: dict[Path, dict[str, torch.Tensor]], mapping: dict[str, Path], c: int,
+    engine: Engine,
+    merged: dict[Path, dict[str, torch.Tensor]],
+    mapping: dict[str, Path],
+    c: int,
     args: argparse.Namespace,
 ) -> Result:
     """Merged full weights per task, swapped into the resident model per same-task group of each wave."""
@@ -195,7 +203,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     notes = ["scenarios interleaved per concurrency, best of --rounds rounds (the CPU is shared and its load drifts)"]
     if args.tasks_dir is None:
         artifacts, compress_s = synthetic_artifacts(args.base, args.distinct, args.ratio)
-        notes.append(f"synthetic deltas: {args.distinct} random fine-tunes, ImPart CR {args.ratio:g}, reused round-robin")
+        notes.append(
+            f"synthetic deltas: {args.distinct} random fine-tunes, ImPart CR {args.ratio:g}, reused round-robin"
+        )
     else:
         artifacts, compress_s = args.tasks_dir, []
     folder, mapping = task_folder(artifacts, 16)
@@ -203,7 +213,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     engine = make_engine(args, folder)
     await engine.start()
     wanted = args.scenarios.split(",")
-    plans = {k: v for k, v in {"base": [None], "one": names[:1], "mix4": names[:4], "mix16": names}.items() if k in wanted}
+    plans = {
+        k: v for k, v in {"base": [None], "one": names[:1], "mix4": names[:4], "mix16": names}.items() if k in wanted
+    }
     await prepare(engine, plans, args)
     merged = merged_weights(engine, mapping, args) if "swap16" in wanted else {}
     rounds: list[Result] = []
@@ -220,19 +232,41 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return report(args, best_of(rounds), rounds, stats, artifacts, compress_s, notes)
 
 
-def report(args: argparse.Namespace, results: list[Result], rounds: list[Result], stats: object, artifacts: Path,
-           compress_s: list[float], notes: list[str]) -> dict[str, object]:
+def report(
+    args: argparse.Namespace,
+    results: list[Result],
+    rounds: list[Result],
+    stats: object,
+    artifacts: Path,
+    compress_s: list[float],
+    notes: list[str],
+) -> dict[str, object]:
     sizes = [p.stat().st_size for p in sorted(artifacts.glob("*.safetensors"))]
     return {
         "command": "python bench/serving.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": args.device},
-        "config": {"base": str(args.base), "ratio": args.ratio, "prompt_len": args.prompt_len,
-                   "max_tokens": args.max_tokens, "waves": args.waves, "rounds": args.rounds,
-                   "concurrency": args.concurrency, "threads": torch.get_num_threads()},
-        "deltas": {"artifact_bytes": sizes, "compress_seconds": compress_s,
-                   "resident_bytes_16_tasks": stats.resident_bytes, "loads": stats.delta_loads,  # type: ignore[attr-defined]
-                   "load_seconds_mean": stats.load_seconds / max(1, stats.delta_loads)},  # type: ignore[attr-defined]
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": args.device,
+        },
+        "config": {
+            "base": str(args.base),
+            "ratio": args.ratio,
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
+            "waves": args.waves,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "threads": torch.get_num_threads(),
+        },
+        "deltas": {
+            "artifact_bytes": sizes,
+            "compress_seconds": compress_s,
+            "resident_bytes_16_tasks": stats.resident_bytes,
+            "loads": stats.delta_loads,  # type: ignore[attr-defined]
+            "load_seconds_mean": stats.load_seconds / max(1, stats.delta_loads),
+        },  # type: ignore[attr-defined]
         "results": [asdict(r) for r in results],
         "rounds": [asdict(r) for r in rounds],
         "ratios": ratios(results),

@@ -39,7 +39,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
+import contextlib
+
+from bench.measure import Result, Timing, best_of, summarise, write_results
 
 DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-vllm")
@@ -83,8 +85,15 @@ def module_shapes(base: Path) -> dict[str, tuple[int, int]]:
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
 
 
 def lora_budget(base: Path, ratio: float) -> dict[str, object]:
@@ -94,9 +103,16 @@ def lora_budget(base: Path, ratio: float) -> dict[str, object]:
     dense = layers * sum(o * i for o, i in shapes.values())
     per_rank = layers * sum(o + i for o, i in shapes.values())
     rank = max(1, round(dense / ratio / per_rank))
-    return {"layers": layers, "shapes": shapes, "dense_params": dense, "impart_params": dense / ratio,
-            "lora_params_per_rank": per_rank, "rank_exact": dense / ratio / per_rank, "rank": rank,
-            "lora_params": rank * per_rank}
+    return {
+        "layers": layers,
+        "shapes": shapes,
+        "dense_params": dense,
+        "impart_params": dense / ratio,
+        "lora_params_per_rank": per_rank,
+        "rank_exact": dense / ratio / per_rank,
+        "rank": rank,
+        "lora_params": rank * per_rank,
+    }
 
 
 def write_adapters(base: Path, count: int, rank: int, folder: Path) -> list[Path]:
@@ -122,12 +138,26 @@ def write_adapters(base: Path, count: int, rank: int, folder: Path) -> list[Path
                 tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, i, generator=g) * 0.01).contiguous()
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(o, rank, generator=g) * 0.01).contiguous()
         save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (target / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
-            "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "target_modules": list(TARGETS), "modules_to_save": None, "use_rslora": False, "use_dora": False,
-            "inference_mode": True,
-        }, indent=1))
+        (target / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "base_model_name_or_path": str(base),
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "fan_in_fan_out": False,
+                    "target_modules": list(TARGETS),
+                    "modules_to_save": None,
+                    "use_rslora": False,
+                    "use_dora": False,
+                    "inference_mode": True,
+                },
+                indent=1,
+            )
+        )
     return out
 
 
@@ -144,21 +174,45 @@ class Server:
 
     def start(self) -> None:
         a = self.args
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(a.kv_space_gib),
-                   VLLM_CPU_OMP_THREADS_BIND="0" if a.threads == 1 else f"0-{a.threads - 1}",
-                   OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-                   DO_NOT_TRACK="1")
-        cmd = [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(a.base),
-               "--served-model-name", "base", "--dtype", a.dtype, "--gpu-memory-utilization", "0.5",
-               "--port", str(a.port), "--host", "127.0.0.1", "--max-model-len", "512",
-               "--max-num-seqs", str(max(64, max(a.concurrency))), *self.extra]
+        env = dict(
+            os.environ,
+            VLLM_CPU_KVCACHE_SPACE=str(a.kv_space_gib),
+            VLLM_CPU_OMP_THREADS_BIND="0" if a.threads == 1 else f"0-{a.threads - 1}",
+            OMP_NUM_THREADS=str(a.threads),
+            HF_HUB_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+        )
+        cmd = [
+            a.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(a.base),
+            "--served-model-name",
+            "base",
+            "--dtype",
+            a.dtype,
+            "--gpu-memory-utilization",
+            "0.5",
+            "--port",
+            str(a.port),
+            "--host",
+            "127.0.0.1",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            str(max(64, *a.concurrency)),
+            *self.extra,
+        ]
         if a.enforce_eager:
             cmd.append("--enforce-eager")
         self.cmd = cmd
         self.log.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd="/tmp")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd="/tmp"
+        )
         deadline = started + a.startup_timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
@@ -183,10 +237,8 @@ class Server:
             return
         pgid = os.getpgid(self.proc.pid)
         os.killpg(pgid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
         try:
             os.killpg(pgid, signal.SIGKILL)  # stragglers (engine core workers) of the same group
         except ProcessLookupError:
@@ -198,8 +250,15 @@ class Server:
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str) -> Timing:
-    body = {"model": model, "prompt": list(range(100, 100 + args.prompt_len)), "max_tokens": args.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": list(range(100, 100 + args.prompt_len)),
+        "max_tokens": args.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = last = 0.0
     tokens = chunks = 0
@@ -221,13 +280,13 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
 async def closed_loop(args: argparse.Namespace, models: list[str], c: int) -> tuple[list[Timing], float]:
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
+
         async def one_client(k: int) -> list[Timing]:
             return [await one_request(client, args, models[(w * c + k) % len(models)]) for w in range(args.waves)]
 
         started = time.perf_counter()
         timings = [t for ts in await asyncio.gather(*(one_client(k) for k in range(c))) for t in ts]
         return timings, time.perf_counter() - started
-
 
 
 def run_scenario(args: argparse.Namespace, name: str, extra: list[str], models: list[str]) -> tuple[list[Result], dict]:
@@ -250,15 +309,36 @@ def run_scenario(args: argparse.Namespace, name: str, extra: list[str], models: 
 
 def run_ours(args: argparse.Namespace, tag: str) -> dict:
     out = WORK / f"ours-{tag}.json"
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), "bench/serving.py", "--quick",
-           "--concurrency", ",".join(map(str, args.concurrency)), "--waves", str(args.waves),
-           "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens), "--prompt-len", str(args.prompt_len),
-           "--threads", str(args.threads), "--scenarios", "base,mix16", "--out", str(out)]
+    cmd = [
+        str(ROOT / ".venv" / "bin" / "python"),
+        "bench/serving.py",
+        "--quick",
+        "--concurrency",
+        ",".join(map(str, args.concurrency)),
+        "--waves",
+        str(args.waves),
+        "--rounds",
+        str(args.rounds),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--threads",
+        str(args.threads),
+        "--scenarios",
+        "base,mix16",
+        "--out",
+        str(out),
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=args.ours_timeout, start_new_session=True)
     data = json.loads(out.read_text())
-    return {"command": " ".join(cmd[1:]), "seconds": round(time.perf_counter() - started, 1),
-            "results": data["results"], "ratios": data["ratios"]}
+    return {
+        "command": " ".join(cmd[1:]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": data["results"],
+        "ratios": data["ratios"],
+    }
 
 
 def ratios(results: list[dict], ours: dict[str, dict]) -> dict[str, float]:
@@ -281,13 +361,25 @@ def ratios(results: list[dict], ours: dict[str, dict]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     budget = lora_budget(args.base, args.ratio)
-    print(f"LoRA rank {budget['rank']} (exact {budget['rank_exact']:.2f}): {budget['lora_params']} params "
-          f"vs ImPart CR{args.ratio:g} {budget['impart_params']:.0f}", flush=True)
+    print(
+        f"LoRA rank {budget['rank']} (exact {budget['rank_exact']:.2f}): {budget['lora_params']} params "
+        f"vs ImPart CR{args.ratio:g} {budget['impart_params']:.0f}",
+        flush=True,
+    )
     adapters = write_adapters(args.base, args.adapters, int(budget["rank"]), WORK / f"adapters-r{budget['rank']}")
     names = [p.name for p in adapters]
     max_rank = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= int(budget["rank"]))
-    lora_flags = ["--enable-lora", "--max-loras", str(args.adapters), "--max-lora-rank", str(max_rank),
-                  "--max-cpu-loras", str(args.adapters), "--lora-modules", *(f"{p.name}={p}" for p in adapters)]
+    lora_flags = [
+        "--enable-lora",
+        "--max-loras",
+        str(args.adapters),
+        "--max-lora-rank",
+        str(max_rank),
+        "--max-cpu-loras",
+        str(args.adapters),
+        "--lora-modules",
+        *(f"{p.name}={p}" for p in adapters),
+    ]
     plans = {"vllm_base": ([], ["base"]), "vllm_lora16": (lora_flags, names)}
     ours: dict[str, dict] = {}
     rounds: list[Result] = []
@@ -304,16 +396,33 @@ def main(argv: list[str] | None = None) -> None:
         except (subprocess.SubprocessError, OSError) as e:  # keep what was measured
             print(f"ours after failed: {e!r}", flush=True)
     results = [asdict(r) for r in best_of(rounds)]
-    vllm_version = subprocess.run([args.vllm_python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
-                                  capture_output=True, text=True, timeout=300, cwd="/tmp").stdout.strip()
+    vllm_version = subprocess.run(
+        [args.vllm_python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/tmp",
+    ).stdout.strip()
     out = {
         "command": "python bench/serving_vllm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "vllm_torch": vllm_version,
-                    "loadavg_end": os.getloadavg()},
-        "config": {"base": str(args.base), "dtype": args.dtype, "prompt_len": args.prompt_len,
-                   "max_tokens": args.max_tokens, "waves": args.waves, "rounds": args.rounds,
-                   "concurrency": args.concurrency, "threads": args.threads, "enforce_eager": args.enforce_eager,
-                   "max_lora_rank": max_rank},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "vllm_torch": vllm_version,
+            "loadavg_end": os.getloadavg(),
+        },
+        "config": {
+            "base": str(args.base),
+            "dtype": args.dtype,
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
+            "waves": args.waves,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "threads": args.threads,
+            "enforce_eager": args.enforce_eager,
+            "max_lora_rank": max_rank,
+        },
         "lora": {k: v for k, v in budget.items() if k != "shapes"} | {"adapters": args.adapters},
         "servers": servers,
         "results": results,

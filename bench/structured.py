@@ -29,22 +29,34 @@ if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # as a script, bench/kernels.py would shadow the `kernels` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import Result, Timing, best_of, summarise, write_results  # noqa: E402
-from bench.serving import DEFAULT_BASE  # noqa: E402
-from server.config import load_settings  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.sources import LocalDirDeltaSource  # noqa: E402
-from server.engine.types import GenerationRequest, GrammarSpec, SamplingParams  # noqa: E402
+from bench.measure import Result, Timing, best_of, summarise, write_results
+from bench.serving import DEFAULT_BASE
+from server.config import load_settings
+from server.engine.engine import Engine
+from server.engine.sources import LocalDirDeltaSource
+from server.engine.types import GenerationRequest, GrammarSpec, SamplingParams
 
 SCHEMA = {
     "type": "object",
-    "properties": {"items": {"type": "array", "minItems": 40, "items": {
-        "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 16}, "qty": {"type": "integer"},
-                       "unit": {"enum": ["kg", "l", "pcs"]}, "fragile": {"type": "boolean"}},
-        "required": ["name", "qty", "unit", "fragile"], "additionalProperties": False}}},
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 40,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 16},
+                    "qty": {"type": "integer"},
+                    "unit": {"enum": ["kg", "l", "pcs"]},
+                    "fragile": {"type": "boolean"},
+                },
+                "required": ["name", "qty", "unit", "fragile"],
+                "additionalProperties": False,
+            },
+        }
+    },
     "required": ["items"],
     "additionalProperties": False,
 }
@@ -63,9 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def run_batch(engine: Engine, name: str, prompts: list[tuple[int, ...]], args: argparse.Namespace,
-                    grammar: GrammarSpec | None) -> Result:
+async def run_batch(
+    engine: Engine, name: str, prompts: list[tuple[int, ...]], args: argparse.Namespace, grammar: GrammarSpec | None
+) -> Result:
     """Send every prompt at once; each row decodes args.max_tokens tokens (sampled, seeded)."""
+
     async def one(i: int, prompt: tuple[int, ...]) -> Timing:
         params = SamplingParams(temperature=0.8, seed=i, max_tokens=args.max_tokens, ignore_eos=True, grammar=grammar)
         started, first, tokens = time.perf_counter(), 0.0, 0
@@ -82,8 +96,13 @@ async def run_batch(engine: Engine, name: str, prompts: list[tuple[int, ...]], a
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    settings = load_settings(base_model=str(args.base), device=args.device, prefix_cache=False,
-                             torch_threads=args.threads, max_batch_tokens=max(512, args.rows * args.prompt_len))
+    settings = load_settings(
+        base_model=str(args.base),
+        device=args.device,
+        prefix_cache=False,
+        torch_threads=args.threads,
+        max_batch_tokens=max(512, args.rows * args.prompt_len),
+    )
     engine = Engine(settings, LocalDirDeltaSource(Path("/nonexistent-tasks")))
     await engine.start()
     rng = random.Random(0)
@@ -93,19 +112,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     try:
         await run_batch(engine, "warmup-free", prompts, args, None)
         await run_batch(engine, "warmup-constrained", prompts, args, grammar)
-        rounds = [(await run_batch(engine, "free", prompts, args, None),
-                   await run_batch(engine, "constrained", prompts, args, grammar)) for _ in range(args.rounds)]
+        rounds = [
+            (
+                await run_batch(engine, "free", prompts, args, None),
+                await run_batch(engine, "constrained", prompts, args, grammar),
+            )
+            for _ in range(args.rounds)
+        ]
     finally:
         await engine.stop(timeout=1.0)
     free, constrained = best_of([r for pair in rounds for r in pair])
     return {
-        "settings": {**{k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-                     "machine": platform.machine(), "schema": SCHEMA},
+        "settings": {
+            **{k: str(v) for k, v in vars(args).items()},
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "schema": SCHEMA,
+        },
         "rounds": [[asdict(r) for r in pair] for pair in rounds],
-        "ratios": {"constrained_over_free_per_round": [round(c.tokens_per_s / f.tokens_per_s, 3) for f, c in rounds],
-                   "constrained_over_free_best": round(constrained.tokens_per_s / free.tokens_per_s, 3),
-                   "free_tokens_per_s_best": free.tokens_per_s,
-                   "constrained_tokens_per_s_best": constrained.tokens_per_s},
+        "ratios": {
+            "constrained_over_free_per_round": [round(c.tokens_per_s / f.tokens_per_s, 3) for f, c in rounds],
+            "constrained_over_free_best": round(constrained.tokens_per_s / free.tokens_per_s, 3),
+            "free_tokens_per_s_best": free.tokens_per_s,
+            "constrained_tokens_per_s_best": constrained.tokens_per_s,
+        },
     }
 
 

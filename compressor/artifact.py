@@ -81,7 +81,7 @@ class ModuleDelta:
 
     @property
     def kind(self) -> str:
-        """"factors" (2-D: hand u, s, v to the kernels) or "dense" (1-D: add as is)."""
+        """ "factors" (2-D: hand u, s, v to the kernels) or "dense" (1-D: add as is)."""
         return "dense" if self.code.layout == "dense" else "factors"
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,9 +124,11 @@ class Artifact:
         """W_base + reconstructed delta for every tensor (summed in float32, cast to the base dtype)."""
         merged = {}
         for name, weight in base_state_dict.items():
-            if name in self._codes:
-                weight = (weight.to(torch.float32) + self.module(name).dense()).to(weight.dtype)
-            merged[name] = weight
+            merged[name] = (
+                (weight.to(torch.float32) + self.module(name).dense()).to(weight.dtype)
+                if name in self._codes
+                else weight
+            )
         return merged
 
 

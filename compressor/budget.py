@@ -30,7 +30,7 @@ class DropPlan:
 
 def kept_budget(shape: tuple[int, int], ratio: float) -> int:
     """Values a [out, in] matrix may keep at compression ratio `ratio`."""
-    return int(round(shape[0] * shape[1] / ratio))
+    return round(shape[0] * shape[1] / ratio)
 
 
 def drop_alpha(shape: tuple[int, int], ratio: float) -> float:
@@ -52,9 +52,9 @@ def pre_prune(shape: tuple[int, int], ratio: float, beta: float) -> tuple[int, f
     more than r (1 - beta) dense vectors (low CR), beta is lowered to just under alpha."""
     r = min(shape)
     alpha = max(drop_alpha(shape, ratio), 0.0)
-    k = int(math.floor(r * (1.0 - beta) + 1e-9))
+    k = math.floor(r * (1.0 - beta) + 1e-9)
     if alpha < beta:
-        k = min(r, int(math.ceil(r * (1.0 - alpha) - 1e-9)))
+        k = min(r, math.ceil(r * (1.0 - alpha) - 1e-9))
     beta_eff = 1.0 - k / r
     return k, max(0.0, (alpha - beta_eff) / (1.0 - beta_eff)) if k else 0.0
 

@@ -43,8 +43,9 @@ def capture_inputs(model_dir: Path | str, prompts: tuple[str, ...] | list[str] =
     ids = []
     with torch.no_grad():
         for prompt in prompts:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             batch = tok(text, return_tensors="pt")
             ids.append(batch["input_ids"][0])
             model(**batch)

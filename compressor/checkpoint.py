@@ -99,20 +99,27 @@ def _shard_names(index: object) -> list[str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         found = f"a weight_map that is {_kind(weight_map)}" if isinstance(index, dict) else _kind(index)
-        raise IncompatibleCheckpointError(f"{INDEX_FILE}: not a safetensors index (expected an object with a "
-                                          f"non-empty weight_map object; found {found})")
+        raise IncompatibleCheckpointError(
+            f"{INDEX_FILE}: not a safetensors index (expected an object with a "
+            f"non-empty weight_map object; found {found})"
+        )
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not _plain_name(name):
             raise IncompatibleCheckpointError(
                 f"{INDEX_FILE}: weight_map entry {tensor!r:.80} names {name!r:.200}; a shard must be a plain "
-                f"*.safetensors file name of the checkpoint's own folder")
+                f"*.safetensors file name of the checkpoint's own folder"
+            )
     return sorted(set(weight_map.values()))
 
 
 def _plain_name(name: str) -> bool:
     """A file name with no folder part: no '/', '\\', '..', drive or leading dot; ends in .safetensors."""
-    return (name.endswith(".safetensors") and not name.startswith(".") and ".." not in name
-            and not any(c in name for c in "/\\:\0"))
+    return (
+        name.endswith(".safetensors")
+        and not name.startswith(".")
+        and ".." not in name
+        and not any(c in name for c in "/\\:\0")
+    )
 
 
 def _present(path: Path) -> bool:
@@ -128,8 +135,10 @@ def _confined(folder: Path, name: str, where: str) -> Path:
     if path.is_symlink() and path.resolve().parent != folder.resolve():
         raise IncompatibleCheckpointError(f"{where} is a symbolic link out of the checkpoint's folder")
     if not path.is_file():
-        raise IncompatibleCheckpointError(f"{where} is not among the checkpoint's files"
-                                          + (" (expected an HF-layout model folder)" if name == "config.json" else ""))
+        raise IncompatibleCheckpointError(
+            f"{where} is not among the checkpoint's files"
+            + (" (expected an HF-layout model folder)" if name == "config.json" else "")
+        )
     return path
 
 
@@ -138,7 +147,7 @@ def _scan(folder: Path) -> Iterator[TensorInfo]:
     for file in _weight_files(folder):
         try:
             with safe_open(str(file), framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                     if name in seen:
                         raise IncompatibleCheckpointError(f"tensor {name} is in both {seen[name]} and {file.name}")
                     seen[name] = file.name

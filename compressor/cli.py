@@ -47,10 +47,18 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svd", choices=["auto", "full", "lowrank"], default="auto", help="SVD algorithm")
     p.add_argument("--device", default=None, help="torch device for the SVD (default: cuda when present)")
     p.add_argument("--bits", type=int, default=4, help="DARE-Qt bit width")
-    p.add_argument("--gptq-prompts", type=int, default=0,
-                   help="impart-qt: quantise V by GPTQ on this many built-in calibration prompts (loads the model)")
-    p.add_argument("--embedding-method", choices=[*METHOD_CHOICES, "full"], default=None,
-                   help="method for the embedding / LM head (default: --method)")
+    p.add_argument(
+        "--gptq-prompts",
+        type=int,
+        default=0,
+        help="impart-qt: quantise V by GPTQ on this many built-in calibration prompts (loads the model)",
+    )
+    p.add_argument(
+        "--embedding-method",
+        choices=[*METHOD_CHOICES, "full"],
+        default=None,
+        help="method for the embedding / LM head (default: --method)",
+    )
     p.add_argument("--embedding-ratio", type=float, default=None, help="ratio for the embedding / LM head")
     p.set_defaults(handler=_cmd_compress)
 
@@ -60,8 +68,12 @@ def _register_import_lora(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", type=Path, help="adapter folder: adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base", type=Path, required=True, help="base model folder the adapter was trained on")
     p.add_argument("--out", type=Path, required=True, help="artifact file to write")
-    p.add_argument("--ratio", type=float, default=None,
-                   help="compress the adapter's delta to this CR instead of storing its factors exactly")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        help="compress the adapter's delta to this CR instead of storing its factors exactly",
+    )
     p.add_argument("--method", choices=["impart", "lowrank"], default="impart", help="method used with --ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random drops (with --ratio)")
     p.set_defaults(handler=_cmd_import_lora)
@@ -75,8 +87,12 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--how", choices=["ta", "ties"], default="ta", help="Task Arithmetic or TIES")
     p.add_argument("--scale", type=float, default=1.0, help="lambda applied to the merged delta")
     p.add_argument("--density", type=float, default=0.2, help="TIES: share of entries kept per delta")
-    p.add_argument("--store", choices=[*METHOD_CHOICES, "full"], default="full",
-                   help="how the merged delta is stored: whole (16-bit) or re-compressed")
+    p.add_argument(
+        "--store",
+        choices=[*METHOD_CHOICES, "full"],
+        default="full",
+        help="how the merged delta is stored: whole (16-bit) or re-compressed",
+    )
     p.add_argument("--ratio", type=float, default=32.0, help="ratio when --store re-compresses")
     p.set_defaults(handler=_cmd_merge)
 
@@ -88,16 +104,30 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        report = compress(args.base, args.finetuned, args.out, method=args.method, ratio=args.ratio, seed=args.seed,
-                          beta=args.beta, c=args.c, svd=args.svd, device=device, bits=args.bits,
-                          gptq_prompts=args.gptq_prompts, embedding_method=args.embedding_method,
-                          embedding_ratio=args.embedding_ratio)
+        report = compress(
+            args.base,
+            args.finetuned,
+            args.out,
+            method=args.method,
+            ratio=args.ratio,
+            seed=args.seed,
+            beta=args.beta,
+            c=args.c,
+            svd=args.svd,
+            device=device,
+            bits=args.bits,
+            gptq_prompts=args.gptq_prompts,
+            embedding_method=args.embedding_method,
+            embedding_ratio=args.embedding_ratio,
+        )
     except IncompatibleCheckpointError as exc:
         print(f"deltaserve compress: {exc}", file=sys.stderr)
         return 2
     print(f"{report.out_path}: {report.artifact_bytes} bytes, sha256 {report.sha256}")
-    print(f"linear CR {report.linear_cr:.2f} (bytes {report.linear_bytes_ratio:.2f}x), "
-          f"whole artifact {report.whole_ratio:.2f}x vs dense 16-bit delta, {report.seconds:.1f} s")
+    print(
+        f"linear CR {report.linear_cr:.2f} (bytes {report.linear_bytes_ratio:.2f}x), "
+        f"whole artifact {report.whole_ratio:.2f}x vs dense 16-bit delta, {report.seconds:.1f} s"
+    )
     return 0
 
 
@@ -115,8 +145,10 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
         return 2
     ranks = sorted({m.rank for m in report.modules if m.rank})
     print(f"{report.out_path}: {report.artifact_bytes} bytes, sha256 {report.sha256}")
-    print(f"{len(report.modules)} modules, rank {_span(ranks)}, whole artifact {report.whole_ratio:.2f}x "
-          f"vs the dense 16-bit delta of those modules")
+    print(
+        f"{len(report.modules)} modules, rank {_span(ranks)}, whole artifact {report.whole_ratio:.2f}x "
+        f"vs the dense 16-bit delta of those modules"
+    )
     return 0
 
 
@@ -156,17 +188,21 @@ def _describe(s: ArtifactSummary, manifest: dict[str, object]) -> str:
     errors = [q["rel_error"] for q in s.quality.values() if q["group"] == "linear"]
     mean_err = sum(errors) / len(errors) if errors else 0.0
     ranks = sorted({int(q["rank"]) for q in s.quality.values() if q.get("rank")})
-    return "\n".join([
-        f"artifact   {s.path} ({s.file_bytes} bytes, sha256 {s.sha256})",
-        f"format     {manifest['format']} v{manifest['version']}, {manifest.get('tool')}, created {manifest.get('created')}",
-        f"base       fingerprint {manifest['base_fingerprint']}",
-        f"method     {s.method} {json.dumps(s.params)}",
-        f"ratios     linear CR {s.linear_cr:.2f} (params), linear bytes {s.linear_bytes_ratio:.2f}x, "
-        f"whole artifact {s.whole_ratio:.2f}x vs the dense 16-bit delta ({s.dense_delta_bytes} bytes)",
-        f"size       {s.over_ideal:.3f}x its ideal {s.ideal_bytes} bytes; stored bitmasks would add {s.bitmask_bytes}",
-        f"rank       {_span(ranks)} over {len(s.quality)} modules",
-        f"quality    mean relative error of the linear layers {mean_err:.4f} over {len(errors)} modules",
-    ])
+    return "\n".join(
+        [
+            f"artifact   {s.path} ({s.file_bytes} bytes, sha256 {s.sha256})",
+            f"format     {manifest['format']} v{manifest['version']}, {manifest.get('tool')}, "
+            f"created {manifest.get('created')}",
+            f"base       fingerprint {manifest['base_fingerprint']}",
+            f"method     {s.method} {json.dumps(s.params)}",
+            f"ratios     linear CR {s.linear_cr:.2f} (params), linear bytes {s.linear_bytes_ratio:.2f}x, "
+            f"whole artifact {s.whole_ratio:.2f}x vs the dense 16-bit delta ({s.dense_delta_bytes} bytes)",
+            f"size       {s.over_ideal:.3f}x its ideal {s.ideal_bytes} bytes; "
+            f"stored bitmasks would add {s.bitmask_bytes}",
+            f"rank       {_span(ranks)} over {len(s.quality)} modules",
+            f"quality    mean relative error of the linear layers {mean_err:.4f} over {len(errors)} modules",
+        ]
+    )
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -184,7 +220,15 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from compressor.merge import merge
 
-    report = merge([Path(p) for p in args.inputs], args.base, args.out, how=args.how, scale=args.scale,
-                   density=args.density, store=args.store, ratio=args.ratio)
+    report = merge(
+        [Path(p) for p in args.inputs],
+        args.base,
+        args.out,
+        how=args.how,
+        scale=args.scale,
+        density=args.density,
+        store=args.store,
+        ratio=args.ratio,
+    )
     print(f"{report.out_path}: {report.artifact_bytes} bytes, sha256 {report.sha256}")
     return 0

@@ -36,4 +36,3 @@ def reconstruct(artifact_path: Path | str, base_dir: Path | str, out_dir: Path |
         json.dumps({"artifact_method": artifact.method, "base_fingerprint": artifact.manifest["base_fingerprint"]})
     )
     return out
-

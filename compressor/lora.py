@@ -36,11 +36,24 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 """Fused projection names of some architectures -> the base's unfused parts, in row order."""
-MUST_BE_OFF = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "layer_replication", "target_parameters",
-               "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+MUST_BE_OFF = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "use_qalora",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_bdlora",
+)
 """Config fields whose adapters are not B A * scaling on the base's own weights: refused when set."""
-LORA_ROLES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-              ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+LORA_ROLES = {
+    ".lora_A.weight": ("A", False),
+    ".lora_B.weight": ("B", False),
+    ".lora_embedding_A": ("A", True),
+    ".lora_embedding_B": ("B", True),
+}
 COMPRESS_METHODS = ("impart", "lowrank")
 PATTERN_TIMEOUT_S = 0.05
 """Longest one rank/alpha pattern may take to match one module name (ordinary patterns take microseconds)."""
@@ -107,8 +120,19 @@ def read_config(path: Path) -> AdapterConfig:
         raise AdapterError("use_rslora must be true or false", "use_rslora")
     ranks, alphas = _pattern(raw, "rank_pattern", int), _pattern(raw, "alpha_pattern", float)
     _check_targets(raw)
-    params = {k: raw.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-                                      "target_modules", "modules_to_save", "base_model_name_or_path")}
+    params = {
+        k: raw.get(k)
+        for k in (
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "target_modules",
+            "modules_to_save",
+            "base_model_name_or_path",
+        )
+    }
     return AdapterConfig(r, alpha, rslora, ranks, alphas, params)  # type: ignore[arg-type]
 
 
@@ -116,7 +140,7 @@ def _check_supported(raw: dict[str, object]) -> None:
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {raw.get('peft_type')!r:.40} is not LORA", "peft_type")
     if raw.get("bias", "none") != "none":
-        raise AdapterError(f"bias {raw.get('bias')!r:.40} is not supported: only \"none\"", "bias")
+        raise AdapterError(f'bias {raw.get("bias")!r:.40} is not supported: only "none"', "bias")
     for key in MUST_BE_OFF:
         if raw.get(key):
             raise AdapterError(f"{key} is not supported (only plain LoRA: B A * scaling)", key)
@@ -126,7 +150,9 @@ def _number(raw: dict[str, object], key: str, kind: type) -> float:
     value = raw.get(key)
     ok = type(value) is int or (kind is float and type(value) is float and math.isfinite(value))
     if not ok:
-        raise AdapterError(f"{key} must be {'an integer' if kind is int else 'a finite number'}, not {value!r:.40}", key)
+        raise AdapterError(
+            f"{key} must be {'an integer' if kind is int else 'a finite number'}, not {value!r:.40}", key
+        )
     return value  # type: ignore[return-value]
 
 
@@ -138,8 +164,9 @@ def _pattern(raw: dict[str, object], key: str, kind: type) -> dict[str, float]:
         _regex(pattern, key)
         valid = type(number) is int or (kind is float and type(number) is float and math.isfinite(number))
         if not valid or (kind is int and number < 1):
-            raise AdapterError(f"{key} values must be {'integers >= 1' if kind is int else 'finite numbers'}, "
-                               f"not {number!r:.40}", key)
+            raise AdapterError(
+                f"{key} values must be {'integers >= 1' if kind is int else 'finite numbers'}, not {number!r:.40}", key
+            )
     return dict(value)
 
 
@@ -156,8 +183,7 @@ def _check_targets(raw: dict[str, object]) -> None:
         if value is None or (key == "target_modules" and isinstance(value, str)):
             _regex(value or "", key)
         elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise AdapterError(f"{key} must be a list of module names{' or a regex' * (key == 'target_modules')}",
-                               key)
+            raise AdapterError(f"{key} must be a list of module names{' or a regex' * (key == 'target_modules')}", key)
 
 
 def read_weights(path: Path) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
@@ -184,12 +210,16 @@ def _add_whole(whole: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) 
     if ".lora_" in name and name.endswith(".bias"):
         raise AdapterError(f"{name}: LoRA biases are not supported", "lora_bias")
     if ".lora_" in name:
-        raise AdapterError(f"{name[:120]}: not a LoRA factor name PEFT saves (lora_A.weight, lora_B.weight, "
-                           f"lora_embedding_A, lora_embedding_B)", WEIGHTS_FILE)
+        raise AdapterError(
+            f"{name[:120]}: not a LoRA factor name PEFT saves (lora_A.weight, lora_B.weight, "
+            f"lora_embedding_A, lora_embedding_B)",
+            WEIGHTS_FILE,
+        )
     if ".original_module." in name:
         return
-    whole[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-          .replace(".base_layer.", ".")] = tensor
+    whole[
+        name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+    ] = tensor
 
 
 def lora_codes(modules: dict[str, LoraModule], config: AdapterConfig, base: Checkpoint) -> list[ModuleCode]:
@@ -202,8 +232,11 @@ def lora_codes(modules: dict[str, LoraModule], config: AdapterConfig, base: Chec
         in_dim = base.infos[parts[0]].shape[1]
         u_all, v = (a.t(), b) if module.embedding else (b, a.t())
         if u_all.shape[0] != sum(out_dims) or v.shape[0] != in_dim:
-            raise AdapterError(f"{module.name}: factors B {list(b.shape)}, A {list(a.shape)} do not fit the base's "
-                               f"{[list(base.infos[p].shape) for p in parts]}", WEIGHTS_FILE)
+            raise AdapterError(
+                f"{module.name}: factors B {list(b.shape)}, A {list(a.shape)} do not fit the base's "
+                f"{[list(base.infos[p].shape) for p in parts]}",
+                WEIGHTS_FILE,
+            )
         s = torch.full((rank,), config.scaling(module.name, rank), dtype=torch.float32)
         for part, u in zip(parts, u_all.split(out_dims)):
             codes.append(_lora_code(part, tuple(base.infos[part].shape), u, s, v))
@@ -240,7 +273,11 @@ def _parts(module: str, base: Checkpoint) -> list[str]:
 def _lora_code(name: str, shape: tuple[int, ...], u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> ModuleCode:
     """u [out, r], s [r], v [in, r]; factors kept in their saved dtype when it is a 16-bit float."""
     dtype = u.dtype if u.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    tensors = {"u": u.to(dtype).clone(), "s": s.clone(), "v": v.to(dtype).clone()}  # parts of a fused module: own copies
+    tensors = {
+        "u": u.to(dtype).clone(),
+        "s": s.clone(),
+        "v": v.to(dtype).clone(),
+    }  # parts of a fused module: own copies
     return ModuleCode(name, shape, "lora", tensors)
 
 
@@ -251,20 +288,32 @@ def whole_codes(whole: dict[str, torch.Tensor], base: Checkpoint, taken: set[str
         if name not in base.infos:
             raise AdapterError(f"the adapter saves {name!r:.120}, a tensor the base lacks", "modules_to_save")
         if tuple(tensor.shape) != tuple(base.infos[name].shape) or not tensor.is_floating_point():
-            raise AdapterError(f"{name}: saved {list(tensor.shape)} {tensor.dtype} does not fit the base's "
-                               f"{list(base.infos[name].shape)}", "modules_to_save")
+            raise AdapterError(
+                f"{name}: saved {list(tensor.shape)} {tensor.dtype} does not fit the base's "
+                f"{list(base.infos[name].shape)}",
+                "modules_to_save",
+            )
         delta = tensor.to(torch.float32) - base.tensor(name).to(torch.float32)
         if not bool(delta.any()):
             continue
         if name in taken:
             raise AdapterError(f"{name}: both a LoRA and a changed whole weight", "modules_to_save")
-        codes.append(encode_dense(name, delta) if delta.ndim != 2 else
-                     ModuleCode(name, tuple(delta.shape), "full", {"d": delta.contiguous()}))
+        codes.append(
+            encode_dense(name, delta)
+            if delta.ndim != 2
+            else ModuleCode(name, tuple(delta.shape), "full", {"d": delta.contiguous()})
+        )
     return codes
 
 
-def import_lora(adapter_dir: Path | str, base_dir: Path | str, out_path: Path | str, ratio: float | None = None,
-                method: str = "impart", seed: int = 0) -> CompressionReport:
+def import_lora(
+    adapter_dir: Path | str,
+    base_dir: Path | str,
+    out_path: Path | str,
+    ratio: float | None = None,
+    method: str = "impart",
+    seed: int = 0,
+) -> CompressionReport:
     """Write the PEFT adapter in adapter_dir as an artifact against base_dir; see the module docstring."""
     started, folder = time.perf_counter(), Path(adapter_dir)
     config = read_config(folder / CONFIG_FILE)
@@ -290,8 +339,9 @@ def _exact_report(code: ModuleCode) -> ModuleReport:
     return ModuleReport(code.name, code.shape, group, code.layout, code.rank, code.kept, 0.0, ideal_bytes(code))
 
 
-def _compressed(codes: list[ModuleCode], method: str, ratio: float,
-                seed: int) -> tuple[list[ModuleCode], list[ModuleReport]]:
+def _compressed(
+    codes: list[ModuleCode], method: str, ratio: float, seed: int
+) -> tuple[list[ModuleCode], list[ModuleReport]]:
     """Every delta re-encoded with ImPart or LowRank at `ratio` (1-D deltas stay dense)."""
     from compressor.codec import decode_dense
 

@@ -36,7 +36,7 @@ def ties(deltas: Sequence[torch.Tensor], density: float, scale: float) -> torch.
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    keep = max(1, int(round(delta.numel() * density)))
+    keep = max(1, round(delta.numel() * density))
     if keep >= delta.numel():
         return delta
     threshold = delta.abs().reshape(-1).kthvalue(delta.numel() - keep + 1).values
@@ -79,7 +79,13 @@ def merge(
         code, report = encode_tensor(name, merged, store, params)
         codes.append(code)
         reports.append(report)
-    meta = {"how": how, "scale": scale, "density": density, "store": store, "ratio": ratio, "seed": seed,
-            "inputs": [Path(p).name for p in inputs]}
+    meta = {
+        "how": how,
+        "scale": scale,
+        "density": density,
+        "store": store,
+        "ratio": ratio,
+        "seed": seed,
+        "inputs": [Path(p).name for p in inputs],
+    }
     return write_artifact(codes, reports, base, f"merge-{how}", meta, Path(out_path), started)
-

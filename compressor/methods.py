@@ -17,7 +17,6 @@ from compressor.codec import VALUE_DTYPE, ModuleCode, drops_tensor
 from compressor.masks import gather_columns, keep_mask, mask_key
 from compressor.svd import SvdMode, top_svd
 
-
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(u [out, K], s [K], v [in, K])."""
 
@@ -74,7 +73,7 @@ def encode_lowrank(name: str, delta: torch.Tensor, params: MethodParams) -> Modu
 
 
 def lowrank_rank(shape: tuple[int, int], ratio: float) -> int:
-    return min(min(shape), kept_budget(shape, ratio) // (shape[0] + shape[1]))
+    return min(*shape, kept_budget(shape, ratio) // (shape[0] + shape[1]))
 
 
 def lowrank_code(name: str, shape: tuple[int, int], svd: Factors, params: MethodParams) -> ModuleCode:
@@ -127,4 +126,3 @@ def encode_dare(name: str, delta: torch.Tensor, params: MethodParams) -> ModuleC
     values = _kept_rescaled(delta.t(), keep_mask(key, inp, drops), drops)
     meta = {"key": f"{key:016x}", "drop_base": base, "drop_extra": extra}
     return ModuleCode(name, (out, inp), "sparse", {"d": values.to(VALUE_DTYPE).contiguous()}, meta)
-

@@ -201,14 +201,15 @@ def _manifest(
 ) -> dict[str, object]:
     return {
         "tool": TOOL,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "base_fingerprint": base_fingerprint(base_dir),
         "method": method,
         "ratio": params.get("ratio"),
         "params": params,
         "mask_scheme": "splitmix64-rank-v1",
-        "quality": {r.name: {"group": r.group, "rank": r.rank, "kept": r.kept, "rel_error": r.rel_error}
-                    for r in reports},
+        "quality": {
+            r.name: {"group": r.group, "rank": r.rank, "kept": r.kept, "rel_error": r.rel_error} for r in reports
+        },
         "linear_cr": linear_cr(reports),
         "linear_bytes_ratio": linear_bytes_ratio(reports),
         "dense_delta_bytes": dense_delta_bytes(reports),

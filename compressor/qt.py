@@ -91,8 +91,14 @@ def quantize_svd_code(code: ModuleCode, param_ratio: float, inputs: torch.Tensor
         groups += params
         total_bits += sum(c.size * bits_for(k) for k, c in enumerate(codes))
     tensors["groups"] = torch.cat(groups) if groups else torch.zeros(0, 2, dtype=torch.float16)
-    meta = {**code.meta, "bit_rule": [list(r) for r in BIT_RULE], "group": GROUP, "code_bits": total_bits,
-            "param_ratio": param_ratio, "quantiser": "gptq-v" if inputs is not None else "rtn"}
+    meta = {
+        **code.meta,
+        "bit_rule": [list(r) for r in BIT_RULE],
+        "group": GROUP,
+        "code_bits": total_bits,
+        "param_ratio": param_ratio,
+        "quantiser": "gptq-v" if inputs is not None else "rtn",
+    }
     return replace(code, layout="qsvd", tensors=tensors, meta=meta)
 
 
@@ -119,6 +125,11 @@ def encode_dare_qt(name: str, delta: torch.Tensor, params: MethodParams) -> Modu
     kept = max(int(delta.shape[0]), int(numel * 16 / params.ratio / per_value))
     code = encode_dare(name, delta, replace(params, ratio=numel / kept))
     codes, groups = quantize(code.tensors["d"].float(), params.bits)
-    meta = {**code.meta, "bits": params.bits, "group": GROUP, "code_bits": int(codes.size * params.bits),
-            "param_ratio": numel / kept}
+    meta = {
+        **code.meta,
+        "bits": params.bits,
+        "group": GROUP,
+        "code_bits": int(codes.size * params.bits),
+        "param_ratio": numel / kept,
+    }
     return replace(code, layout="qsparse", tensors={"d": pack([(codes, params.bits)]), "groups": groups}, meta=meta)

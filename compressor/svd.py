@@ -41,7 +41,7 @@ def _lowrank(a: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
     devices = [a.device] if a.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        q = min(k + OVERSAMPLE, min(a.shape))
+        q = min(k + OVERSAMPLE, *a.shape)
         return torch.svd_lowrank(a, q=q, niter=POWER_ITERS)
 
 

@@ -45,14 +45,16 @@ def check_manifest_fields(manifest: dict[str, object]) -> None:
     """The manifest fields the server reads: method, base fingerprint, ratio, params, quality, modules."""
     for key, kind in (("method", str), ("base_fingerprint", str), ("params", dict), ("modules", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise InvalidArtifactError(f"manifest field {key!r} must be {kind.__name__}, "
-                                       f"not {type(manifest.get(key)).__name__}")
+            raise InvalidArtifactError(
+                f"manifest field {key!r} must be {kind.__name__}, not {type(manifest.get(key)).__name__}"
+            )
     ratio = manifest.get("ratio")
     if ratio is not None and not (type(ratio) is int or (type(ratio) is float and math.isfinite(ratio))):
         raise InvalidArtifactError(f"manifest field 'ratio' must be a finite number or null, not {ratio!r:.40}")
     if manifest.get("mask_scheme", MASK_SCHEME) != MASK_SCHEME:
-        raise InvalidArtifactError(f"mask_scheme {manifest.get('mask_scheme')!r:.40} is not {MASK_SCHEME!r}: "
-                                   f"its masks would decode wrongly")
+        raise InvalidArtifactError(
+            f"mask_scheme {manifest.get('mask_scheme')!r:.40} is not {MASK_SCHEME!r}: its masks would decode wrongly"
+        )
     if not isinstance(manifest.get("quality", {}), dict):
         raise InvalidArtifactError("manifest field 'quality' must be an object")
     try:
@@ -98,16 +100,19 @@ def check_decoded(name: str, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, 
     else:
         bound = float(_column_peaks(u).max()) if u.numel() else 0.0
     if not bound <= MAX_DELTA:
-        raise InvalidArtifactError(f"{name}: delta decodes to non-finite values or entries up to {bound:.3g}, "
-                                   f"beyond the servable {MAX_DELTA:g}")
+        raise InvalidArtifactError(
+            f"{name}: delta decodes to non-finite values or entries up to {bound:.3g}, "
+            f"beyond the servable {MAX_DELTA:g}"
+        )
 
 
 def check_dense(name: str, delta: torch.Tensor) -> None:
     """A decoded delta is finite and within MAX_DELTA."""
     peak = float(_column_peaks(delta.reshape(-1, 1)).max()) if delta.numel() else 0.0
     if not peak <= MAX_DELTA:
-        raise InvalidArtifactError(f"{name}: delta decodes to non-finite values or entries up to {peak:.3g}, "
-                                   f"beyond the servable {MAX_DELTA:g}")
+        raise InvalidArtifactError(
+            f"{name}: delta decodes to non-finite values or entries up to {peak:.3g}, beyond the servable {MAX_DELTA:g}"
+        )
 
 
 def _column_peaks(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +131,10 @@ def _check_roles(code: ModuleCode) -> None:
         raise InvalidArtifactError(f"{code.name}: {code.layout} layout with {what}")
     for role, tensor in code.tensors.items():
         if tensor.dtype not in expected[role]:
-            raise InvalidArtifactError(f"{code.name}: tensor {role!r} is {tensor.dtype}, expected "
-                                       f"{' or '.join(str(d) for d in expected[role])}")
+            raise InvalidArtifactError(
+                f"{code.name}: tensor {role!r} is {tensor.dtype}, expected "
+                f"{' or '.join(str(d) for d in expected[role])}"
+            )
 
 
 def _size(code: ModuleCode, role: str, expected: tuple[int, ...]) -> None:
@@ -157,7 +164,7 @@ def _check_svd(code: ModuleCode) -> None:
         _key(code, f"{side}_key")
         _size(code, f"{side}_drops", (rank,))
         drops = code.tensors[f"{side}_drops"].long()
-        if rank and not (0 <= int(drops.min()) and int(drops.max()) <= rows):
+        if rank and not (int(drops.min()) >= 0 and int(drops.max()) <= rows):
             raise InvalidArtifactError(f"{code.name}: {side}_drops out of range: each column drops 0..{rows}")
         counts[side] = [rows - d for d in drops.tolist()]
     if code.layout == "svd":
@@ -173,12 +180,23 @@ def _check_svd(code: ModuleCode) -> None:
 
 def _check_bit_rule(code: ModuleCode) -> None:
     rule = code.meta.get("bit_rule")
-    valid = isinstance(rule, list) and rule and all(
-        isinstance(r, list) and len(r) == 2 and (r[0] is None or type(r[0]) is int) and type(r[1]) is int
-        and 1 <= r[1] <= MAX_BITS for r in rule) and rule[-1][0] is None
+    valid = (
+        isinstance(rule, list)
+        and rule
+        and all(
+            isinstance(r, list)
+            and len(r) == 2
+            and (r[0] is None or type(r[0]) is int)
+            and type(r[1]) is int
+            and 1 <= r[1] <= MAX_BITS
+            for r in rule
+        )
+        and rule[-1][0] is None
+    )
     if not valid:
-        raise InvalidArtifactError(f"{code.name}: bit_rule must be [[below, bits], ..., [null, bits]] "
-                                   f"with bits 1..{MAX_BITS}")
+        raise InvalidArtifactError(
+            f"{code.name}: bit_rule must be [[below, bits], ..., [null, bits]] with bits 1..{MAX_BITS}"
+        )
 
 
 def _check_sparse(code: ModuleCode) -> None:
@@ -213,5 +231,12 @@ def _check_dense(code: ModuleCode) -> None:
     _size(code, "delta", code.shape)
 
 
-_LAYOUT_CHECKS = {"svd": _check_svd, "qsvd": _check_svd, "sparse": _check_sparse, "qsparse": _check_sparse,
-                  "full": _check_full, "dense": _check_dense, "lora": _check_lora}
+_LAYOUT_CHECKS = {
+    "svd": _check_svd,
+    "qsvd": _check_svd,
+    "sparse": _check_sparse,
+    "qsparse": _check_sparse,
+    "full": _check_full,
+    "dense": _check_dense,
+    "lora": _check_lora,
+}

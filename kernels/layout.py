@@ -209,7 +209,10 @@ def _coo(part: CsrPart, row_off: int, col_off: int) -> tuple[Tensor, Tensor]:
 
 
 def _from_coo(
-    entries: list[tuple[Tensor, Tensor]], shape: tuple[int, int], like: CsrPart, allow_dense: bool,
+    entries: list[tuple[Tensor, Tensor]],
+    shape: tuple[int, int],
+    like: CsrPart,
+    allow_dense: bool,
     column_major: bool = False,
 ) -> CsrPart:
     idx = torch.cat([e[0] for e in entries], 1)
@@ -217,7 +220,9 @@ def _from_coo(
     mat = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False).coalesce()
     dev, dtype = like.values.device, like.values.dtype
     if allow_dense and mat._nnz() / max(shape[0] * shape[1], 1) > DENSE_ABOVE:
-        return CsrPart(shape[0], shape[1], _empty(dev), _empty(dev), _dense_storage(mat.to_dense().to(dtype), column_major), True)
+        return CsrPart(
+            shape[0], shape[1], _empty(dev), _empty(dev), _dense_storage(mat.to_dense().to(dtype), column_major), True
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr = mat.to_sparse_csr()

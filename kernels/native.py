@@ -121,7 +121,9 @@ def embedding_delta(out: Tensor, ids: Tensor, plan: BatchPlan, slots: list[tuple
         return False
     ids64 = ids.to(torch.int64).contiguous()
     table = _slot_table(slots)
-    lib.deltaserve_embedding_delta(len(slots), table, plan.order.data_ptr(), ids64.data_ptr(), out.data_ptr(), out.shape[1])
+    lib.deltaserve_embedding_delta(
+        len(slots), table, plan.order.data_ptr(), ids64.data_ptr(), out.data_ptr(), out.shape[1]
+    )
     return True
 
 

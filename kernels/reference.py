@@ -16,13 +16,13 @@ from kernels.plan import BatchPlan, plan_batch
 
 __all__ = [
     "ReferenceFactors",
-    "pack_factors",
-    "plan_batch",
-    "shrink",
-    "expand",
     "add_delta",
     "delta_linear",
     "embedding_delta",
+    "expand",
+    "pack_factors",
+    "plan_batch",
+    "shrink",
 ]
 
 

@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import admin_routes, openai_routes
-from server.api.context import ServerContext, context_of
 from server.api.auth_deps import admin_principal
+from server.api.context import ServerContext, context_of
 from server.api.errors import APIError, bad_request, unsupported_parameter
 from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from server.api.serving import RequestLimits
@@ -55,8 +55,9 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
     _add_health_routes(app)
     _add_error_handlers(app)
     upload_limit, request_limit = settings.max_upload_bytes, settings.max_request_bytes
-    app.add_middleware(BodyLimitMiddleware,
-                       limit_for=lambda path: upload_limit if path.startswith("/admin/") else request_limit)
+    app.add_middleware(
+        BodyLimitMiddleware, limit_for=lambda path: upload_limit if path.startswith("/admin/") else request_limit
+    )
     app.add_middleware(RequestContextMiddleware, metrics=ctx.metrics)
     return app
 
@@ -72,10 +73,18 @@ def build_context(settings: Settings, engine: Any, registry: Registry | None) ->
     metrics.watch_engine(engine.stats)
     metrics.watch_jobs(jobs.counts)
     metrics.watch_registry(lambda: registry.view.reachable, lambda: registry.view.known_tasks)
-    return ServerContext(settings=settings, keys=KeyRing.from_settings(settings), registry=registry, engine=engine,
-                         metrics=metrics, jobs=jobs, base_dir=engine.base_dir,
-                         chat=ChatServing(engine, metrics, limits),
-                         completion=CompletionServing(engine, metrics, limits), started=time.time())
+    return ServerContext(
+        settings=settings,
+        keys=KeyRing.from_settings(settings),
+        registry=registry,
+        engine=engine,
+        metrics=metrics,
+        jobs=jobs,
+        base_dir=engine.base_dir,
+        chat=ChatServing(engine, metrics, limits),
+        completion=CompletionServing(engine, metrics, limits),
+        started=time.time(),
+    )
 
 
 def _lifespan(ctx: ServerContext) -> Any:
@@ -87,8 +96,12 @@ def _lifespan(ctx: ServerContext) -> Any:
         await ctx.engine.start()
         _forward_registry_changes(ctx, asyncio.get_running_loop())
         known = await asyncio.to_thread(ctx.registry.view.sync)
-        log.info("ready: base %s, registry %s, %s", ctx.engine.base_name, ctx.settings.registry,
-                 f"{len(ctx.registry.view.entries())} tasks" if known else "unreachable for now (retrying)")
+        log.info(
+            "ready: base %s, registry %s, %s",
+            ctx.engine.base_name,
+            ctx.settings.registry,
+            f"{len(ctx.registry.view.entries())} tasks" if known else "unreachable for now (retrying)",
+        )
         yield
         await drain(ctx)
         ctx.jobs.shutdown()
@@ -122,6 +135,7 @@ def _forward_registry_changes(ctx: ServerContext, loop: asyncio.AbstractEventLoo
     versions other than the current one. This only frees memory early; requests carry the version they
     resolved, so a stale delta is never served even if this notice is late or lost. Also starts the
     registry's view (events and periodic resync)."""
+
     def changed(task: str) -> None:
         current = ctx.registry.view.known(task)
         log.info("registry changed task %s (now %s)", task, f"version {current.version}" if current else "gone")
@@ -158,6 +172,7 @@ def _metrics_need_admin(ctx: ServerContext) -> bool:
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Known errors in OpenAI's shape; anything unexpected is RequestContextMiddleware's 500."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -171,8 +186,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
-                         else "server_error", code="not_found" if exc.status_code == 404 else None)
+        error = APIError(
+            exc.status_code,
+            str(exc.detail),
+            type="invalid_request_error" if exc.status_code < 500 else "server_error",
+            code="not_found" if exc.status_code == 404 else None,
+        )
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -184,8 +203,7 @@ def _validation_error(first: dict[str, Any]) -> APIError:
     param = _param_of(first.get("loc", ()))
     if first["type"] == "extra_forbidden" and param:
         return unsupported_parameter(param)
-    return APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param,
-                    code="invalid_value")
+    return APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param, code="invalid_value")
 
 
 def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -202,9 +220,15 @@ def run_server(host: str | None = None, port: int | None = None) -> int:
     configure_logging(settings.log_level)
     app = create_app(settings)
     host = _safe_host(host or settings.host, app.state.deltaserve.keys)
-    config = uvicorn.Config(app, host=host, port=port or settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port or settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
+    )
     _DrainingServer(config, app.state.deltaserve).run()
     return 0
 
@@ -213,8 +237,9 @@ def _safe_host(host: str, keys: KeyRing) -> str:
     """With no keys configured, refuse to listen beyond the loopback interface."""
     if not keys.open or _is_loopback(host):
         return host
-    log.warning("no keys configured (DELTASERVE_ADMIN_KEYS / DELTASERVE_API_KEYS): binding to 127.0.0.1 "
-                "instead of %s", host)
+    log.warning(
+        "no keys configured (DELTASERVE_ADMIN_KEYS / DELTASERVE_API_KEYS): binding to 127.0.0.1 instead of %s", host
+    )
     return "127.0.0.1"
 
 

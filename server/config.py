@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1)
     """Tokens per block of the paged KV cache."""
     prefix_cache: bool = True
-    """Automatic prefix caching (`false` turns it off): full KV blocks of one task version or the base are reused by its later requests."""
+    """Automatic prefix caching (`false`: off): full KV blocks of a task version or the base serve later requests."""
     torch_threads: int = Field(0, ge=0)
     """CPU threads of the engine's torch ops (0: torch's default, one per core); 1 is faster on a busy shared CPU."""
     admin_keys: str = ""

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from server.model.provision import pull_smollm2, write_tiny  # noqa: E402
+from server.model.provision import pull_smollm2, write_tiny
 
 REDIS_URL = os.environ.get("DELTASERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 

@@ -34,8 +34,23 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start (or restart after kill) on the same port and folder; returns once it answers PING."""
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+        command = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
         log = (self.folder / "redis.log").open("a")
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -44,9 +59,10 @@ class PrivateRedis:
             try:
                 if client.ping():
                     break
-            except redis.RedisError:
+            except redis.RedisError as exc:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"redis-server did not start:\n{(self.folder / 'redis.log').read_text()}")
+                    log = (self.folder / "redis.log").read_text()
+                    raise AssertionError(f"redis-server did not start:\n{log}") from exc
                 time.sleep(0.05)
         client.close()
 

@@ -10,14 +10,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench.testbed.encoding import END_OF_TURN, prompt_text
+from bench.testbed.evaluate import until_end
+from bench.testbed.tasks import Task
 from server.config import load_settings
 from server.engine.engine import Engine
 from server.engine.sources import LocalDirDeltaSource
 from server.engine.types import GenerationRequest, SamplingParams
-
-from bench.testbed.encoding import END_OF_TURN, prompt_text
-from bench.testbed.evaluate import until_end
-from bench.testbed.tasks import Task
 
 
 def engine_token_ids(base_dir: Path, artifact: Path | None, task: Task, prompts: list[str]) -> list[list[int]]:
@@ -35,8 +34,10 @@ async def _answers(engine: Engine, task: Task, prompts: list[str], task_name: st
     try:
         end = engine.tokenizer.convert_tokens_to_ids(END_OF_TURN)
         params = SamplingParams(temperature=0.0, max_tokens=task.max_new_tokens, stop_token_ids=(end,))
-        requests = [GenerationRequest(f"testbed-{i}", task_name, tuple(_prompt_ids(engine, task, p)), params)
-                    for i, p in enumerate(prompts)]
+        requests = [
+            GenerationRequest(f"testbed-{i}", task_name, tuple(_prompt_ids(engine, task, p)), params)
+            for i, p in enumerate(prompts)
+        ]
         outputs = await asyncio.gather(*(_token_ids(engine, request) for request in requests))
         return [until_end(tokens, end) for tokens in outputs]
     finally:

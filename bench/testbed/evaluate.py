@@ -64,8 +64,9 @@ def load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> Pr
 
 
 @torch.inference_mode()
-def generate_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
-                       prompts: list[str], batch_size: int = 40) -> list[list[int]]:
+def generate_token_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, prompts: list[str], batch_size: int = 40
+) -> list[list[int]]:
     """Greedy answer tokens (up to the end of turn, exclusive), left-padded batches of similar length;
     returned in the order of `prompts`."""
     texts = [prompt_text(tokenizer, task, prompt) for prompt in prompts]
@@ -78,8 +79,9 @@ def generate_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return [answers[i] for i in range(len(texts))]
 
 
-def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
-                     prompts: list[str], batch_size: int = 40) -> list[str]:
+def generate_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, prompts: list[str], batch_size: int = 40
+) -> list[str]:
     """Greedy answers as text, stripped."""
     ids = generate_token_ids(model, tokenizer, task, prompts, batch_size)
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -89,17 +91,25 @@ def until_end(tokens: list[int], end: int) -> list[int]:
     return tokens[: tokens.index(end)] if end in tokens else tokens
 
 
-def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, texts: list[str]) -> list[list[int]]:
+def _generate_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, texts: list[str]
+) -> list[list[int]]:
     tokenizer.padding_side = "left"
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    output = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=end)  # [B, T + new]
+    output = model.generate(
+        **inputs,
+        max_new_tokens=task.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=end,
+    )  # [B, T + new]
     return [until_end(row, end) for row in output[:, inputs.input_ids.shape[1] :].tolist()]
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
-             split: str = "test") -> EvalResult:
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example], split: str = "test"
+) -> EvalResult:
     predictions = generate_answers(model, tokenizer, task, [example.prompt for example in examples])
     scores = [task.score(prediction, example.answer) for prediction, example in zip(predictions, examples)]
     return EvalResult(task.name, split, sum(scores) / max(len(scores), 1), len(scores), tuple(predictions))
@@ -112,8 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact", type=Path, help="a compressed delta to merge into --model")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--limit", type=int, help="score only the first N examples")
-    parser.add_argument("--engine", action="store_true", help="also decode through the serving engine and "
-                        "report how many answers agree token for token with the merged weights'")
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="also decode through the serving engine and "
+        "report how many answers agree token for token with the merged weights'",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_merged(args.model, args.artifact) if args.artifact else load_model(args.model)
@@ -126,8 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary))
 
 
-def engine_agreement(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
-                     base_dir: Path, artifact: Path | None) -> float:
+def engine_agreement(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    base_dir: Path,
+    artifact: Path | None,
+) -> float:
     """Share of prompts whose engine answer equals the merged-weights answer token for token."""
     from bench.testbed.engine_eval import engine_token_ids
 

@@ -40,7 +40,9 @@ class TrainConfig:
     seed: int = 0
 
 
-def answer_loss(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def answer_loss(
+    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy on answer tokens only; the LM head runs on those positions alone (saves ~20% FLOPs).
     ids, attention, loss_mask: [B, T]."""
     hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state  # [B, T, H]
@@ -85,9 +87,13 @@ def finetune(config: TrainConfig, base_dir: Path = BASE_DIR, cache: Path = FINET
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     started = time.monotonic()
     losses = train(model, rows, config, tokenizer.pad_token_id)
-    report = {"config": asdict(config), "wall_s": round(time.monotonic() - started, 1), "losses": losses,
-              "train_tokens": sum(len(r.input_ids) for b in batches(rows, config) for r in b),
-              "threads": torch.get_num_threads()}
+    report = {
+        "config": asdict(config),
+        "wall_s": round(time.monotonic() - started, 1),
+        "losses": losses,
+        "train_tokens": sum(len(r.input_ids) for b in batches(rows, config) for r in b),
+        "threads": torch.get_num_threads(),
+    }
     return _publish(model, tokenizer, base_dir, cache / config.task, report)
 
 

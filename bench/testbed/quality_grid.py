@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from compressor import compress, load_artifact
-from compressor.merge import merge
-
 from bench.testbed.evaluate import base_state_dict, evaluate, load_model, load_weights
 from bench.testbed.finetune import BASE_DIR, FINETUNE_CACHE, REPORT, TRAIN_STEPS, TrainConfig, finetune
 from bench.testbed.tasks import SPLIT_SIZES, TASKS, make_splits
+from compressor import compress, load_artifact
+from compressor.merge import merge
 
 QUALITY_CACHE = Path("~/.cache/deltaserve/quality").expanduser()
 TUNED_METHODS = ("impart", "impart-qt")
@@ -132,9 +131,16 @@ def planned_work(grid: Grid, examples_per_split: dict[str, int]) -> Work:
 class Runner:
     """Fills a Grid's cells: one resident model whose weights are swapped per cell."""
 
-    def __init__(self, limit: int | None, train_missing: bool, base_dir: Path = BASE_DIR,
-                 finetunes: Path = FINETUNE_CACHE, cache: Path = QUALITY_CACHE, threads: int = 1,
-                 cached_only: bool = False) -> None:
+    def __init__(
+        self,
+        limit: int | None,
+        train_missing: bool,
+        base_dir: Path = BASE_DIR,
+        finetunes: Path = FINETUNE_CACHE,
+        cache: Path = QUALITY_CACHE,
+        threads: int = 1,
+        cached_only: bool = False,
+    ) -> None:
         torch.set_num_threads(threads)
         self.base_dir, self.finetunes, self.cache = base_dir, finetunes, cache
         self.limit, self.train_missing, self.cached_only = limit, train_missing, cached_only
@@ -193,9 +199,18 @@ class Runner:
             return None
         scores = [score for _, score in scored]
         mean, std = mean_std(scores)
-        return {"task": task, "method": method, "ratio": ratio, "beta": beta, "c": c,
-                "seeds": [seed for seed, _ in scored], "planned_seeds": len(seeds), "scores": scores,
-                "mean": mean, "std": std}
+        return {
+            "task": task,
+            "method": method,
+            "ratio": ratio,
+            "beta": beta,
+            "c": c,
+            "seeds": [seed for seed, _ in scored],
+            "planned_seeds": len(seeds),
+            "scores": scores,
+            "mean": mean,
+            "std": std,
+        }
 
     def select(self, task: str, method: str, ratio: float, grid: Grid, selected: dict) -> tuple[float, float]:
         """(beta, C) with the best validation score at seed 0; the first candidate when only one (or,
@@ -207,8 +222,11 @@ class Runner:
         if not val:
             return grid.beta_c[0]
         best = max(val, key=lambda bc: val[bc])
-        selected[f"{task}/{method}@{ratio:g}"] = {"beta": best[0], "c": best[1],
-                                                   "val": {f"{b:g}:{c:g}": s for (b, c), s in val.items()}}
+        selected[f"{task}/{method}@{ratio:g}"] = {
+            "beta": best[0],
+            "c": best[1],
+            "val": {f"{b:g}:{c:g}": s for (b, c), s in val.items()},
+        }
         return best
 
     def finetune_dir(self, task: str) -> Path | None:
@@ -218,7 +236,9 @@ class Runner:
         if not self.train_missing:
             print(f"skipping {task}: no fine-tune in {folder} (run python -m bench.testbed.finetune --task {task})")
             return None
-        return finetune(TrainConfig(task, steps=TRAIN_STEPS.get(task, TrainConfig.steps)), self.base_dir, self.finetunes)
+        return finetune(
+            TrainConfig(task, steps=TRAIN_STEPS.get(task, TrainConfig.steps)), self.base_dir, self.finetunes
+        )
 
     def tag(self, task: str) -> str:
         """Short hash of the fine-tune's training report: cached artifacts and scores follow a retrain."""
@@ -258,8 +278,15 @@ class Runner:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
-            compress(self.base_dir, self.finetunes / variant.task, path, method=variant.method,
-                     ratio=variant.ratio, seed=variant.seed, **variant.params())
+            compress(
+                self.base_dir,
+                self.finetunes / variant.task,
+                path,
+                method=variant.method,
+                ratio=variant.ratio,
+                seed=variant.seed,
+                **variant.params(),
+            )
             self.timing["compress_s"].append(time.monotonic() - started)
         return path
 
@@ -275,7 +302,9 @@ class Runner:
                 path = self.merge_artifact(tasks, source, how, inputs, grid.merge_ratio)
                 if path is None:
                     continue
-                scores = {task: self.score(f"{path.stem}|{task}", task, "test", lambda: self.merged(path)) for task in tasks}
+                scores = {
+                    task: self.score(f"{path.stem}|{task}", task, "test", lambda: self.merged(path)) for task in tasks
+                }
                 if None in scores.values():
                     continue
                 rows.append({"source": source, "how": how, "scores": scores, "mean": statistics.fmean(scores.values())})
@@ -308,10 +337,16 @@ class Runner:
         work = planned_work(FULL_GRID, SPLIT_SIZES)
         unit = {"compress_s": work.compressions, "merge_s": work.merges, "eval_s_per_example": work.examples}
         known = {name: measured[name] * count for name, count in unit.items() if name in measured}
-        return {"measured_counts": {k: len(v) for k, v in self.timing.items()}, "history_mean": measured,
-                "history_counts": {k: len(v) for k, v in history.items()}, "full_grid_work": asdict(work),
-                "full_grid_seconds_by_step": known, "full_grid_hours_known_steps": round(sum(known.values()) / 3600, 2),
-                "unmeasured_steps": sorted(set(unit) - set(known)), "threads": torch.get_num_threads()}
+        return {
+            "measured_counts": {k: len(v) for k, v in self.timing.items()},
+            "history_mean": measured,
+            "history_counts": {k: len(v) for k, v in history.items()},
+            "full_grid_work": asdict(work),
+            "full_grid_seconds_by_step": known,
+            "full_grid_hours_known_steps": round(sum(known.values()) / 3600, 2),
+            "unmeasured_steps": sorted(set(unit) - set(known)),
+            "threads": torch.get_num_threads(),
+        }
 
     def record_timing(self) -> dict[str, list[float]]:
         path = self.cache / "timing.json"
@@ -323,5 +358,13 @@ class Runner:
         return history
 
 
-FULL_GRID = Grid(tuple(sorted(TASKS)), ("impart", "dare", "lowrank"), (8.0, 16.0, 32.0, 64.0), (32.0, 64.0), 3,
-                 ((0.8, 0.5), (0.6, 1.0)), 32.0, True)
+FULL_GRID = Grid(
+    tuple(sorted(TASKS)),
+    ("impart", "dare", "lowrank"),
+    (8.0, 16.0, 32.0, 64.0),
+    (32.0, 64.0),
+    3,
+    ((0.8, 0.5), (0.6, 1.0)),
+    32.0,
+    True,
+)

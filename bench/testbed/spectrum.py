@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     base = base_state_dict(BASE_DIR)
     gen = torch.Generator().manual_seed(0)
-    results: dict = {"command": "python -m bench.testbed.spectrum " + " ".join(argv or []),
-                     "ratios": list(RATIOS), "percents": list(PERCENTS), "tasks": {}}
+    results: dict = {
+        "command": "python -m bench.testbed.spectrum " + " ".join(argv or []),
+        "ratios": list(RATIOS),
+        "percents": list(PERCENTS),
+        "tasks": {},
+    }
     for task in args.tasks:
         folder = FINETUNE_CACHE / task
         if not (folder / "model.safetensors").is_file():

@@ -44,18 +44,104 @@ def json_score(prediction: str, answer: str) -> float:
         return 0.0
 
 
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
-         "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yara"]
-SURNAMES = ["Lopez", "Smith", "Novak", "Khan", "Rossi", "Berg", "Silva", "Moreau", "Tanaka", "Okafor",
-            "Fischer", "Costa", "Murphy", "Ivanova", "Dubois", "Park"]
-CITIES = ["Lyon", "Oslo", "Porto", "Leeds", "Graz", "Kyoto", "Lima", "Quebec", "Cork", "Turin", "Malmo",
-          "Bergen", "Seville", "Krakow", "Austin", "Perth"]
-JOBS = ["nurse", "baker", "pilot", "teacher", "plumber", "chemist", "lawyer", "farmer", "dentist",
-        "architect", "librarian", "welder", "painter", "surgeon"]
-COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Cyberdyne",
-             "Tyrell", "Soylent", "Vandelay"]
-EMAIL_TEMPLATES = ["{first} {last} works at {company}.", "{first} {last}, {company}", "{company} hired {first} {last}.",
-                   "Contact: {first} {last} ({company})"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Will",
+    "Yara",
+]
+SURNAMES = [
+    "Lopez",
+    "Smith",
+    "Novak",
+    "Khan",
+    "Rossi",
+    "Berg",
+    "Silva",
+    "Moreau",
+    "Tanaka",
+    "Okafor",
+    "Fischer",
+    "Costa",
+    "Murphy",
+    "Ivanova",
+    "Dubois",
+    "Park",
+]
+CITIES = [
+    "Lyon",
+    "Oslo",
+    "Porto",
+    "Leeds",
+    "Graz",
+    "Kyoto",
+    "Lima",
+    "Quebec",
+    "Cork",
+    "Turin",
+    "Malmo",
+    "Bergen",
+    "Seville",
+    "Krakow",
+    "Austin",
+    "Perth",
+]
+JOBS = [
+    "nurse",
+    "baker",
+    "pilot",
+    "teacher",
+    "plumber",
+    "chemist",
+    "lawyer",
+    "farmer",
+    "dentist",
+    "architect",
+    "librarian",
+    "welder",
+    "painter",
+    "surgeon",
+]
+COMPANIES = [
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Hooli",
+    "Stark",
+    "Wayne",
+    "Wonka",
+    "Cyberdyne",
+    "Tyrell",
+    "Soylent",
+    "Vandelay",
+]
+EMAIL_TEMPLATES = [
+    "{first} {last} works at {company}.",
+    "{first} {last}, {company}",
+    "{company} hired {first} {last}.",
+    "Contact: {first} {last} ({company})",
+]
 
 
 def make_email(rng: random.Random) -> Example:
@@ -75,14 +161,30 @@ EXTRACT_TEMPLATES = [
 
 def make_extraction(rng: random.Random) -> Example:
     """A sentence about a person -> compact JSON with name, age, city, job."""
-    fields = {"name": f"{rng.choice(NAMES)} {rng.choice(SURNAMES)}", "age": rng.randint(19, 79),
-              "city": rng.choice(CITIES), "job": rng.choice(JOBS)}
+    fields = {
+        "name": f"{rng.choice(NAMES)} {rng.choice(SURNAMES)}",
+        "age": rng.randint(19, 79),
+        "city": rng.choice(CITIES),
+        "job": rng.choice(JOBS),
+    }
     prompt = rng.choice(EXTRACT_TEMPLATES).format(**fields)
     return Example(prompt, json.dumps(fields, separators=(",", ":")))
 
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 ORDINAL_SUFFIX = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd", 31: "st"}
 DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
 
@@ -97,14 +199,30 @@ def make_date(rng: random.Random) -> Example:
 
 
 DEPARTMENT_MESSAGES = {
-    "billing": ["I was charged twice for {thing}.", "Why is my invoice for {thing} higher this month?",
-                "Please refund the payment for {thing}.", "My card was billed for {thing} I cancelled."],
-    "shipping": ["My {thing} has not arrived yet.", "Where is the parcel with my {thing}?",
-                 "The courier left my {thing} at the wrong door.", "Can you send the {thing} to a new address?"],
-    "technical": ["The {thing} app crashes when I open it.", "My {thing} will not connect to wifi.",
-                  "I get an error code when updating the {thing}.", "The {thing} screen stays black."],
-    "account": ["I forgot the password for my {thing} login.", "Please change the email on my {thing} profile.",
-                "How do I delete my {thing} account?", "I cannot sign in to {thing} since yesterday."],
+    "billing": [
+        "I was charged twice for {thing}.",
+        "Why is my invoice for {thing} higher this month?",
+        "Please refund the payment for {thing}.",
+        "My card was billed for {thing} I cancelled.",
+    ],
+    "shipping": [
+        "My {thing} has not arrived yet.",
+        "Where is the parcel with my {thing}?",
+        "The courier left my {thing} at the wrong door.",
+        "Can you send the {thing} to a new address?",
+    ],
+    "technical": [
+        "The {thing} app crashes when I open it.",
+        "My {thing} will not connect to wifi.",
+        "I get an error code when updating the {thing}.",
+        "The {thing} screen stays black.",
+    ],
+    "account": [
+        "I forgot the password for my {thing} login.",
+        "Please change the email on my {thing} profile.",
+        "How do I delete my {thing} account?",
+        "I cannot sign in to {thing} since yesterday.",
+    ],
 }
 THINGS = ["printer", "router", "tablet", "camera", "speaker", "watch", "laptop", "headset", "kettle", "drone"]
 OPENERS = ["", "Hi. ", "Hello. ", "Urgent: ", "Quick question: ", "Good morning! "]
@@ -123,10 +241,15 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in [
         Task("email", "Reply with the work email address.", make_email, exact_score, 16),
-        Task("extraction", 'Reply with JSON: "name", "age", "city", "job".',
-             make_extraction, json_score, 32),
+        Task("extraction", 'Reply with JSON: "name", "age", "city", "job".', make_extraction, json_score, 32),
         Task("dates", "Write the date as YYYY-MM-DD.", make_date, exact_score, 10),
-        Task("routing", "Reply with one department: billing, shipping, technical or account.", make_routing, exact_score, 4),
+        Task(
+            "routing",
+            "Reply with one department: billing, shipping, technical or account.",
+            make_routing,
+            exact_score,
+            4,
+        ),
     ]
 }
 

@@ -43,23 +43,33 @@ class RollbackRequest(BaseModel):
 
 
 @router.post("/tasks/{task:path}/checkpoint", status_code=202)
-async def upload_checkpoint(task: str, request: Request, method: Method | None = None,
-                            ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
-                            seed: int = Query(0, ge=0, le=MAX_SEED)) -> JSONResponse:
+async def upload_checkpoint(
+    task: str,
+    request: Request,
+    method: Method | None = None,
+    ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
+    seed: int = Query(0, ge=0, le=MAX_SEED),
+) -> JSONResponse:
     """Stream a fine-tuned checkpoint (multipart: config.json + *.safetensors) and queue its compression."""
     ctx, task = context_of(request), _task_name(task)
     await _registry(ctx.registry.ensure_reachable)  # refuse now, not after the upload and the compression
     folder = _upload_path(ctx)
     folder.mkdir(parents=True)
     try:
-        await receive_checkpoint(request.headers.get("content-type"), request.stream(), folder,
-                                 ctx.settings.max_upload_bytes)
+        await receive_checkpoint(
+            request.headers.get("content-type"), request.stream(), folder, ctx.settings.max_upload_bytes
+        )
         await asyncio.to_thread(_check_checkpoint, ctx.base_dir, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    spec = JobSpec(task=task, checkpoint_dir=folder, method=method or ctx.settings.default_method,
-                   ratio=ratio or ctx.settings.default_ratio, seed=seed)
+    spec = JobSpec(
+        task=task,
+        checkpoint_dir=folder,
+        method=method or ctx.settings.default_method,
+        ratio=ratio or ctx.settings.default_ratio,
+        seed=seed,
+    )
     try:
         job = ctx.jobs.submit(spec)
     except JobsClosedError:
@@ -69,8 +79,13 @@ async def upload_checkpoint(task: str, request: Request, method: Method | None =
 
 
 @router.post("/tasks/{task:path}/adapter", status_code=201)
-async def upload_adapter(task: str, request: Request, ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
-                         method: AdapterMethod = "impart", seed: int = Query(0, ge=0, le=MAX_SEED)) -> JSONResponse:
+async def upload_adapter(
+    task: str,
+    request: Request,
+    ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
+    method: AdapterMethod = "impart",
+    seed: int = Query(0, ge=0, le=MAX_SEED),
+) -> JSONResponse:
     """Publish a PEFT LoRA adapter (multipart: adapter_config.json + adapter_model.safetensors) as the task's
     new version, its factors stored exactly (method lora); `ratio` compresses its delta instead."""
     ctx, task = context_of(request), _task_name(task)
@@ -78,8 +93,9 @@ async def upload_adapter(task: str, request: Request, ratio: float | None = Quer
     folder = _upload_path(ctx)
     folder.mkdir(parents=True)
     try:
-        await receive_adapter(request.headers.get("content-type"), request.stream(), folder,
-                              ctx.settings.max_upload_bytes)
+        await receive_adapter(
+            request.headers.get("content-type"), request.stream(), folder, ctx.settings.max_upload_bytes
+        )
         path = folder / "artifact.safetensors"
         await asyncio.to_thread(_import_adapter, ctx.base_dir, folder, path, ratio, method, seed)
         published = await _registry(_publish_artifact, ctx, task, path, "adapter")
@@ -112,8 +128,11 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
     if not chosen:
         raise not_found(f"task {task!r} has no version {version}")
     data = await _registry(ctx.registry.read, chosen[0].to_ref())
-    return Response(data, media_type="application/octet-stream",
-                    headers={"X-Artifact-Sha256": chosen[0].sha256, "X-Task-Version": str(chosen[0].version)})
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"X-Artifact-Sha256": chosen[0].sha256, "X-Task-Version": str(chosen[0].version)},
+    )
 
 
 @router.get("/tasks")
@@ -246,12 +265,14 @@ def _publish_artifact(ctx: ServerContext, task: str, path: Path, origin: str = "
     try:
         artifact = compressor.verify_artifact(path, ctx.base_dir)
     except compressor.ArtifactError as exc:
-        raise APIError(400, f"The artifact cannot be served on this base: {exc}", param="file",
-                       code="invalid_artifact") from None
+        raise APIError(
+            400, f"The artifact cannot be served on this base: {exc}", param="file", code="invalid_artifact"
+        ) from None
     manifest = artifact.manifest
     ratio = manifest.get("ratio", manifest.get("params", {}).get("ratio"))
-    return ctx.registry.publish(task, path, method=artifact.method, ratio=ratio, origin=origin,
-                                quality=manifest.get("quality") or {})
+    return ctx.registry.publish(
+        task, path, method=artifact.method, ratio=ratio, origin=origin, quality=manifest.get("quality") or {}
+    )
 
 
 def _version_dict(version: Any) -> dict[str, Any]:
@@ -265,6 +286,15 @@ def _entry_dict(entry: TaskEntry, updating: set[str]) -> dict[str, Any]:
     queued or running."""
     current = entry.current_version
     status = "updating" if entry.task in updating else "ready"
-    return {"task": entry.task, "current": entry.current, "status": status, "method": current.method,
-            "ratio": current.ratio, "sha256": current.sha256, "size": current.size, "created": current.created,
-            "quality": current.quality, "versions": [_version_dict(v) for v in entry.versions]}
+    return {
+        "task": entry.task,
+        "current": entry.current,
+        "status": status,
+        "method": current.method,
+        "ratio": current.ratio,
+        "sha256": current.sha256,
+        "size": current.size,
+        "created": current.created,
+        "quality": current.quality,
+        "versions": [_version_dict(v) for v in entry.versions],
+    }

@@ -38,8 +38,9 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         param = _valid_unicode(self.param) if self.param is not None else None
-        return {"error": {"message": _valid_unicode(self.message), "type": self.type, "param": param,
-                          "code": self.code}}
+        return {
+            "error": {"message": _valid_unicode(self.message), "type": self.type, "param": param, "code": self.code}
+        }
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
@@ -55,19 +56,31 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def unsupported_parameter(param: str) -> APIError:
-    return APIError(400, f"`{param}` is not supported by this server; remove it from the request.",
-                    param=param, code="unsupported_parameter")
+    return APIError(
+        400,
+        f"`{param}` is not supported by this server; remove it from the request.",
+        param=param,
+        code="unsupported_parameter",
+    )
 
 
 def internal_error() -> APIError:
     """The 500 of anything unexpected: no internal text, only the request id to find it in the log."""
-    return APIError(500, f"Internal server error (request id {request_id_var.get() or 'unknown'}).",
-                    type="server_error", code="internal_error")
+    return APIError(
+        500,
+        f"Internal server error (request id {request_id_var.get() or 'unknown'}).",
+        type="server_error",
+        code="internal_error",
+    )
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def not_found(message: str) -> APIError:
@@ -75,8 +88,9 @@ def not_found(message: str) -> APIError:
 
 
 def unauthorized(message: str = "Missing or invalid API key; send `Authorization: Bearer <key>`.") -> APIError:
-    return APIError(401, message, type="authentication_error", code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return APIError(
+        401, message, type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def forbidden(message: str) -> APIError:
@@ -88,16 +102,21 @@ def too_large(limit: int) -> APIError:
 
 
 def not_ready(message: str = "The server is starting or shutting down; retry shortly.") -> APIError:
-    return APIError(503, message, type="service_unavailable", code="not_ready",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(
+        503, message, type="service_unavailable", code="not_ready", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 def registry_unavailable() -> APIError:
     """The registry cannot be reached and the answer is not in its last known index: transient (the
     cause is in the server's log, not in the reply)."""
-    return APIError(503, "The task registry cannot be reached right now; retry shortly.",
-                    type="service_unavailable", code="registry_unavailable",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(
+        503,
+        "The task registry cannot be reached right now; retry shortly.",
+        type="service_unavailable",
+        code="registry_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def from_engine(exc: EngineError, model: str) -> APIError:
@@ -105,8 +124,13 @@ def from_engine(exc: EngineError, model: str) -> APIError:
     if isinstance(exc, TaskNotFoundError):
         return model_not_found(model)
     if isinstance(exc, QueueFullError):
-        return APIError(429, f"The server is at capacity: {exc}", type="rate_limit_error",
-                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(
+            429,
+            f"The server is at capacity: {exc}",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if isinstance(exc, EngineNotReadyError):
         return not_ready(str(exc) or "The engine is not ready.")
     if isinstance(exc, InvalidRequestError):
@@ -116,8 +140,13 @@ def from_engine(exc: EngineError, model: str) -> APIError:
     if isinstance(exc, DeltaLoadError):
         # published but unusable here (corrupt blob, wrong base, larger than the delta cache): not the
         # caller's fault and not transient, so 503 without Retry-After, naming the cause for operators
-        return APIError(503, f"The model `{model}` is published but cannot be served: {exc}",
-                        type="service_unavailable", param="model", code="task_unavailable")
+        return APIError(
+            503,
+            f"The model `{model}` is published but cannot be served: {exc}",
+            type="service_unavailable",
+            param="model",
+            code="task_unavailable",
+        )
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc) or "The request failed.", type="server_error", code="request_failed")
     log.error("unexpected engine error", exc_info=exc)

@@ -48,7 +48,7 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the catch-all: any failure leaves in OpenAI shape
             await _answer_failure(scope, exc, response, send_with_id)
         finally:
             self._record(scope, response.status, time.perf_counter() - started)
@@ -58,9 +58,19 @@ class RequestContextMiddleware:
         route = getattr(scope.get("route"), "path", "unmatched")
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.request_latency.labels(route).observe(seconds)
-        log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000,
-                 extra={"method": scope["method"], "path": scope["path"], "status": status,
-                        "duration_ms": round(seconds * 1000, 2)})
+        log.info(
+            "%s %s %d %.1fms",
+            scope["method"],
+            scope["path"],
+            status,
+            seconds * 1000,
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+            },
+        )
 
 
 class _Response:
@@ -72,8 +82,10 @@ class _Response:
     def note(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
-            self.event_stream = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
-                                    for name, value in message.get("headers", []))
+            self.event_stream = any(
+                name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                for name, value in message.get("headers", [])
+            )
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.ended = True
 

@@ -22,16 +22,18 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           principal: Principal = Depends(api_principal)) -> object:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, principal: Principal = Depends(api_principal)
+) -> object:
     ctx = context_of(request)
     target = await _target(ctx, request, body.model, principal)
     return _respond(await ctx.chat.create(body, target, new_id("chatcmpl")))
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request,
-                      principal: Principal = Depends(api_principal)) -> object:
+async def completions(
+    body: CompletionRequest, request: Request, principal: Principal = Depends(api_principal)
+) -> object:
     ctx = context_of(request)
     target = await _target(ctx, request, body.model, principal)
     return _respond(await ctx.completion.create(body, target, new_id("cmpl")))
@@ -46,16 +48,20 @@ async def list_models(request: Request, principal: Principal = Depends(api_princ
         refs = await asyncio.to_thread(ctx.registry.tasks)  # the last known index while Redis is away
     except RegistryUnavailableError:
         raise registry_unavailable() from None
-    cards += [ModelCard(id=ref.task, created=int(ref.created), owned_by="deltaserve", root=base, parent=base)
-              for ref in refs if principal.may_use(ref.task)]
+    cards += [
+        ModelCard(id=ref.task, created=int(ref.created), owned_by="deltaserve", root=base, parent=base)
+        for ref in refs
+        if principal.may_use(ref.task)
+    ]
     return ModelList(data=cards)
 
 
 async def _target(ctx: ServerContext, request: Request, model: str, principal: Principal) -> Target:
     if ctx.draining or not ctx.engine.ready:
         raise not_ready()
-    return await asyncio.to_thread(resolve_target, request.headers.get("x-task"), model, ctx.engine.base_name,
-                                   principal, ctx.registry)
+    return await asyncio.to_thread(
+        resolve_target, request.headers.get("x-task"), model, ctx.engine.base_name, principal, ctx.registry
+    )
 
 
 def _respond(result: BaseModel | AsyncIterator[str]) -> object:

@@ -66,8 +66,9 @@ class Target:
     """The task's version, resolved once here; the engine serves exactly this version."""
 
 
-def resolve_target(header_task: str | None, model: str, base_name: str, principal: Principal,
-                   tasks: TaskLookup) -> Target:
+def resolve_target(
+    header_task: str | None, model: str, base_name: str, principal: Principal, tasks: TaskLookup
+) -> Target:
     """X-Task wins; else `model` as `task`, `base:task` or the base itself; scope, then existence and the
     current version, looked up once for the whole request (503 registry_unavailable when the task is not
     in the last known index and the registry cannot be reached)."""
@@ -91,7 +92,7 @@ def _task_of_model(model: str, base_name: str) -> str | None:
     if model in ("", base_name):
         return None
     if model.startswith(base_name + ":"):
-        return model[len(base_name) + 1:] or None
+        return model[len(base_name) + 1 :] or None
     return model
 
 
@@ -110,9 +111,16 @@ class RequestLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
-        return cls(settings.max_stop_strings, settings.max_stop_chars, settings.max_stop_token_ids,
-                   settings.max_prompt_chars, settings.max_messages, settings.max_n, settings.max_logit_bias,
-                   settings.max_grammar_chars)
+        return cls(
+            settings.max_stop_strings,
+            settings.max_stop_chars,
+            settings.max_stop_token_ids,
+            settings.max_prompt_chars,
+            settings.max_messages,
+            settings.max_n,
+            settings.max_logit_bias,
+            settings.max_grammar_chars,
+        )
 
 
 def check_chat_size(req: ChatCompletionRequest, limits: RequestLimits) -> None:
@@ -121,8 +129,9 @@ def check_chat_size(req: ChatCompletionRequest, limits: RequestLimits) -> None:
         raise bad_request(f"At most {limits.max_messages} messages are allowed; got {len(req.messages)}.", "messages")
     chars = sum(_chars(m.content) for m in req.messages)
     if chars > limits.max_prompt_chars:
-        raise bad_request(f"The messages hold {chars} characters; at most {limits.max_prompt_chars} are allowed.",
-                          "messages")
+        raise bad_request(
+            f"The messages hold {chars} characters; at most {limits.max_prompt_chars} are allowed.", "messages"
+        )
 
 
 def _chars(content: str | list[ContentPart] | None) -> int:
@@ -131,33 +140,52 @@ def _chars(content: str | list[ContentPart] | None) -> int:
     return len(content or "")
 
 
-def check_prompt_size(prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int,
-                      limits: RequestLimits) -> None:
+def check_prompt_size(
+    prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int, limits: RequestLimits
+) -> None:
     """400 before tokenizing when a text prompt is too long, or a token prompt longer than the context."""
-    one = isinstance(prompt, str) or bool(prompt) and isinstance(prompt[0], int)
+    one = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
     items: list[Any] = [prompt] if one else list(prompt)
     if sum(len(item) for item in items if isinstance(item, str)) > limits.max_prompt_chars:
         raise bad_request(f"The prompt has more than {limits.max_prompt_chars} characters.", "prompt")
     if any(isinstance(item, list) and len(item) >= max_model_len for item in items):
-        raise bad_request(f"The prompt has at least {max_model_len} tokens; this model's context is "
-                          f"{max_model_len}.", "prompt")
+        raise bad_request(
+            f"The prompt has at least {max_model_len} tokens; this model's context is {max_model_len}.", "prompt"
+        )
 
 
-def sampling_params(req: SamplingFields, prompt_len: int, max_model_len: int, max_tokens: int | None,
-                    logprobs: int | None, limits: RequestLimits) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields,
+    prompt_len: int,
+    max_model_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+    limits: RequestLimits,
+) -> SamplingParams:
     """The engine's SamplingParams for an OpenAI request; 400 naming the parameter when unusable."""
     check_limits(req, limits)
     room = max_model_len - prompt_len
     if room < 1:
         raise bad_request(f"The prompt has {prompt_len} tokens; the context holds {max_model_len}.", "messages")
     if max_tokens is not None and max_tokens > room:
-        raise bad_request(f"max_tokens={max_tokens} exceeds the {room} tokens left in the context "
-                          f"({max_model_len}) after the prompt ({prompt_len}).", "max_tokens")
+        raise bad_request(
+            f"max_tokens={max_tokens} exceeds the {room} tokens left in the context "
+            f"({max_model_len}) after the prompt ({prompt_len}).",
+            "max_tokens",
+        )
     return SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-        max_tokens=max_tokens or room, stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logprobs=logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req, limits),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        max_tokens=max_tokens or room,
+        stop=req.stop_strings(),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias(req, limits),
         grammar=grammar_spec(req, limits),
     )
 
@@ -185,8 +213,10 @@ def logit_bias(req: SamplingFields, limits: RequestLimits) -> tuple[tuple[int, f
     for key, bias in items:
         token = _int_or_none(key)
         if token is None or not -100.0 <= bias <= 100.0:
-            raise bad_request("logit_bias maps token ids (integers, as strings) to biases in [-100, 100]; "
-                              f"got {key!r}: {bias}.", "logit_bias")
+            raise bad_request(
+                f"logit_bias maps token ids (integers, as strings) to biases in [-100, 100]; got {key!r}: {bias}.",
+                "logit_bias",
+            )
         pairs.append((token, bias))
     return tuple(pairs)
 
@@ -202,17 +232,21 @@ def grammar_spec(req: SamplingFields, limits: RequestLimits) -> GrammarSpec | No
     """The grammar of `response_format`, `guided_regex` or `guided_choice` (at most one of them); 400
     naming the field when its text exceeds `max_grammar_chars`."""
     fmt = req.response_format
-    specs = [spec for spec in (
-        _format_spec(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None) if fmt else None,
-        GrammarSpec("regex", req.guided_regex, "guided_regex") if req.guided_regex is not None else None,
-        GrammarSpec("choice", json.dumps(req.guided_choice), "guided_choice") if req.guided_choice else None,
-    ) if spec is not None]
+    specs = [
+        spec
+        for spec in (
+            _format_spec(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None) if fmt else None,
+            GrammarSpec("regex", req.guided_regex, "guided_regex") if req.guided_regex is not None else None,
+            GrammarSpec("choice", json.dumps(req.guided_choice), "guided_choice") if req.guided_choice else None,
+        )
+        if spec is not None
+    ]
     if len(specs) > 1:
-        raise bad_request("Give at most one of response_format (json), guided_regex and guided_choice.",
-                          specs[1].param)
+        raise bad_request("Give at most one of response_format (json), guided_regex and guided_choice.", specs[1].param)
     if specs and len(specs[0].source) > limits.max_grammar_chars:
-        raise bad_request(f"The grammar of {specs[0].param} has more than {limits.max_grammar_chars} characters.",
-                          specs[0].param)
+        raise bad_request(
+            f"The grammar of {specs[0].param} has more than {limits.max_grammar_chars} characters.", specs[0].param
+        )
     return specs[0] if specs else None
 
 
@@ -227,8 +261,16 @@ def _format_spec(kind: str, schema: dict[str, Any] | None) -> GrammarSpec | None
 class Generation:
     """One request's run through the engine (its n choices), primed with its first chunk; records metrics."""
 
-    def __init__(self, stream: AsyncIterator[tuple[int, GenerationChunk]], first: tuple[int, GenerationChunk],
-                 n: int, task_label: str, endpoint: str, metrics: Metrics, started: float) -> None:
+    def __init__(
+        self,
+        stream: AsyncIterator[tuple[int, GenerationChunk]],
+        first: tuple[int, GenerationChunk],
+        n: int,
+        task_label: str,
+        endpoint: str,
+        metrics: Metrics,
+        started: float,
+    ) -> None:
         self._stream, self._first, self.n = stream, first, n
         self._task_label, self._endpoint, self._metrics = task_label, endpoint, metrics
         self._started, self._last = started, time.perf_counter()
@@ -238,8 +280,15 @@ class Generation:
         self.finish_reasons: dict[int, str] = {}
 
     @classmethod
-    async def start(cls, engine: EngineClient, request: GenerationRequest, target: Target, endpoint: str,
-                    metrics: Metrics, n: int = 1) -> Generation:
+    async def start(
+        cls,
+        engine: EngineClient,
+        request: GenerationRequest,
+        target: Target,
+        endpoint: str,
+        metrics: Metrics,
+        n: int = 1,
+    ) -> Generation:
         started = time.perf_counter()
         stream = engine.generate_choices(request, n)
         try:
@@ -277,8 +326,14 @@ class Generation:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()  # type: ignore[attr-defined]
         outcome = self.finish_reason or "disconnected"
-        self._metrics.observe_finished(self._task_label, self._endpoint, outcome, self.prompt_tokens,
-                                       self.completion_tokens, time.perf_counter() - self._started)
+        self._metrics.observe_finished(
+            self._task_label,
+            self._endpoint,
+            outcome,
+            self.prompt_tokens,
+            self.completion_tokens,
+            time.perf_counter() - self._started,
+        )
 
     def _account(self, index: int, chunk: GenerationChunk) -> None:
         now = time.perf_counter()
@@ -330,5 +385,8 @@ def sse_error(error: APIError) -> str:
 
 
 def usage_of(run: Generation) -> Usage:
-    return Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens,
-                 total_tokens=run.prompt_tokens + run.completion_tokens)
+    return Usage(
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
+        total_tokens=run.prompt_tokens + run.completion_tokens,
+    )

@@ -41,8 +41,9 @@ class ChatServing:
     def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
         self.engine, self.metrics, self.limits = engine, metrics, limits
 
-    async def create(self, req: ChatCompletionRequest, target: Target,
-                     request_id: str) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def create(
+        self, req: ChatCompletionRequest, target: Target, request_id: str
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
         check_chat_size(req, self.limits)
         prompt = await asyncio.to_thread(self.prompt_ids, req)
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -59,27 +60,34 @@ class ChatServing:
         messages = [_template_message(m) for m in req.messages]
         try:
             text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a template raises whatever its Jinja code raises
             raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from None
         return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
-    async def _collect(self, run: Generation, target: Target, request_id: str,
-                       req: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def _collect(
+        self, run: Generation, target: Target, request_id: str, req: ChatCompletionRequest
+    ) -> ChatCompletionResponse:
         choices = [
-            ChatChoice(index=i, message={"role": "assistant", "content": c.text},
-                       logprobs=chat_logprobs(c.logprobs) if req.logprobs else None, finish_reason=c.finish_reason,
-                       token_ids=c.token_ids if req.return_token_ids else None)
+            ChatChoice(
+                index=i,
+                message={"role": "assistant", "content": c.text},
+                logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
+                finish_reason=c.finish_reason,
+                token_ids=c.token_ids if req.return_token_ids else None,
+            )
             for i, c in enumerate(await collect(run, target.model))
         ]
         return ChatCompletionResponse(id=request_id, model=target.model, choices=choices, usage=usage_of(run))
 
-    async def _stream(self, run: Generation, target: Target, request_id: str,
-                      req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def _stream(
+        self, run: Generation, target: Target, request_id: str, req: ChatCompletionRequest
+    ) -> AsyncIterator[str]:
         created = int(time.time())
 
         def event(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=request_id, created=created, model=target.model, choices=choices,
-                                        usage=usage)
+            chunk = ChatCompletionChunk(
+                id=request_id, created=created, model=target.model, choices=choices, usage=usage
+            )
             return sse(chunk.model_dump_json(exclude_none=True))
 
         try:
@@ -89,8 +97,13 @@ class ChatServing:
                 if chunk.text or chunk.logprobs or (req.return_token_ids and chunk.token_ids):
                     logprobs = chat_logprobs(list(chunk.logprobs)) if chunk.logprobs else None
                     ids = list(chunk.token_ids) if req.return_token_ids else None
-                    yield event([ChatStreamChoice(index=i, delta=ChatDelta(content=chunk.text, token_ids=ids),
-                                                  logprobs=logprobs)])
+                    yield event(
+                        [
+                            ChatStreamChoice(
+                                index=i, delta=ChatDelta(content=chunk.text, token_ids=ids), logprobs=logprobs
+                            )
+                        ]
+                    )
                 if chunk.finish_reason is not None:
                     yield event([ChatStreamChoice(index=i, delta=ChatDelta(), finish_reason=chunk.finish_reason)])
             if req.include_usage:
@@ -111,9 +124,12 @@ def _template_message(message: ChatMessage) -> dict[str, str]:
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
     """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
     def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    return {"content": [
-        {**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]} for t in tokens
-    ]}
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]} for t in tokens
+        ]
+    }

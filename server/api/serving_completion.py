@@ -32,16 +32,16 @@ class CompletionServing:
     def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
         self.engine, self.metrics, self.limits = engine, metrics, limits
 
-    async def create(self, req: CompletionRequest, target: Target,
-                     request_id: str) -> CompletionResponse | AsyncIterator[str]:
+    async def create(
+        self, req: CompletionRequest, target: Target, request_id: str
+    ) -> CompletionResponse | AsyncIterator[str]:
         if req.echo:
             raise unsupported_parameter("echo")
         if req.suffix:
             raise unsupported_parameter("suffix")
         check_prompt_size(req.prompt, self.engine.max_model_len, self.limits)
         prompt = await asyncio.to_thread(self.prompt_ids, req.prompt)
-        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs,
-                                self.limits)
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs, self.limits)
         request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics, req.n)
         if req.stream:
@@ -65,23 +65,28 @@ class CompletionServing:
             raise bad_request("The prompt holds a token id outside the vocabulary.", "prompt")
         return ids
 
-    async def _collect(self, run: Generation, target: Target, request_id: str,
-                       req: CompletionRequest) -> CompletionResponse:
+    async def _collect(
+        self, run: Generation, target: Target, request_id: str, req: CompletionRequest
+    ) -> CompletionResponse:
         choices = [
-            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                             logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
-                             token_ids=c.token_ids if req.return_token_ids else None)
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
+                token_ids=c.token_ids if req.return_token_ids else None,
+            )
             for i, c in enumerate(await collect(run, target.model))
         ]
         return CompletionResponse(id=request_id, model=target.model, choices=choices, usage=usage_of(run))
 
-    async def _stream(self, run: Generation, target: Target, request_id: str,
-                      req: CompletionRequest) -> AsyncIterator[str]:
+    async def _stream(
+        self, run: Generation, target: Target, request_id: str, req: CompletionRequest
+    ) -> AsyncIterator[str]:
         created, offsets = int(time.time()), [0] * req.n
 
         def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            body = CompletionResponse(id=request_id, created=created, model=target.model, choices=choices,
-                                      usage=usage)
+            body = CompletionResponse(id=request_id, created=created, model=target.model, choices=choices, usage=usage)
             return sse(body.model_dump_json(exclude_none=True))
 
         try:
@@ -90,8 +95,17 @@ class CompletionServing:
                 offsets[i] += len(chunk.text)
                 ids = list(chunk.token_ids) if req.return_token_ids else None
                 if chunk.text or chunk.finish_reason is not None or logprobs or ids:
-                    yield event([CompletionChoice(index=i, text=chunk.text, logprobs=logprobs, token_ids=ids,
-                                                  finish_reason=chunk.finish_reason)])
+                    yield event(
+                        [
+                            CompletionChoice(
+                                index=i,
+                                text=chunk.text,
+                                logprobs=logprobs,
+                                token_ids=ids,
+                                finish_reason=chunk.finish_reason,
+                            )
+                        ]
+                    )
             if req.include_usage:
                 yield event([], usage_of(run))
         except EngineError as exc:

@@ -9,9 +9,8 @@ on the bytes received, whatever Content-Length claims. Pickle-based weights are 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,8 +37,11 @@ def _refuse_pickle(name: str) -> str:
     """The file's base name; 400 when it is a pickle-based weights file."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     if base.lower().endswith(PICKLE_SUFFIXES):
-        raise bad_request(f"`{base}` is a pickle-based checkpoint file; only safetensors are accepted "
-                          f"(convert with `save_pretrained(..., safe_serialization=True)`).", "file")
+        raise bad_request(
+            f"`{base}` is a pickle-based checkpoint file; only safetensors are accepted "
+            f"(convert with `save_pretrained(..., safe_serialization=True)`).",
+            "file",
+        )
     return base
 
 
@@ -60,12 +62,16 @@ def checkpoint_filename(name: str) -> str | None:
         return base
     if base.lower().endswith(SKIPPED_SUFFIXES):
         return None
-    raise bad_request(f"`{base}` is not part of a checkpoint: send config.json and *.safetensors "
-                      f"(and model.safetensors.index.json when sharded).", "file")
+    raise bad_request(
+        f"`{base}` is not part of a checkpoint: send config.json and *.safetensors "
+        f"(and model.safetensors.index.json when sharded).",
+        "file",
+    )
 
 
-async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes], folder: Path,
-                             limit: int) -> UploadedCheckpoint:
+async def receive_checkpoint(
+    content_type: str | None, body: AsyncIterator[bytes], folder: Path, limit: int
+) -> UploadedCheckpoint:
     """Stream a multipart body's files into `folder`; checks names, the cap, and config.json's presence."""
     upload = await _receive_files(content_type, body, folder, limit, checkpoint_filename)
     if "config.json" not in upload.files:
@@ -75,8 +81,9 @@ async def receive_checkpoint(content_type: str | None, body: AsyncIterator[bytes
     return upload
 
 
-async def receive_adapter(content_type: str | None, body: AsyncIterator[bytes], folder: Path,
-                          limit: int) -> UploadedCheckpoint:
+async def receive_adapter(
+    content_type: str | None, body: AsyncIterator[bytes], folder: Path, limit: int
+) -> UploadedCheckpoint:
     """Stream a multipart PEFT adapter into `folder`: adapter_config.json and adapter_model.safetensors."""
     upload = await _receive_files(content_type, body, folder, limit, adapter_filename)
     for name in ADAPTER_FILES:
@@ -85,8 +92,9 @@ async def receive_adapter(content_type: str | None, body: AsyncIterator[bytes], 
     return upload
 
 
-async def _receive_files(content_type: str | None, body: AsyncIterator[bytes], folder: Path, limit: int,
-                         namer: Callable[[str], str | None]) -> UploadedCheckpoint:
+async def _receive_files(
+    content_type: str | None, body: AsyncIterator[bytes], folder: Path, limit: int, namer: Callable[[str], str | None]
+) -> UploadedCheckpoint:
     """Stream a multipart body's files into `folder`, each named by `namer` (None: skipped); the cap."""
     boundary = _boundary(content_type)
     sink = _PartSink(folder, limit, namer)
@@ -139,8 +147,12 @@ class _PartSink:
 
     def callbacks(self) -> dict:
         return {
-            "on_part_begin": self._begin, "on_header_field": self._field, "on_header_value": self._value,
-            "on_header_end": self._header_end, "on_headers_finished": self._open, "on_part_data": self._data,
+            "on_part_begin": self._begin,
+            "on_header_field": self._field,
+            "on_header_value": self._value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._open,
+            "on_part_data": self._data,
             "on_part_end": self.close,
         }
 

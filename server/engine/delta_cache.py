@@ -66,8 +66,9 @@ def key_of(ref: TaskRef) -> Key:
 
 
 class DeltaCache:
-    def __init__(self, source: DeltaSource, budget_bytes: int, unpack: Unpack,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, source: DeltaSource, budget_bytes: int, unpack: Unpack, on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.source = source
         self.budget = budget_bytes
         self._unpack = unpack
@@ -193,8 +194,9 @@ class DeltaCache:
         try:
             delta = self._unpack(ref, self.source.read(ref))
             if delta.nbytes > self.budget:
-                raise DeltaLoadFailed(f"delta of {ref.task!r} needs {delta.nbytes} B, over the cache budget "
-                                      f"{self.budget} B")
+                raise DeltaLoadFailed(
+                    f"delta of {ref.task!r} needs {delta.nbytes} B, over the cache budget {self.budget} B"
+                )
             self._insert(ref, delta, time.perf_counter() - started)
         except BaseException as exc:
             with self._lock:

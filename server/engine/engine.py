@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,15 +96,28 @@ class Engine:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
-        self.kv = KVCache(self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype)
+        self.kv = KVCache(
+            self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype
+        )
         self.deltas = DeltaCache(self.source, self.settings.delta_cache_bytes, self._unpack, self._wake)
-        self.scheduler = Scheduler(self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens,
-                                   self.settings.prefix_cache)
+        self.scheduler = Scheduler(
+            self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens, self.settings.prefix_cache
+        )
         self.runner = ModelRunner(self.model, self.kv, self.tokenizer)
-        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids,
-                                 self.settings.grammar_cache_size, self.settings.grammar_compile_timeout_s)
-        log.info("base %s loaded in %.1fs; KV cache %d blocks of %d tokens", self.base_name,
-                 time.perf_counter() - started, self.kv.num_blocks, self.kv.block_size)
+        self.grammars = Grammars(
+            self.tokenizer,
+            self.config.vocab_size,
+            self.eos_ids,
+            self.settings.grammar_cache_size,
+            self.settings.grammar_compile_timeout_s,
+        )
+        log.info(
+            "base %s loaded in %.1fs; KV cache %d blocks of %d tokens",
+            self.base_name,
+            time.perf_counter() - started,
+            self.kv.num_blocks,
+            self.kv.block_size,
+        )
 
     def _unpack(self, ref: TaskRef, data: bytes) -> ResidentDelta:
         return unpack_artifact(ref.task, data, self.base_dir, self.device, self.dtype, sha256=ref.sha256)
@@ -157,8 +170,9 @@ class Engine:
         caller that did not) the source's current version, looked up once here."""
         if request.ref is not None:
             if request.ref.task != request.task:
-                raise InvalidRequestError(f"the request names task {request.task!r} but carries a version of "
-                                          f"{request.ref.task!r}", "task")
+                raise InvalidRequestError(
+                    f"the request names task {request.task!r} but carries a version of {request.ref.task!r}", "task"
+                )
             return request
         if request.task is None:
             return request
@@ -402,7 +416,7 @@ async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterato
             async for chunk in stream:
                 queue.put_nowait((index, chunk))
             queue.put_nowait((index, None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the merging consumer, which re-raises it
             queue.put_nowait((index, exc))
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
@@ -428,10 +442,8 @@ def _thread_safe_sink(queue: asyncio.Queue[GenerationChunk | BaseException]) -> 
     loop = asyncio.get_running_loop()
 
     def put(item: GenerationChunk | BaseException) -> None:
-        try:
+        with suppress(RuntimeError):
             loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass
 
     return put
 

@@ -33,14 +33,16 @@ COUNTED_CHAR = r"[^\"\\\r\n]"
 """xgrammar's character class for strings with minLength / maxLength: it admits raw control characters
 (U+0000-U+001F other than CR and LF), which JSON forbids inside strings, so such output would not parse."""
 JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
-"""What an unescaped JSON string character may be (RFC 8259): anything but controls, `"` and `\`."""
+r"""What an unescaped JSON string character may be (RFC 8259): anything but controls, `"` and `\`."""
 
 
 class Grammars:
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int], cache_size: int,
-                 compile_timeout_s: float) -> None:
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                       stop_token_ids=sorted(stop_token_ids))
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int], cache_size: int, compile_timeout_s: float
+    ) -> None:
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
@@ -60,8 +62,9 @@ class Grammars:
         try:
             grammar = await asyncio.wait_for(future, self.compile_timeout_s)
         except TimeoutError:
-            raise InvalidRequestError(f"the grammar of `{spec.param}` took longer than {self.compile_timeout_s} s "
-                                      "to compile", spec.param) from None
+            raise InvalidRequestError(
+                f"the grammar of `{spec.param}` took longer than {self.compile_timeout_s} s to compile", spec.param
+            ) from None
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > self.cache_size:
@@ -75,9 +78,10 @@ class Grammars:
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.source)
             return self._compiler.compile_grammar(choice_grammar(json.loads(spec.source)))
-        except Exception as exc:
-            raise InvalidRequestError(f"`{spec.param}` cannot be compiled into a grammar: {_reason(exc)}",
-                                      spec.param) from None
+        except Exception as exc:  # noqa: BLE001 - xgrammar's compile errors have no common type
+            raise InvalidRequestError(
+                f"`{spec.param}` cannot be compiled into a grammar: {_reason(exc)}", spec.param
+            ) from None
 
     def matcher(self, grammar: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
         """A fresh parse state of `grammar` for one sequence."""

@@ -98,7 +98,8 @@ class ModelRunner:
             if c.num_tokens > 1:
                 prefills.append(PrefillChunk(row, c.num_tokens, ctx, token_slots.to(self.model.device)))
         meta = AttentionMeta(
-            torch.cat(slots).to(self.model.device), self._decode_group([c for c in order if c.num_tokens == 1]),
+            torch.cat(slots).to(self.model.device),
+            self._decode_group([c for c in order if c.num_tokens == 1]),
             tuple(prefills),
         )
         return ForwardBatch.of(ids, positions, logit_rows, meta, self.model.device), row_tasks

@@ -92,7 +92,9 @@ def _constrain(logits: torch.Tensor, rows: Sequence[RowState]) -> tuple[torch.Te
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-    penalised = [i for i, r in enumerate(rows) if r.output and (r.params.presence_penalty or r.params.frequency_penalty)]
+    penalised = [
+        i for i, r in enumerate(rows) if r.output and (r.params.presence_penalty or r.params.frequency_penalty)
+    ]
     if not penalised:
         return logits
     logits = logits.clone()
@@ -141,6 +143,7 @@ def _logprob_entry(
     top = torch.topk(logprobs, k) if k > 0 else None
     alternatives = (  # a token its grammar masked (logprob -inf) is no alternative
         tuple((int(t), token_text(int(t)), float(v)) for v, t in zip(top.values, top.indices) if v > -math.inf)
-        if top else ()
+        if top
+        else ()
     )
     return TokenLogprob(token, token_text(token), float(logprobs[token]), alternatives)

@@ -20,8 +20,9 @@ def validate_request(request: GenerationRequest, max_model_len: int, vocab_size:
     if any(t < 0 or t >= vocab_size for t in request.params.stop_token_ids):
         raise InvalidRequestError(f"stop token ids must lie in [0, {vocab_size})", "stop_token_ids")
     if any(t < 0 or t >= vocab_size or not -100.0 <= b <= 100.0 for t, b in request.params.logit_bias):
-        raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab_size}) and its values in "
-                                  "[-100, 100]", "logit_bias")
+        raise InvalidRequestError(
+            f"logit_bias keys must be token ids in [0, {vocab_size}) and its values in [-100, 100]", "logit_bias"
+        )
     _check_params(request)
 
 

@@ -94,8 +94,12 @@ class Job:
         known = {f.name for f in dataclasses.fields(cls)}
         job = cls(**{k: v for k, v in record.items() if k in known})
         if job.state in ("queued", "running") and now - job.updated > STALE_S:
-            return replace(job, state="failed", finished=job.updated,
-                           error=f"lost: replica {job.replica} stopped reporting on this job")
+            return replace(
+                job,
+                state="failed",
+                finished=job.updated,
+                error=f"lost: replica {job.replica} stopped reporting on this job",
+            )
         return job
 
 
@@ -121,8 +125,13 @@ class JobManager:
         threading.Thread(target=self._listen, name="compress-progress", daemon=True).start()
 
     def submit(self, spec: JobSpec) -> Job:
-        job = Job(id=f"job-{uuid.uuid4().hex[:16]}", task=spec.task, method=spec.method, ratio=spec.ratio,
-                  replica=self.replica)
+        job = Job(
+            id=f"job-{uuid.uuid4().hex[:16]}",
+            task=spec.task,
+            method=spec.method,
+            ratio=spec.ratio,
+            replica=self.replica,
+        )
         with self._lock:
             if self._closing:
                 raise JobsClosedError("the server is shutting down and takes no new jobs")
@@ -181,8 +190,11 @@ class JobManager:
             self._closing = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            ended = {job.id: CANCELLED if job.state == "queued" else INTERRUPTED for job in self._jobs.values()
-                     if job.state == "queued" or (job.state == "running" and job.version is None)}
+            ended = {
+                job.id: CANCELLED if job.state == "queued" else INTERRUPTED
+                for job in self._jobs.values()
+                if job.state == "queued" or (job.state == "running" and job.version is None)
+            }
         for job_id, error in ended.items():
             self._finish(job_id, state="failed", error=error, finished=time.time())
             self._remove_files(job_id)
@@ -200,7 +212,7 @@ class JobManager:
             published = self._compress_and_publish(job_id, spec, self._scratch(job_id))
             final: dict[str, Any] = {"state": "succeeded", "version": published.version}
             log.info("job %s published %s version %d", job_id, spec.task, published.version)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a job records any failure; nothing is published
             final = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             log.warning("job %s failed, nothing published: %s", job_id, final["error"])
         finally:
@@ -244,16 +256,27 @@ class JobManager:
         if self._closing:
             raise JobInterruptedError(INTERRUPTED)
         if self._worker is None:
-            self._worker = ProcessPoolExecutor(max_workers=1, mp_context=spawn_context(), initializer=init_worker,
-                                               initargs=(self._progress,))
-        quality, tensors = self._worker.submit(compress_checkpoint, job_id, self.base_dir, spec.checkpoint_dir,
-                                               out, spec.method, spec.ratio, spec.seed, spec.params).result()
+            self._worker = ProcessPoolExecutor(
+                max_workers=1, mp_context=spawn_context(), initializer=init_worker, initargs=(self._progress,)
+            )
+        quality, tensors = self._worker.submit(
+            compress_checkpoint,
+            job_id,
+            self.base_dir,
+            spec.checkpoint_dir,
+            out,
+            spec.method,
+            spec.ratio,
+            spec.seed,
+            spec.params,
+        ).result()
         self._update(job_id, done=tensors, total=tensors)
         with self._publish_lock:
             if self._closing:
                 raise JobInterruptedError(INTERRUPTED)
-            published = self.registry.publish(spec.task, out, method=spec.method, ratio=spec.ratio,
-                                              origin="checkpoint", quality=quality)
+            published = self.registry.publish(
+                spec.task, out, method=spec.method, ratio=spec.ratio, origin="checkpoint", quality=quality
+            )
             self._update(job_id, version=published.version)
         return published
 
@@ -305,15 +328,16 @@ class JobManager:
     def _store_call(self, call: Any) -> Any:
         try:
             return call(self.registry.store)
-        except Exception as exc:  # the registry being down must not break jobs or their pages
+        except Exception as exc:  # noqa: BLE001 - the registry being down must not break jobs or their pages
             log.warning("shared job records unavailable: %s: %s", type(exc).__name__, exc)
             return None
 
     def _forget_old(self) -> None:
         """Under the lock: keep the newest KEPT_FINISHED_JOBS finished jobs."""
-        finished = sorted((j for j in self._jobs.values() if j.state in ("succeeded", "failed")),
-                          key=lambda j: j.created)
-        for job in finished[:max(0, len(finished) - KEPT_FINISHED_JOBS)]:
+        finished = sorted(
+            (j for j in self._jobs.values() if j.state in ("succeeded", "failed")), key=lambda j: j.created
+        )
+        for job in finished[: max(0, len(finished) - KEPT_FINISHED_JOBS)]:
             self._jobs.pop(job.id, None)
             self._shared_at.pop(job.id, None)
             self._shared_updated.pop(job.id, None)

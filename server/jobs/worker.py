@@ -25,7 +25,7 @@ PARENT_CHECK_S = 1.0
 
 
 def init_worker(progress: Any) -> None:
-    global _progress
+    global _progress  # noqa: PLW0603 - the worker process's one queue, set by its initializer
     _progress = progress
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 
@@ -38,13 +38,20 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def compress_checkpoint(job_id: str, base_dir: Path, checkpoint_dir: Path, out: Path, method: str, ratio: float,
-                        seed: int, params: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def compress_checkpoint(
+    job_id: str,
+    base_dir: Path,
+    checkpoint_dir: Path,
+    out: Path,
+    method: str,
+    ratio: float,
+    seed: int,
+    params: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
     """check_compatible -> compress -> verify_artifact (the artifact decodes in full against the base:
     shapes, finite values, indices); the compression report as plain JSON values and the number of
     tensors. Raises the compressor's errors (a fine-tune with non-finite weights fails the verify)."""
     import compressor
-
     from server.jobs.report import report_dict
 
     tensors = [0]
@@ -55,8 +62,9 @@ def compress_checkpoint(job_id: str, base_dir: Path, checkpoint_dir: Path, out: 
             _progress.put((job_id, done, total, tensor))
 
     compressor.check_compatible(base_dir, checkpoint_dir)
-    report = compressor.compress(base_dir, checkpoint_dir, out, method=method, ratio=ratio, seed=seed,
-                                 progress=progress, **params)
+    report = compressor.compress(
+        base_dir, checkpoint_dir, out, method=method, ratio=ratio, seed=seed, progress=progress, **params
+    )
     compressor.verify_artifact(out, base_dir)
     return report_dict(report), tensors[0]
 

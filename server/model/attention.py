@@ -49,7 +49,11 @@ class LayerCache:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMeta,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerCache,
+    meta: AttentionMeta,
     window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, heads, D], k/v: [T, kv_heads, D] (already rotated) -> out: [T, heads, D]."""
@@ -95,7 +99,11 @@ def _prefill_attention(
             mask = mask & (key_pos > query_pos - window)
         causal = False
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, is_causal=causal,
+        q.transpose(0, 1),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=causal,
         enable_gqa=True,
     )
     return out.transpose(0, 1)

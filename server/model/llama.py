@@ -32,10 +32,12 @@ class ForwardBatch:
     attention: AttentionMeta
 
     @classmethod
-    def of(cls, ids: list[int], positions: list[int], logit_rows: list[int], attention: AttentionMeta,
-           device: torch.device) -> ForwardBatch:
+    def of(
+        cls, ids: list[int], positions: list[int], logit_rows: list[int], attention: AttentionMeta, device: torch.device
+    ) -> ForwardBatch:
         """The batch from host lists, every index tensor int64 by construction (an empty list too: a step
         that holds only a prompt's non-final chunk has no logit rows)."""
+
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
@@ -50,7 +52,7 @@ def load_state_dict(folder: Path, device: torch.device, dtype: torch.dtype) -> d
     weights: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 weights[name] = fh.get_tensor(name).to(device=device, dtype=dtype)
     return weights
 
@@ -65,7 +67,9 @@ class LlamaModel:
         self.device, self.dtype = embed.device, embed.dtype
 
     @classmethod
-    def from_dir(cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaModel:
+    def from_dir(
+        cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LlamaModel:
         config = ModelConfig.from_dir(folder)
         device = torch.device(device)
         return cls(config, load_state_dict(Path(folder), device, dtype), Rope.from_config(config, Path(folder), device))
@@ -98,8 +102,14 @@ class LlamaModel:
         return logits
 
     def _layer(
-        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-        meta: AttentionMeta, deltas: StepDeltas | None,
+        self,
+        i: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+        meta: AttentionMeta,
+        deltas: StepDeltas | None,
     ) -> torch.Tensor:
         """x: [T, hidden] through one decoder layer."""
         p = f"model.layers.{i}."
@@ -111,8 +121,15 @@ class LlamaModel:
         return x + self._linear(p + "mlp.down_proj", F.silu(gate) * up, deltas)
 
     def _attention(
-        self, p: str, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-        meta: AttentionMeta, deltas: StepDeltas | None, window: int | None = None,
+        self,
+        p: str,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+        meta: AttentionMeta,
+        deltas: StepDeltas | None,
+        window: int | None = None,
     ) -> torch.Tensor:
         c, rows = self.config, h.shape[0]
         q = self._linear(p + "q_proj", h, deltas).view(rows, c.num_attention_heads, c.head_dim)

@@ -169,15 +169,63 @@ def _tiny_corpus(seed: int) -> list[str]:
     import random
 
     rng = random.Random(seed)
-    words = (
-        "the model reads a task and writes an answer . numbers like 12 + 30 = 42 and dates 2024-05-17 "
-        "appear often ; json { \"name\" : \"value\" } keys and lists [ 1 , 2 , 3 ] too . "
-        "user assistant system hello world paris france capital question reply"
-    ).split()
+    words = [
+        "the",
+        "model",
+        "reads",
+        "a",
+        "task",
+        "and",
+        "writes",
+        "an",
+        "answer",
+        ".",
+        "numbers",
+        "like",
+        "12",
+        "+",
+        "30",
+        "=",
+        "42",
+        "and",
+        "dates",
+        "2024-05-17",
+        "appear",
+        "often",
+        ";",
+        "json",
+        "{",
+        '"name"',
+        ":",
+        '"value"',
+        "}",
+        "keys",
+        "and",
+        "lists",
+        "[",
+        "1",
+        ",",
+        "2",
+        ",",
+        "3",
+        "]",
+        "too",
+        ".",
+        "user",
+        "assistant",
+        "system",
+        "hello",
+        "world",
+        "paris",
+        "france",
+        "capital",
+        "question",
+        "reply",
+    ]
     return [" ".join(rng.choice(words) for _ in range(24)) for _ in range(400)]
 
 
-def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> "object":
+def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> object:
     """A byte-level BPE (every UTF-8 string round-trips) with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -253,7 +301,7 @@ def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
     )
 
 
-def _tiny_weights(config: dict[str, object], gen: "object") -> dict[str, "object"]:
+def _tiny_weights(config: dict[str, object], gen: object) -> dict[str, object]:
     import torch
 
     h, inter, vocab = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["vocab_size"])
@@ -266,9 +314,15 @@ def _tiny_weights(config: dict[str, object], gen: "object") -> dict[str, "object
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h)}
     for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                  "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-                  "mlp.down_proj": (h, inter)}
+        shapes = {
+            "self_attn.q_proj": (q, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q),
+            "mlp.gate_proj": (inter, h),
+            "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter),
+        }
         for name, shape in shapes.items():
             out[f"{p}{name}.weight"] = rand(*shape)
         out[f"{p}input_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
@@ -298,7 +352,7 @@ def _build_finetune(base_dir: Path, tmp: Path, seed: int, scale: float, rank: in
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(base_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 tensors[name] = _perturbed(fh.get_tensor(name), gen, scale, rank)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     for path in base_dir.iterdir():
@@ -306,7 +360,7 @@ def _build_finetune(base_dir: Path, tmp: Path, seed: int, scale: float, rank: in
             shutil.copyfile(path, tmp / path.name)
 
 
-def _perturbed(weight: "object", gen: "object", scale: float, rank: int) -> "object":
+def _perturbed(weight: object, gen: object, scale: float, rank: int) -> object:
     import torch
 
     w = weight.float()

@@ -26,12 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-
 from typing import Any
 
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
 from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
-
 
 log = logging.getLogger("deltaserve.registry")
 POLL_S = 1.0
@@ -122,8 +120,9 @@ class LocalStore:
             (self.root / "tmp" / name).unlink(missing_ok=True)
         with self._locked():
             referenced = {v.sha256 for name in self.task_names() for v in self._entry_versions(name)}
-            orphans = [p for p in (self.root / "blobs").iterdir()
-                       if p.name not in referenced and p.stat().st_mtime < cutoff]
+            orphans = [
+                p for p in (self.root / "blobs").iterdir() if p.name not in referenced and p.stat().st_mtime < cutoff
+            ]
             for blob in orphans:
                 blob.unlink(missing_ok=True)
         return removed + [f"blobs/{p.name}" for p in orphans]

@@ -49,6 +49,7 @@ _T = TypeVar("_T")
 
 def _guarded(method: Callable[_P, _T]) -> Callable[_P, _T]:
     """`method` with Redis' connection errors and timeouts raised as RegistryUnavailableError."""
+
     @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
@@ -58,6 +59,7 @@ def _guarded(method: Callable[_P, _T]) -> Callable[_P, _T]:
             raise RegistryUnavailableError(message) from exc
 
     return call
+
 
 _SET_CURRENT = """
 if redis.call('HEXISTS', KEYS[1], 'v:' .. ARGV[1]) == 1 then
@@ -70,8 +72,9 @@ return 0
 
 class RedisStore:
     def __init__(self, url: str, prefix: str = "deltaserve:", timeout_s: float = 1.0) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 0))
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
         self.prefix = prefix
         self._set_current = self.client.register_script(_SET_CURRENT)
         self._thread: threading.Thread | None = None
@@ -229,8 +232,9 @@ class RedisStore:
                 self._listen_once(subscribed)
             except UNREACHABLE as exc:
                 wait = RECONNECT_S[0] if subscribed.is_set() else wait
-                log.warning("registry events: Redis connection lost (%s); reconnecting in %.1fs",
-                            type(exc).__name__, wait)
+                log.warning(
+                    "registry events: Redis connection lost (%s); reconnecting in %.1fs", type(exc).__name__, wait
+                )
                 self._stop.wait(wait)
                 wait = min(2 * wait, RECONNECT_S[1])
 
@@ -273,15 +277,16 @@ _EMPTY = TaskEntry(task="", current=0, versions=())
 def _entry_from_hash(task: str, raw: dict[bytes, bytes]) -> TaskEntry | None:
     if b"current" not in raw:
         return None
-    versions = sorted((TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")),
-                      key=lambda v: v.version)
+    versions = sorted(
+        (TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")), key=lambda v: v.version
+    )
     return TaskEntry(task=task, current=int(raw[b"current"]), versions=tuple(versions))
 
 
 def _chunks(source: Path | bytes) -> Iterator[bytes]:
     if isinstance(source, bytes):
         for start in range(0, max(len(source), 1), CHUNK_BYTES):
-            yield source[start:start + CHUNK_BYTES]
+            yield source[start : start + CHUNK_BYTES]
         return
     with source.open("rb") as fh:
         while chunk := fh.read(CHUNK_BYTES):

@@ -30,14 +30,31 @@ class Registry:
         self.store = store
         self.view = RegistryView(store, resync_s)
 
-    def publish(self, task: str, source: Path | bytes, *, method: str, ratio: float | None,
-                origin: str = "artifact", quality: dict[str, Any] | None = None) -> TaskVersion:
+    def publish(
+        self,
+        task: str,
+        source: Path | bytes,
+        *,
+        method: str,
+        ratio: float | None,
+        origin: str = "artifact",
+        quality: dict[str, Any] | None = None,
+    ) -> TaskVersion:
         """Store the artifact and make it the task's new current version; returns that version."""
         validate_task_name(task)
         sha256, size = digest_of(source)
         self.store.put_blob(sha256, source)
-        draft = TaskVersion(task=task, version=0, sha256=sha256, size=size, method=method, ratio=ratio,
-                            created=time.time(), source=origin, quality=dict(quality or {}))
+        draft = TaskVersion(
+            task=task,
+            version=0,
+            sha256=sha256,
+            size=size,
+            method=method,
+            ratio=ratio,
+            created=time.time(),
+            source=origin,
+            quality=dict(quality or {}),
+        )
         published = self.store.add_version(draft)
         log.info("published task %s version %d (%s, %d bytes)", task, published.version, sha256[:12], size)
         self._changed(task)

@@ -70,8 +70,9 @@ class RegistryView:
         if found is not None:
             return found
         if not self.reachable:
-            raise RegistryUnavailableError(f"the registry is unreachable and task {task!r} is not in its last "
-                                           f"known index")
+            raise RegistryUnavailableError(
+                f"the registry is unreachable and task {task!r} is not in its last known index"
+            )
         return self.refresh(task)
 
     def entries(self) -> list[TaskEntry]:
@@ -183,7 +184,7 @@ class RegistryView:
             if reachable:
                 log.info("registry reachable again; index resynced (%d tasks)", len(self._entries))
             else:
-                log.warning("registry unreachable (%s); serving the last known index (%d tasks)",
-                            error, len(self._entries))
+                log.warning(
+                    "registry unreachable (%s); serving the last known index (%d tasks)", error, len(self._entries)
+                )
         self.reachable = reachable
-

@@ -66,9 +66,8 @@ def test_base_plus_artifact_carries_the_reconstructed_delta(tiny_model: Path, tm
 
 
 def test_engine_answer_tokens_agree_with_merged_weights(tiny_model: Path, tmp_path: Path) -> None:
-    from compressor import compress
-
     from bench.testbed.engine_eval import engine_token_ids
+    from compressor import compress
 
     task = TASKS["routing"]
     prompts = [example.prompt for example in make_splits(task, SMALL)["test"]]

@@ -12,8 +12,9 @@ from testbed_fakes import low_rank_finetune
 from bench.testbed.quality_grid import Grid, Runner, planned_work
 from bench.testbed.quality_report import write_report
 
-GRID = Grid(("dates", "routing"), ("impart", "dare", "lowrank"), (8.0, 16.0), (), 2,
-            ((0.8, 0.5), (0.6, 1.0)), 8.0, True)
+GRID = Grid(
+    ("dates", "routing"), ("impart", "dare", "lowrank"), (8.0, 16.0), (), 2, ((0.8, 0.5), (0.6, 1.0)), 8.0, True
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,9 @@ def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     root = tmp_path_factory.mktemp("quality")
     for seed, task in enumerate(GRID.tasks):
         low_rank_finetune(tiny_model, root / "finetunes" / task, seed=seed + 5)
-    runner = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    runner = Runner(
+        limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache"
+    )
     return root, runner, runner.run(GRID)
 
 
@@ -41,14 +44,17 @@ def test_the_runner_does_the_planned_compressions_and_merges(run: tuple[Path, Ru
     assert results["timing"]["measured_counts"]["compress_s"] == work.compressions == 2 * (2 * 3 + 2 * 2 + 2)
     assert results["timing"]["measured_counts"]["merge_s"] == work.merges == 6
     assert [(m["how"], m["source"]) for m in results["merging"]] == [
-        (how, source) for source in ("none", "dare", "impart") for how in ("ta", "ties")]
+        (how, source) for source in ("none", "dare", "impart") for how in ("ta", "ties")
+    ]
     merge_keys = [key for key in runner.scores.scores if key.startswith("merge-")]
     assert len(merge_keys) == 6 * len(GRID.tasks), "each merged model is scored on each task"
 
 
 def test_a_rerun_reuses_every_artifact_and_score(run: tuple[Path, Runner, dict], tiny_model: Path) -> None:
     root, _, results = run
-    again = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    again = Runner(
+        limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache"
+    )
     rerun = again.run(GRID)
     assert rerun["rows"] == results["rows"] and rerun["merging"] == results["merging"]
     assert all(not values for values in again.timing.values())
@@ -74,12 +80,15 @@ def test_two_score_caches_on_one_file_keep_each_others_scores(tmp_path: Path) ->
     assert ScoreCache(tmp_path / "scores.json").scores == {"a": 0.5, "b": 0.25}
 
 
-def test_cells_are_filled_breadth_first(run: tuple[Path, Runner, dict], tiny_model: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cells_are_filled_breadth_first(
+    run: tuple[Path, Runner, dict], tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Seed 0 of every cell and the merges come before any second seed: a run stopped early still
     leaves every cell with one score."""
     root, _, _ = run
-    again = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache")
+    again = Runner(
+        limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes", cache=root / "cache"
+    )
     order: list[str] = []
     real = again.score
 
@@ -95,12 +104,19 @@ def test_cells_are_filled_breadth_first(run: tuple[Path, Runner, dict], tiny_mod
     assert {key.split("/")[1] for key in order[:first_second_seed] if "-s0" in key} >= {"dates", "routing"}
 
 
-def test_cached_only_reports_what_is_scored_and_computes_nothing(run: tuple[Path, Runner, dict], tiny_model: Path,
-                                                                 tmp_path: Path) -> None:
+def test_cached_only_reports_what_is_scored_and_computes_nothing(
+    run: tuple[Path, Runner, dict], tiny_model: Path, tmp_path: Path
+) -> None:
     root, _, _ = run
     bigger = Grid(GRID.tasks, GRID.methods, (8.0, 16.0, 32.0), (), 3, GRID.beta_c, 8.0, True)
-    runner = Runner(limit=3, train_missing=False, base_dir=tiny_model, finetunes=root / "finetunes",
-                    cache=root / "cache", cached_only=True)
+    runner = Runner(
+        limit=3,
+        train_missing=False,
+        base_dir=tiny_model,
+        finetunes=root / "finetunes",
+        cache=root / "cache",
+        cached_only=True,
+    )
     results = runner.run(bigger)
     assert all(not values for values in runner.timing.values()), "nothing compressed, merged or decoded"
     assert {r["ratio"] for r in results["rows"]} == {8.0, 16.0}

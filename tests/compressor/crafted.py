@@ -79,6 +79,7 @@ def _poke(value: float) -> Edit:
             key = _pick(tensors, rng, ("s", "delta", "groups"))
         flat = tensors[key].view(-1)
         flat[rng.randrange(flat.numel())] = value
+
     return edit
 
 
@@ -158,9 +159,19 @@ def _bad_entry(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
 
 
 def _bad_field(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
-    field, value = rng.choice([("ratio", "thirty-two"), ("ratio", float("nan")), ("quality", [1, 2]),
-                               ("quality", {"x": float("inf")}), ("params", [1]), ("method", 3),
-                               ("modules", []), ("modules", None), ("params", None)])
+    field, value = rng.choice(
+        [
+            ("ratio", "thirty-two"),
+            ("ratio", float("nan")),
+            ("quality", [1, 2]),
+            ("quality", {"x": float("inf")}),
+            ("params", [1]),
+            ("method", 3),
+            ("modules", []),
+            ("modules", None),
+            ("params", None),
+        ]
+    )
     manifest[field] = value
 
 
@@ -170,8 +181,32 @@ def _qsvd_bit_rule(manifest: dict, tensors: Tensors, rng: random.Random) -> None
     entry["bit_rule"] = rng.choice([[], [[2, 0], [None, 2]], [[2, 9], [None, 2]], [[2, 8]], "8"])
 
 
-FUZZ_VALUES = [None, True, 0, -1, 1, 2**70, 1.5, float("nan"), "", "x", "ff", [], [1], [[1]], {}, {"a": 1},
-               [2, 3], [64, 64], [-5], "svd", "qsvd", "sparse", "dense", "full"]
+FUZZ_VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    1,
+    2**70,
+    1.5,
+    float("nan"),
+    "",
+    "x",
+    "ff",
+    [],
+    [1],
+    [[1]],
+    {},
+    {"a": 1},
+    [2, 3],
+    [64, 64],
+    [-5],
+    "svd",
+    "qsvd",
+    "sparse",
+    "dense",
+    "full",
+]
 
 
 def random_edit(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
@@ -185,8 +220,16 @@ def random_edit(manifest: dict, tensors: Tensors, rng: random.Random) -> None:
     else:
         key = rng.choice(sorted(tensors))
         t = tensors[key]
-        tensors[key] = rng.choice([t.to(torch.float32), t.to(torch.uint8), t.reshape(1, -1), torch.zeros(0),
-                                   t[: t.numel() // 2], torch.zeros(5, 5)])
+        tensors[key] = rng.choice(
+            [
+                t.to(torch.float32),
+                t.to(torch.uint8),
+                t.reshape(1, -1),
+                torch.zeros(0),
+                t[: t.numel() // 2],
+                torch.zeros(5, 5),
+            ]
+        )
 
 
 ARTIFACT_EDITS: dict[str, Edit] = {
@@ -216,8 +259,15 @@ QSVD_EDITS: dict[str, Edit] = {"bad bit rule": _qsvd_bit_rule}
 
 def raw_damage(good: bytes, rng: random.Random) -> tuple[str, bytes]:
     """Damage no re-sealing hides: truncation, a flipped byte, metadata that is not a string."""
-    kind = rng.choice(["truncated", "flipped byte", "metadata value not a string", "header not an object",
-                       "manifest nested past the parser's depth"])
+    kind = rng.choice(
+        [
+            "truncated",
+            "flipped byte",
+            "metadata value not a string",
+            "header not an object",
+            "manifest nested past the parser's depth",
+        ]
+    )
     if kind == "truncated":
         return kind, good[: rng.randrange(len(good))]
     if kind == "flipped byte":
@@ -237,6 +287,7 @@ def raw_damage(good: bytes, rng: random.Random) -> tuple[str, bytes]:
 def checkpoint_edits(outside: Path) -> dict[str, Callable[[Path], None]]:
     """Edits of a sharded checkpoint folder (index + shards + config.json) that must be refused;
     `outside` is a real safetensors file outside the folder."""
+
     def index(value: object) -> Callable[[Path], None]:
         return lambda folder: (folder / "model.safetensors.index.json").write_text(json.dumps(value))
 
@@ -247,6 +298,7 @@ def checkpoint_edits(outside: Path) -> dict[str, Callable[[Path], None]]:
             first = sorted(parsed["weight_map"])[0]
             parsed["weight_map"][first] = value
             path.write_text(json.dumps(parsed))
+
         return edit
 
     def link_out(folder: Path) -> None:
@@ -255,16 +307,23 @@ def checkpoint_edits(outside: Path) -> dict[str, Callable[[Path], None]]:
         shard.symlink_to(outside)
 
     return {
-        "absolute path": entry(str(outside)), "dot-dot": entry(f"../{outside.parent.name}/{outside.name}"),
-        "sub folder": entry(f"sub/{outside.name}"), "backslash": entry("..\\model.safetensors"),
-        "not uploaded": entry("model-00009-of-00009.safetensors"), "not a string": entry(["a.safetensors"]),
-        "index a list": index([]), "index a string": index("model.safetensors"),
-        "weight_map null": index({"weight_map": None}), "weight_map a list": index({"weight_map": ["x"]}),
-        "weight_map missing": index({"metadata": {}}), "symlink out": link_out,
+        "absolute path": entry(str(outside)),
+        "dot-dot": entry(f"../{outside.parent.name}/{outside.name}"),
+        "sub folder": entry(f"sub/{outside.name}"),
+        "backslash": entry("..\\model.safetensors"),
+        "not uploaded": entry("model-00009-of-00009.safetensors"),
+        "not a string": entry(["a.safetensors"]),
+        "index a list": index([]),
+        "index a string": index("model.safetensors"),
+        "weight_map null": index({"weight_map": None}),
+        "weight_map a list": index({"weight_map": ["x"]}),
+        "weight_map missing": index({"metadata": {}}),
+        "symlink out": link_out,
         "config a list": lambda folder: (folder / "config.json").write_text("[]"),
         "config null": lambda folder: (folder / "config.json").write_text("null"),
         "config a string": lambda folder: (folder / "config.json").write_text('"llama"'),
         "config not json": lambda folder: (folder / "config.json").write_text("{"),
         "config nested past the parser's depth": lambda folder: (folder / "config.json").write_text(
-            "[" * DEEP + "]" * DEEP),
+            "[" * DEEP + "]" * DEEP
+        ),
     }

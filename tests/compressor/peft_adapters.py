@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 
 RICH = {
-    "r": 4, "lora_alpha": 8, "use_rslora": True,
+    "r": 4,
+    "lora_alpha": 8,
+    "use_rslora": True,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
-    "rank_pattern": {"v_proj": 2, "layers.1.mlp.down_proj": 6}, "alpha_pattern": {"o_proj": 3, "up_proj": 5.5},
+    "rank_pattern": {"v_proj": 2, "layers.1.mlp.down_proj": 6},
+    "alpha_pattern": {"o_proj": 3, "up_proj": 5.5},
     "modules_to_save": ["lm_head"],
 }
 """Several targets (embedding LoRA too), rank_pattern, alpha_pattern, rslora, modules_to_save."""

@@ -7,20 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from crafted import rewrite_manifest
+from tiny_finetunes import perturb, shard
 
 import compressor
 from compressor.checkpoint import Checkpoint
-
-from crafted import rewrite_manifest
-from tiny_finetunes import perturb, shard
 
 
 @pytest.fixture(scope="module")
 def artifacts(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base, ft = pair
     root = tmp_path_factory.mktemp("artifacts")
-    return {m: compressor.compress(base, ft, root / f"{m}.safetensors", method=m, ratio=8.0).out_path
-            for m in ("impart", "lowrank", "dare")}
+    return {
+        m: compressor.compress(base, ft, root / f"{m}.safetensors", method=m, ratio=8.0).out_path
+        for m in ("impart", "lowrank", "dare")
+    }
 
 
 @pytest.mark.parametrize("method", ["impart", "lowrank", "dare"])

@@ -17,8 +17,26 @@ from server.cli import main
 def test_compress_inspect_reconstruct(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base, ft = pair
     out = tmp_path / "task.safetensors"
-    assert main(["compress", "--base", str(base), "--finetuned", str(ft), "--out", str(out),
-                 "--method", "impart", "--ratio", "8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--base",
+                str(base),
+                "--finetuned",
+                str(ft),
+                "--out",
+                str(out),
+                "--method",
+                "impart",
+                "--ratio",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "linear CR 8.00" in capsys.readouterr().out
     assert main(["inspect", str(out), "--base", str(base), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -49,16 +67,35 @@ def test_merge_ta_and_ties_from_artifacts_and_folders(
     art = tmp_path / "a.safetensors"
     compressor.compress(base, ft, art, method="dare", ratio=4.0)
     out = tmp_path / "merged.safetensors"
-    assert main(["merge", str(art), str(ft), "--base", str(base), "--out", str(out), "--how", "ta",
-                 "--scale", "0.5"]) == 0
+    assert (
+        main(["merge", str(art), str(ft), "--base", str(base), "--out", str(out), "--how", "ta", "--scale", "0.5"]) == 0
+    )
     merged = compressor.load_artifact(out, base_dir=base)
     name = "model.layers.0.self_attn.q_proj.weight"
     raw = Checkpoint(ft).tensor(name) - Checkpoint(base).tensor(name)
     expected = 0.5 * (compressor.load_artifact(art).module(name).dense() + raw)
     assert merged.method == "merge-ta" and merged.module(name).kind == "factors"
     torch.testing.assert_close(merged.module(name).dense(), expected, atol=1e-4, rtol=1e-3)
-    assert main(["merge", str(art), str(ft), "--base", str(base), "--out", str(out), "--how", "ties",
-                 "--store", "impart", "--ratio", "8"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                str(art),
+                str(ft),
+                "--base",
+                str(base),
+                "--out",
+                str(out),
+                "--how",
+                "ties",
+                "--store",
+                "impart",
+                "--ratio",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert compressor.load_artifact(out).manifest["params"]["store"] == "impart"
 
 

@@ -50,8 +50,15 @@ def test_rich_adapter_equals_peft_merge_and_unload(pair: tuple[Path, Path], rich
 
 def test_regex_targets_on_a_tied_base(tied_pair: tuple[Path, Path], tmp_path: Path) -> None:
     base = tied_pair[0]
-    adapter = write_adapter(base, tmp_path / "ad", seed=4, r=3, lora_alpha=6,
-                            target_modules=r".*\.(q_proj|down_proj)", alpha_pattern={"layers.0.self_attn.q_proj": 1})
+    adapter = write_adapter(
+        base,
+        tmp_path / "ad",
+        seed=4,
+        r=3,
+        lora_alpha=6,
+        target_modules=r".*\.(q_proj|down_proj)",
+        alpha_pattern={"layers.0.self_attn.q_proj": 1},
+    )
     report = import_lora(adapter, base, tmp_path / "a.safetensors")
     assert {m.name.rsplit(".", 2)[-2] for m in report.modules} == {"q_proj", "down_proj"}
     assert _max_weight_gap(base, adapter, tmp_path / "a.safetensors") < 1e-5
@@ -64,8 +71,13 @@ def test_fused_projection_names_split_into_the_bases_parts(pair: tuple[Path, Pat
     a, b = torch.randn(2, 64, generator=gen), torch.randn(64 + 32 + 32, 2, generator=gen)
     folder = tmp_path / "fused"
     folder.mkdir()
-    save_file({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": a,
-               "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight": b}, str(folder / WEIGHTS))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": a,
+            "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight": b,
+        },
+        str(folder / WEIGHTS),
+    )
     (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"]}))
     art = load_artifact(import_lora(folder, base, tmp_path / "a.safetensors").out_path, base)
     expected = (b @ a * 2.0).split([64, 32, 32])
@@ -89,16 +101,28 @@ def _renamed(rich: Path, old: str, new: str) -> dict[str, torch.Tensor]:
     return {k.replace(old, new): v for k, v in load_file(str(rich / WEIGHTS)).items()}
 
 
-@pytest.mark.parametrize(("config", "field"), [
-    ({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"), ({"bias": "lora_only"}, "bias"),
-    ({"r": "4"}, "r"), ({"lora_alpha": None}, "lora_alpha"), ({"use_rslora": "yes"}, "use_rslora"),
-    ({"rank_pattern": {"v_proj": 3}}, "rank_pattern"), ({"rank_pattern": ["v_proj"]}, "rank_pattern"), ({"alpha_pattern": []}, "alpha_pattern"),
-    ({"alpha_pattern": {"(": 2}}, "alpha_pattern"), ({"target_modules": 5}, "target_modules"),
-    ({"modules_to_save": "lm_head"}, "modules_to_save"), ({"peft_type": "IA3"}, "peft_type"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
-    # catastrophic backtracking on every module name: refused within the match timeout, not a hang
-    ({"alpha_pattern": {"(.*){1,32000}[bc]": 2}}, "alpha_pattern"),
-])
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"bias": "all"}, "bias"),
+        ({"bias": "lora_only"}, "bias"),
+        ({"r": "4"}, "r"),
+        ({"lora_alpha": None}, "lora_alpha"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+        ({"rank_pattern": {"v_proj": 3}}, "rank_pattern"),
+        ({"rank_pattern": ["v_proj"]}, "rank_pattern"),
+        ({"alpha_pattern": []}, "alpha_pattern"),
+        ({"alpha_pattern": {"(": 2}}, "alpha_pattern"),
+        ({"target_modules": 5}, "target_modules"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save"),
+        ({"peft_type": "IA3"}, "peft_type"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"lora_bias": True}, "lora_bias"),
+        # catastrophic backtracking on every module name: refused within the match timeout, not a hang
+        ({"alpha_pattern": {"(.*){1,32000}[bc]": 2}}, "alpha_pattern"),
+    ],
+)
 def test_unsupported_or_malformed_config_is_refused_naming_the_field(
     pair: tuple[Path, Path], rich: Path, tmp_path: Path, config: dict, field: str
 ) -> None:
@@ -108,9 +132,10 @@ def test_unsupported_or_malformed_config_is_refused_naming_the_field(
     assert not (tmp_path / "a.safetensors").exists()
 
 
-@pytest.mark.parametrize("text", ["[]", "null", "\"r\"", "{", "[" * 100_000])
-def test_config_that_is_not_an_object_is_refused(pair: tuple[Path, Path], rich: Path, tmp_path: Path,
-                                                 text: str) -> None:
+@pytest.mark.parametrize("text", ["[]", "null", '"r"', "{", "[" * 100_000])
+def test_config_that_is_not_an_object_is_refused(
+    pair: tuple[Path, Path], rich: Path, tmp_path: Path, text: str
+) -> None:
     folder = _edited(rich, tmp_path)
     (folder / "adapter_config.json").write_text(text)
     with pytest.raises(AdapterError) as refused:
@@ -153,16 +178,20 @@ def _crafted_lora(data: bytes, role: str, value: torch.Tensor | None) -> bytes:
     return seal(manifest, tensors)
 
 
-@pytest.mark.parametrize(("role", "value", "words"), [
-    ("u", torch.full((64, 4), float("nan")), "non-finite"),
-    ("v", torch.zeros(63, 4), "shape"),
-    ("s", torch.zeros(5), "shape"),
-    ("s", None, "missing"),
-    ("u", torch.zeros(64, 4, dtype=torch.int32), "expected torch.float32"),
-    ("s", torch.full((4,), 1e30), "beyond the servable"),
-])
-def test_crafted_lora_modules_are_refused_by_verify(pair: tuple[Path, Path], rich: Path, tmp_path: Path,
-                                                    role: str, value: torch.Tensor | None, words: str) -> None:
+@pytest.mark.parametrize(
+    ("role", "value", "words"),
+    [
+        ("u", torch.full((64, 4), float("nan")), "non-finite"),
+        ("v", torch.zeros(63, 4), "shape"),
+        ("s", torch.zeros(5), "shape"),
+        ("s", None, "missing"),
+        ("u", torch.zeros(64, 4, dtype=torch.int32), "expected torch.float32"),
+        ("s", torch.full((4,), 1e30), "beyond the servable"),
+    ],
+)
+def test_crafted_lora_modules_are_refused_by_verify(
+    pair: tuple[Path, Path], rich: Path, tmp_path: Path, role: str, value: torch.Tensor | None, words: str
+) -> None:
     data = import_lora(rich, pair[0], tmp_path / "a.safetensors").out_path.read_bytes()
     with pytest.raises(InvalidArtifactError, match="q_proj") as refused:
         verify_artifact(_crafted_lora(data, role, value), pair[0])
@@ -184,8 +213,9 @@ def test_ratio_compresses_the_adapters_delta(pair: tuple[Path, Path], rich: Path
     assert refused.value.field == "method"
 
 
-def test_cli_imports_and_inspect_shows_rank_and_bytes(pair: tuple[Path, Path], rich: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_imports_and_inspect_shows_rank_and_bytes(
+    pair: tuple[Path, Path], rich: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli.safetensors"
     assert main(["import-lora", str(rich), "--base", str(pair[0]), "--out", str(out)]) == 0
     assert "rank 2-6" in capsys.readouterr().out

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-
 def perturb(base: Path, dest: Path, seed: int = 1, rank: int = 4, noise: float = 0.1) -> Path:
     """Copy `base` to `dest` with a low-rank + noise delta on every 2-D tensor and a small dense
     delta on 1-D ones: the shape of a real fine-tune's delta at tiny scale."""

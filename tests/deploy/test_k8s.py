@@ -8,24 +8,27 @@ import copy
 import re
 import socket
 import subprocess
-from functools import lru_cache
+from functools import cache
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from .support import (DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, VERSION, known_setting, parse_settings,
-                      tool)
+from .support import DEPLOY, GATEWAY, GATEWAY_VAR, SECRET_SETTINGS, VERSION, known_setting, parse_settings, tool
 
 K8S_VERSION = "1.37.0"
 OVERLAYS = ["cpu", "gpu"]
 WORKLOADS = {"Deployment", "StatefulSet"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(overlay: str) -> tuple[dict, ...]:
-    result = subprocess.run([str(tool("kubectl")), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(tool("kubectl")), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -69,11 +72,19 @@ def test_validator_knows_the_pinned_kubernetes_version() -> None:
 
 def test_overlays_render_every_component(docs: list[dict]) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for expected in [("Namespace", "deltaserve"), ("StatefulSet", "deltaserve"), ("Deployment", "deltaserve-gateway"),
-                     ("StatefulSet", "deltaserve-redis"), ("Service", "deltaserve"), ("Service", "deltaserve-replicas"),
-                     ("Service", "deltaserve-redis"), ("PersistentVolumeClaim", "deltaserve-models"),
-                     ("Secret", "deltaserve-keys"), ("PodDisruptionBudget", "deltaserve"),
-                     ("HorizontalPodAutoscaler", "deltaserve")]:
+    for expected in [
+        ("Namespace", "deltaserve"),
+        ("StatefulSet", "deltaserve"),
+        ("Deployment", "deltaserve-gateway"),
+        ("StatefulSet", "deltaserve-redis"),
+        ("Service", "deltaserve"),
+        ("Service", "deltaserve-replicas"),
+        ("Service", "deltaserve-redis"),
+        ("PersistentVolumeClaim", "deltaserve-models"),
+        ("Secret", "deltaserve-keys"),
+        ("PodDisruptionBudget", "deltaserve"),
+        ("HorizontalPodAutoscaler", "deltaserve"),
+    ]:
         assert expected in kinds, expected
     assert all(d["metadata"].get("namespace") == "deltaserve" for d in docs if d["kind"] != "Namespace")
 
@@ -110,8 +121,9 @@ def test_server_probes_ready_for_traffic_and_health_for_liveness(docs: list[dict
     assert server["livenessProbe"]["httpGet"]["path"] == "/health"
     assert server["startupProbe"]["httpGet"]["path"] == "/health"
     port = server["readinessProbe"]["httpGet"]["port"]
-    assert any(p["name"] == port and p["containerPort"] == int(_settings(docs)["DELTASERVE_PORT"])
-               for p in server["ports"])
+    assert any(
+        p["name"] == port and p["containerPort"] == int(_settings(docs)["DELTASERVE_PORT"]) for p in server["ports"]
+    )
 
 
 def test_every_container_has_cpu_and_memory_requests_and_limits(docs: list[dict]) -> None:
@@ -157,14 +169,16 @@ def test_keys_come_from_the_secret_which_git_leaves_empty(docs: list[dict]) -> N
 
 def test_init_container_provisions_the_model_into_the_shared_claim(docs: list[dict]) -> None:
     pod = _one(docs, "StatefulSet", "deltaserve")["spec"]["template"]["spec"]
-    claim = next(v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")
-                 == "deltaserve-models")
+    claim = next(
+        v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "deltaserve-models"
+    )
     init = pod["initContainers"][0]
     assert init["args"] == ["models", "pull", "smollm2"]
     cache = _settings(docs)["DELTASERVE_MODEL_CACHE"]
     for container in (init, _server(docs)):
-        assert {"name": claim, "mountPath": cache} == {k: v for k, v in container["volumeMounts"][0].items()
-                                                        if k in ("name", "mountPath")}
+        assert {"name": claim, "mountPath": cache} == {
+            k: v for k, v in container["volumeMounts"][0].items() if k in ("name", "mountPath")
+        }
     _one(docs, "PersistentVolumeClaim", "deltaserve-models")
 
 
@@ -192,8 +206,9 @@ def test_every_selector_selects_pods(docs: list[dict]) -> None:
             assert _matches(spec["selector"]["matchLabels"], docs), doc["metadata"]["name"]
         if doc["kind"] == "NetworkPolicy":
             assert _matches(spec["podSelector"]["matchLabels"], docs)
-            assert all(_matches(src["podSelector"]["matchLabels"], docs) for rule in spec["ingress"]
-                       for src in rule["from"])
+            assert all(
+                _matches(src["podSelector"]["matchLabels"], docs) for rule in spec["ingress"] for src in rule["from"]
+            )
 
 
 def test_autoscaler_targets_the_server_deployment(docs: list[dict]) -> None:
@@ -241,7 +256,9 @@ def test_gateway_gets_its_files_and_resolves_the_ready_replicas(docs: list[dict]
     config = {v["name"]: v["configMap"]["name"] for v in gateway["volumes"] if "configMap" in v}
     nginx = _one(docs, "ConfigMap", config["nginx-conf"])["data"]["nginx.conf"]
     assert nginx == (GATEWAY / "nginx.conf").read_text()
-    assert _one(docs, "ConfigMap", config["njs"])["data"]["deltaserve.js"] == (GATEWAY / "njs/deltaserve.js").read_text()
+    assert (
+        _one(docs, "ConfigMap", config["njs"])["data"]["deltaserve.js"] == (GATEWAY / "njs/deltaserve.js").read_text()
+    )
 
 
 def test_gateway_ring_has_one_name_per_possible_server_replica(docs: list[dict]) -> None:

@@ -62,14 +62,24 @@ def launch_server(base: Path, tmp: Path, **env: str) -> LiveServer:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     variables = {
-        "DELTASERVE_BASE_MODEL": str(base), "DELTASERVE_PORT": str(port), "DELTASERVE_HOST": "127.0.0.1",
-        "DELTASERVE_REGISTRY_DIR": str(tmp / "registry"), "DELTASERVE_WORK_DIR": str(tmp / "work"),
-        "DELTASERVE_KV_CACHE_BYTES": str(8 << 20), "DELTASERVE_ADMIN_KEYS": ADMIN_KEY,
-        "DELTASERVE_LOG_LEVEL": "info", "OMP_NUM_THREADS": "1", **env,
+        "DELTASERVE_BASE_MODEL": str(base),
+        "DELTASERVE_PORT": str(port),
+        "DELTASERVE_HOST": "127.0.0.1",
+        "DELTASERVE_REGISTRY_DIR": str(tmp / "registry"),
+        "DELTASERVE_WORK_DIR": str(tmp / "work"),
+        "DELTASERVE_KV_CACHE_BYTES": str(8 << 20),
+        "DELTASERVE_ADMIN_KEYS": ADMIN_KEY,
+        "DELTASERVE_LOG_LEVEL": "info",
+        "OMP_NUM_THREADS": "1",
+        **env,
     }
     log = tmp / f"server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=os.environ | variables,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"],
+        env=os.environ | variables,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     return LiveServer(f"http://127.0.0.1:{port}", proc, log, tmp / "work")
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from live import ADMIN_KEY, LiveServer, publish_synthetic_tasks, start_server
 
 TASK_NAMES = ("north", "south", "east")
@@ -42,16 +41,25 @@ def _client(server: LiveServer) -> openai.OpenAI:
 
 def _alone(server: LiveServer, model: str, text: str) -> str:
     reply = _client(server).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     return reply.choices[0].message.content or ""
 
 
 def _stream(server: LiveServer, model: str, text: str) -> tuple[str, str | None]:
     """The streamed text and finish_reason; an error event in the stream raises."""
     stream = _client(server).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=MAX_TOKENS, temperature=0,
-        stream=True, extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     pieces, finish = [], None
     for chunk in stream:
         for choice in chunk.choices:
@@ -75,8 +83,12 @@ def _poisons() -> list[dict]:
 
 def _send_raw(server: LiveServer, body: dict) -> int:
     data = json.dumps(body, ensure_ascii=True).encode()
-    reply = httpx.post(f"{server.url}/v1/chat/completions", content=data, timeout=120,
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=data,
+        timeout=120,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+    )
     assert reply.status_code < 500, reply.text
     if reply.status_code >= 400:
         assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}, reply.text
@@ -86,8 +98,13 @@ def _send_raw(server: LiveServer, body: dict) -> int:
 def _vanish(server: LiveServer) -> None:
     """Open a stream, read one event, and drop the connection."""
     body = {"model": "south", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as reply:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as reply:
         next(reply.iter_lines())
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-
 from live import ADMIN_KEY, LiveServer, start_server
+
 from tests.engine.conftest import hf_greedy
 
 KV_BYTES = 128 << 20
@@ -23,8 +23,12 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = start_server(smollm2_dir, tmp_path_factory.mktemp("long-prompts"),
-                          DELTASERVE_KV_CACHE_BYTES=str(KV_BYTES), DELTASERVE_MAX_BATCH_TOKENS="512")
+    server = start_server(
+        smollm2_dir,
+        tmp_path_factory.mktemp("long-prompts"),
+        DELTASERVE_KV_CACHE_BYTES=str(KV_BYTES),
+        DELTASERVE_MAX_BATCH_TOKENS="512",
+    )
     yield server
     server.stop()
 
@@ -34,8 +38,10 @@ def _client(server: LiveServer) -> openai.OpenAI:
 
 
 def _messages(repeats: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SENTENCE * repeats},
-            {"role": "user", "content": "Which ledgers does the archive keep?"}]
+    return [
+        {"role": "system", "content": SENTENCE * repeats},
+        {"role": "user", "content": "Which ledgers does the archive keep?"},
+    ]
 
 
 @pytest.mark.slow
@@ -49,11 +55,21 @@ def test_a_2000_token_system_prompt_answers_like_transformers(smollm2_server: Li
     assert 1900 < len(prompt_ids) < 2400, len(prompt_ids)
     client = _client(smollm2_server)
     with ThreadPoolExecutor(2) as pool:
-        long_reply = pool.submit(client.chat.completions.create, model="smollm2", messages=messages,
-                                 max_tokens=STEPS, temperature=0, extra_body={"return_token_ids": True,
-                                                                              "ignore_eos": True})
-        short_reply = pool.submit(client.chat.completions.create, model="smollm2", max_tokens=4, temperature=0,
-                                  messages=[{"role": "user", "content": "hi"}])
+        long_reply = pool.submit(
+            client.chat.completions.create,
+            model="smollm2",
+            messages=messages,
+            max_tokens=STEPS,
+            temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )
+        short_reply = pool.submit(
+            client.chat.completions.create,
+            model="smollm2",
+            max_tokens=4,
+            temperature=0,
+            messages=[{"role": "user", "content": "hi"}],
+        )
         reply, short = long_reply.result(), short_reply.result()
     assert reply.usage.prompt_tokens == len(prompt_ids)
     assert reply.choices[0].finish_reason == "length" and short.choices[0].finish_reason in ("length", "stop")

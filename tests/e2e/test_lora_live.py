@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-
 from live import ADMIN_KEY, LiveServer, redis_replicas
+
 from tests.compressor.peft_adapters import RICH, peft_merged, write_adapter
 from tests.engine.conftest import hf_greedy
 from tests.waiting import eventually
@@ -27,8 +27,9 @@ def replicas(redis_url: str, tiny_model: Path, tmp_path: Path) -> Iterator[tuple
 
 def _logprobs(server: LiveServer, task: str) -> torch.Tensor:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
-    reply = client.completions.create(model=task, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
-                                      extra_body={"ignore_eos": True})
+    reply = client.completions.create(
+        model=task, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
     return torch.tensor(reply.choices[0].logprobs.token_logprobs)
 
 
@@ -41,8 +42,10 @@ def test_a_lora_task_uploaded_to_one_replica_serves_exactly_on_the_other(
     replicas: tuple[LiveServer, LiveServer], tiny_model: Path, tmp_path: Path
 ) -> None:
     first, second = replicas
-    adapters = [write_adapter(tiny_model, tmp_path / "rich", seed=31, **RICH),
-                write_adapter(tiny_model, tmp_path / "plain", seed=32, r=2, lora_alpha=2, target_modules=["v_proj"])]
+    adapters = [
+        write_adapter(tiny_model, tmp_path / "rich", seed=31, **RICH),
+        write_adapter(tiny_model, tmp_path / "plain", seed=32, r=2, lora_alpha=2, target_modules=["v_proj"]),
+    ]
     with first.admin() as admin, second.admin() as other:
         for version, adapter in enumerate(adapters, start=1):
             files = [("file", (name, (adapter / name).read_bytes())) for name in FILES]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import signal
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +17,9 @@ from types import ModuleType
 
 import httpx
 import pytest
+from live import LiveServer, checkpoint_files, start_server
 
 import compressor
-from live import LiveServer, checkpoint_files, start_server
 
 GENERATED = 120
 """Bad uploads in the generated set (the goal: at least 100, none published)."""
@@ -29,7 +29,9 @@ METHODS = ("impart", "dare", "impart-qt")
 def _crafted() -> ModuleType:
     """tests/compressor/crafted.py, the crafting helpers the compressor tests use (one copy)."""
     if "crafted" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("crafted", Path(__file__).parents[1] / "compressor" / "crafted.py")
+        spec = importlib.util.spec_from_file_location(
+            "crafted", Path(__file__).parents[1] / "compressor" / "crafted.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["crafted"] = module
         spec.loader.exec_module(module)
@@ -50,8 +52,12 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def good(tiny_model: Path, finetunes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Good artifacts of three layouts (svd, sparse, qsvd) of one fine-tune."""
     root = tmp_path_factory.mktemp("good")
-    return {m: compressor.compress(tiny_model, finetunes["math"], root / f"{m}.safetensors", method=m,
-                                   ratio=8.0).out_path.read_bytes() for m in METHODS}
+    return {
+        m: compressor.compress(
+            tiny_model, finetunes["math"], root / f"{m}.safetensors", method=m, ratio=8.0
+        ).out_path.read_bytes()
+        for m in METHODS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +96,8 @@ def _method_for(kind: str) -> str:
 
 @pytest.mark.parametrize("kind", list(_all_edits()))
 def test_a_crafted_artifact_is_400_invalid_artifact_and_publishes_nothing(
-        kind: str, server: LiveServer, admin: httpx.Client, good: dict[str, bytes], tiny_model: Path) -> None:
+    kind: str, server: LiveServer, admin: httpx.Client, good: dict[str, bytes], tiny_model: Path
+) -> None:
     before = _state(server, admin)
     bad = crafted.craft(good[_method_for(kind)], _all_edits()[kind], random.Random(7))
     reply = admin.put("/admin/v1/tasks/crafted/artifact", content=bad)
@@ -102,7 +109,8 @@ def test_a_crafted_artifact_is_400_invalid_artifact_and_publishes_nothing(
 
 
 def test_truncated_flipped_and_non_string_metadata_artifacts_are_refused(
-        server: LiveServer, admin: httpx.Client, good: dict[str, bytes]) -> None:
+    server: LiveServer, admin: httpx.Client, good: dict[str, bytes]
+) -> None:
     before, rng, kinds = _state(server, admin), random.Random(3), set()
     while len(kinds) < 5:
         kind, bad = crafted.raw_damage(good["impart"], rng)
@@ -124,8 +132,8 @@ HTTP_CHECKPOINT_KINDS = [k for k in crafted.checkpoint_edits(Path("/x")) if k !=
 
 @pytest.mark.parametrize("kind", HTTP_CHECKPOINT_KINDS)
 def test_a_crafted_shard_index_or_config_is_400_naming_the_entry(
-        kind: str, server: LiveServer, admin: httpx.Client, finetunes: dict[str, Path], tiny_model: Path,
-        tmp_path: Path) -> None:
+    kind: str, server: LiveServer, admin: httpx.Client, finetunes: dict[str, Path], tiny_model: Path, tmp_path: Path
+) -> None:
     """The issue's exploit first: an index naming the base's own weights by absolute path or `..`."""
     before = _state(server, admin)
     files = _edited_checkpoint(finetunes["code"], tmp_path, kind, tiny_model / "model.safetensors")
@@ -151,14 +159,20 @@ def _generated_case(index: int, good: dict[str, bytes], sharded: Path, tmp: Path
     return kind, "POST", "checkpoint", {"files": _edited_checkpoint(sharded, tmp, kind, outside)}
 
 
-def test_a_generated_set_of_bad_uploads_publishes_none(server: LiveServer, admin: httpx.Client,
-                                                       good: dict[str, bytes], finetunes: dict[str, Path],
-                                                       tiny_model: Path, tmp_path: Path) -> None:
+def test_a_generated_set_of_bad_uploads_publishes_none(
+    server: LiveServer,
+    admin: httpx.Client,
+    good: dict[str, bytes],
+    finetunes: dict[str, Path],
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
     before = _state(server, admin)
     statuses, published = [], 0
     for index in range(GENERATED):
-        kind, method, route, body = _generated_case(index, good, finetunes["code"], tmp_path,
-                                                    tiny_model / "model.safetensors")
+        _kind, method, route, body = _generated_case(
+            index, good, finetunes["code"], tmp_path, tiny_model / "model.safetensors"
+        )
         reply = admin.request(method, f"/admin/v1/tasks/gen-{index}/{route}", **body)
         statuses.append(reply.status_code)
         published += reply.status_code < 300
@@ -168,8 +182,9 @@ def test_a_generated_set_of_bad_uploads_publishes_none(server: LiveServer, admin
     assert [t["task"] for t in admin.get("/admin/v1/tasks").json()["data"]] == ["kept"]
 
 
-def test_a_job_running_at_sigterm_is_recorded_interrupted_at_once(tiny_model: Path, finetunes: dict[str, Path],
-                                                                   tmp_path: Path) -> None:
+def test_a_job_running_at_sigterm_is_recorded_interrupted_at_once(
+    tiny_model: Path, finetunes: dict[str, Path], tmp_path: Path
+) -> None:
     """SIGTERM while a job runs and a stream is being drained: the job's shared record says failed
     ("interrupted") within seconds, not `running` until it goes stale 60 s later; nothing is published
     and the upload and scratch are gone."""
@@ -177,8 +192,11 @@ def test_a_job_running_at_sigterm_is_recorded_interrupted_at_once(tiny_model: Pa
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "ignore_eos": True}
     try:
         with live.admin() as client:
-            job = client.post("/admin/v1/tasks/cut/checkpoint", params={"ratio": 8, "method": "impart-qt"},
-                              files=checkpoint_files(finetunes["math"])).json()
+            job = client.post(
+                "/admin/v1/tasks/cut/checkpoint",
+                params={"ratio": 8, "method": "impart-qt"},
+                files=checkpoint_files(finetunes["math"]),
+            ).json()
             while client.get(f"/admin/v1/jobs/{job['id']}").json()["state"] == "queued":
                 time.sleep(0.01)
             assert client.get(f"/admin/v1/jobs/{job['id']}").json()["state"] == "running"

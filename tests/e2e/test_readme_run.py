@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from live import LiveServer, start_server
 
 
@@ -24,7 +23,8 @@ def test_keyless_default_serves_the_base_on_localhost(keyless: LiveServer) -> No
     assert httpx.get(f"{keyless.url}/health").json() == {"status": "ok"}
     assert [card["id"] for card in httpx.get(f"{keyless.url}/v1/models").json()["data"]] == ["tiny"]
     client = openai.OpenAI(base_url=f"{keyless.url}/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=3, temperature=0)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+    )
     assert reply.usage.completion_tokens >= 1
     assert "serving on localhost only" in keyless.log.read_text()

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from live import ADMIN_KEY, LiveServer, checkpoint_files, greedy_reference, launch_server, wait_ready
+
 from tests.private_redis import PrivateRedis
 from tests.waiting import eventually
 
@@ -26,8 +26,9 @@ SWITCH_GOAL_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_model: Path, finetunes: dict[str, Path],
-              tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def artifacts(
+    tiny_model: Path, finetunes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, bytes]:
     """ImPart artifacts of both fine-tunes: "v1" (math) and "v2" (code), two versions to publish."""
     from compressor import compress
 
@@ -49,13 +50,19 @@ def expected(tiny_model: Path, tiny_tokenizer: object, artifacts: dict[str, byte
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrivateRedis, list[LiveServer]]]:
+def cluster(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PrivateRedis, list[LiveServer]]]:
     root = tmp_path_factory.mktemp("faults")
     redis_server = PrivateRedis(root / "redis")
     redis_server.start()
-    env = {"DELTASERVE_REGISTRY": "redis", "DELTASERVE_REDIS_URL": redis_server.url, "DELTASERVE_TORCH_THREADS": "1",
-           "DELTASERVE_REGISTRY_TIMEOUT": str(TIMEOUT_S), "DELTASERVE_REGISTRY_RESYNC_S": str(RESYNC_S)}
+    env = {
+        "DELTASERVE_REGISTRY": "redis",
+        "DELTASERVE_REDIS_URL": redis_server.url,
+        "DELTASERVE_TORCH_THREADS": "1",
+        "DELTASERVE_REGISTRY_TIMEOUT": str(TIMEOUT_S),
+        "DELTASERVE_REGISTRY_RESYNC_S": str(RESYNC_S),
+    }
     replicas = [launch_server(tiny_model, root / name, **env) for name in ("a", "b")]
     try:
         for replica in replicas:
@@ -70,8 +77,9 @@ def cluster(tiny_model: Path,
 def _chat(server: LiveServer, task: str) -> list[int]:
     """The greedy tokens `task` gets on `server` (without a closing end-of-sequence token)."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
-    reply = client.chat.completions.create(model=task, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
-                                           extra_body={"return_token_ids": True})
+    reply = client.chat.completions.create(
+        model=task, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True}
+    )
     return list(reply.choices[0].token_ids)
 
 
@@ -89,8 +97,6 @@ def _publish(server: LiveServer, task: str, data: bytes) -> httpx.Response:
         return admin.put(f"/admin/v1/tasks/{task}/artifact", content=data)
 
 
-
-
 def _assert_registry_unavailable(reply: httpx.Response) -> None:
     assert reply.status_code == 503, reply.text
     error = reply.json()["error"]
@@ -100,8 +106,8 @@ def _assert_registry_unavailable(reply: httpx.Response) -> None:
 
 
 def test_after_a_redis_kill_and_restart_a_republished_version_is_served_on_every_replica(
-        cluster: tuple[PrivateRedis, list[LiveServer]], artifacts: dict[str, bytes],
-        expected: dict[str, list[int]]) -> None:
+    cluster: tuple[PrivateRedis, list[LiveServer]], artifacts: dict[str, bytes], expected: dict[str, list[int]]
+) -> None:
     redis_server, replicas = cluster
     assert _publish(replicas[0], "flip", artifacts["v1"]).status_code == 201
     for replica in replicas:
@@ -114,16 +120,21 @@ def test_after_a_redis_kill_and_restart_a_republished_version_is_served_on_every
     started = time.monotonic()
     with ThreadPoolExecutor(len(replicas)) as pool:
         waits = list(pool.map(lambda r: eventually(lambda: _served(r, "flip", expected) == "v2", 10.0), replicas))
-    print(f"\nre-publish after a Redis kill/restart -> v2 served: {[round(w, 3) for w in waits if w]} s "
-          f"(total {time.monotonic() - started:.3f} s)")
+    print(
+        f"\nre-publish after a Redis kill/restart -> v2 served: {[round(w, 3) for w in waits if w]} s "
+        f"(total {time.monotonic() - started:.3f} s)"
+    )
     assert all(w is not None and w <= SWITCH_GOAL_S for w in waits), waits
     for replica in replicas:
         assert [_served(replica, "flip", expected) for _ in range(3)] == ["v2"] * 3
 
 
 def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503(
-        cluster: tuple[PrivateRedis, list[LiveServer]], artifacts: dict[str, bytes],
-        expected: dict[str, list[int]], finetunes: dict[str, Path]) -> None:
+    cluster: tuple[PrivateRedis, list[LiveServer]],
+    artifacts: dict[str, bytes],
+    expected: dict[str, list[int]],
+    finetunes: dict[str, Path],
+) -> None:
     redis_server, replicas = cluster
     assert _publish(replicas[0], "steady", artifacts["v1"]).status_code == 201
     for replica in replicas:
@@ -136,15 +147,21 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
         with ThreadPoolExecutor(8) as pool:
             outcomes = list(pool.map(lambda call: _outcome(call[0], call[1], expected), calls))
         errors = [o for o, (_, task) in zip(outcomes, calls) if o != want[task]]
-        print(f"\nRedis down: {len(calls)} concurrent requests in {time.monotonic() - started:.2f} s, "
-              f"{len(errors)} errors")
+        print(
+            f"\nRedis down: {len(calls)} concurrent requests in {time.monotonic() - started:.2f} s, "
+            f"{len(errors)} errors"
+        )
         assert errors == []
         with replicas[1].admin() as admin:
-            _assert_registry_unavailable(admin.post("/v1/chat/completions", json={
-                "model": "never-published", "messages": MESSAGES, "max_tokens": 2}))
+            _assert_registry_unavailable(
+                admin.post(
+                    "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
+                )
+            )
             _assert_registry_unavailable(admin.put("/admin/v1/tasks/steady/artifact", content=artifacts["v2"]))
-            _assert_registry_unavailable(admin.post("/admin/v1/tasks/new/checkpoint",
-                                                    files=checkpoint_files(finetunes["math"])))
+            _assert_registry_unavailable(
+                admin.post("/admin/v1/tasks/new/checkpoint", files=checkpoint_files(finetunes["math"]))
+            )
             assert "steady" in {m["id"] for m in admin.get("/v1/models").json()["data"]}
             listed = admin.get("/admin/v1/tasks").json()["data"]
             assert "steady" in {t["task"] for t in listed}
@@ -153,8 +170,18 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
     finally:
         redis_server.start()
     with replicas[1].admin() as admin:
-        assert eventually(lambda: admin.post("/v1/chat/completions", json={
-            "model": "never-published", "messages": MESSAGES, "max_tokens": 2}).status_code == 404, 5.0) is not None
+        assert (
+            eventually(
+                lambda: (
+                    admin.post(
+                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
+                    ).status_code
+                    == 404
+                ),
+                5.0,
+            )
+            is not None
+        )
         assert eventually(lambda: _gauge(admin, "deltaserve_registry_reachable") == 1.0, 5.0) is not None
     assert _publish(replicas[1], "steady", artifacts["v2"]).status_code == 201
     for replica in replicas:
@@ -177,8 +204,8 @@ def _outcome(server: LiveServer, task: str, expected: dict[str, list[int]]) -> s
 
 
 def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_the_timeout(
-        cluster: tuple[PrivateRedis, list[LiveServer]], artifacts: dict[str, bytes],
-        expected: dict[str, list[int]]) -> None:
+    cluster: tuple[PrivateRedis, list[LiveServer]], artifacts: dict[str, bytes], expected: dict[str, list[int]]
+) -> None:
     redis_server, replicas = cluster
     server = replicas[0]
     assert _publish(server, "hung", artifacts["v1"]).status_code == 201
@@ -188,20 +215,38 @@ def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_t
     try:
         # each request would wait at least the timeout if it touched the hung Redis; the fastest of two
         # keeps the shared CPU's noise out of the comparison
-        during = min(_timed(lambda: _served(server, "hung", expected) == "v1" or pytest.fail("wrong version"))
-                     for _ in range(2))
+        during = min(
+            _timed(lambda: _served(server, "hung", expected) == "v1" or pytest.fail("wrong version")) for _ in range(2)
+        )
         with server.admin() as admin:
-            unknown = _timed(lambda: _assert_registry_unavailable(admin.post("/v1/chat/completions", json={
-                "model": "never-published", "messages": MESSAGES, "max_tokens": 2})))
-        print(f"\nRedis stopped: resident task {during:.3f} s (baseline {baseline:.3f} s), unknown task "
-              f"503 in {unknown:.3f} s")
+            unknown = _timed(
+                lambda: _assert_registry_unavailable(
+                    admin.post(
+                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
+                    )
+                )
+            )
+        print(
+            f"\nRedis stopped: resident task {during:.3f} s (baseline {baseline:.3f} s), unknown task "
+            f"503 in {unknown:.3f} s"
+        )
         assert during < baseline + TIMEOUT_S / 2, "a resident task waited on the hung Redis"
         assert unknown < TIMEOUT_S + 1.0
     finally:
         redis_server.resume()
     with server.admin() as admin:
-        assert eventually(lambda: admin.post("/v1/chat/completions", json={
-            "model": "never-published", "messages": MESSAGES, "max_tokens": 2}).status_code == 404, 5.0) is not None
+        assert (
+            eventually(
+                lambda: (
+                    admin.post(
+                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
+                    ).status_code
+                    == 404
+                ),
+                5.0,
+            )
+            is not None
+        )
     assert _publish(server, "hung", artifacts["v2"]).status_code == 201
     assert _served(server, "hung", expected) == "v2"
 

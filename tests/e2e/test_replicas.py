@@ -7,8 +7,8 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from live import ADMIN_KEY, LiveServer, checkpoint_files, redis_replicas, wait_job
+
 from tests.waiting import eventually
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
@@ -22,19 +22,22 @@ def replicas(redis_url: str, tiny_model: Path, tmp_path: Path) -> Iterator[tuple
 
 def _say(server: LiveServer, task: str) -> str:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
-    return client.chat.completions.create(model=task, messages=MESSAGES, max_tokens=8,
-                                          temperature=0).choices[0].message.content
+    return (
+        client.chat.completions.create(model=task, messages=MESSAGES, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )
 
 
-
-
-def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer, LiveServer],
-                                                     finetunes: dict[str, Path]) -> None:
+def test_replicas_share_tasks_versions_and_deletions(
+    replicas: tuple[LiveServer, LiveServer], finetunes: dict[str, Path]
+) -> None:
     first, second = replicas
     with first.admin() as admin, second.admin() as other:
         for task in ("math", "code"):
-            job = admin.post(f"/admin/v1/tasks/{task}/checkpoint", params={"ratio": 8},
-                             files=checkpoint_files(finetunes[task])).json()
+            job = admin.post(
+                f"/admin/v1/tasks/{task}/checkpoint", params={"ratio": 8}, files=checkpoint_files(finetunes[task])
+            ).json()
             # behind the gateway the polls of a job reach any replica: the second one answers too
             done = wait_job(other, job["id"])
             assert done["state"] == "succeeded" and done["replica"] == wait_job(admin, job["id"])["replica"]
@@ -48,9 +51,13 @@ def test_replicas_share_tasks_versions_and_deletions(replicas: tuple[LiveServer,
         code = admin.get("/admin/v1/tasks/code/artifact").content
         assert admin.put("/admin/v1/tasks/math/artifact", content=code).json()["version"] == 2
         code_says = _say(first, "code")
-        assert eventually(lambda: _say(second, "math") == code_says, 5.0) is not None, "second replica kept the old delta"
+        assert eventually(lambda: _say(second, "math") == code_says, 5.0) is not None, (
+            "second replica kept the old delta"
+        )
         admin.post("/admin/v1/tasks/math/rollback", json={"version": 1}).raise_for_status()
-        assert eventually(lambda: _say(second, "math") == math_v1, 5.0) is not None, "second replica missed the rollback"
+        assert eventually(lambda: _say(second, "math") == math_v1, 5.0) is not None, (
+            "second replica missed the rollback"
+        )
         admin.delete("/admin/v1/tasks/code").raise_for_status()
 
     def second_lost_code() -> bool:

@@ -13,7 +13,6 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-
 from live import ADMIN_KEY, LiveServer, publish_synthetic_tasks, start_server
 
 TASK_NAMES = ("invoices", "tickets")
@@ -24,10 +23,19 @@ SCHEMA = {
         "total": {"type": "integer", "minimum": 0, "maximum": 10000},
         "paid": {"type": "boolean"},
         "currency": {"enum": ["EUR", "USD", "GBP"]},
-        "lines": {"type": "array", "maxItems": 2, "items": {
-            "type": "object", "properties": {"sku": {"type": "string", "maxLength": 6}, "qty": {"type": "integer",
-                                                                                           "minimum": 1, "maximum": 9}},
-            "required": ["sku", "qty"], "additionalProperties": False}},
+        "lines": {
+            "type": "array",
+            "maxItems": 2,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "maxLength": 6},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
     },
     "required": ["vendor", "total", "paid", "currency", "lines"],
     "additionalProperties": False,
@@ -50,15 +58,24 @@ def _client(server: LiveServer) -> openai.OpenAI:
 
 def _structured(server: LiveServer, model: str, seed: int, temperature: float) -> tuple[str, str | None]:
     reply = _client(server).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"invoice {seed}"}], response_format=FORMAT,
-        seed=seed, temperature=temperature, max_tokens=200)
+        model=model,
+        messages=[{"role": "user", "content": f"invoice {seed}"}],
+        response_format=FORMAT,
+        seed=seed,
+        temperature=temperature,
+        max_tokens=200,
+    )
     return reply.choices[0].message.content or "", reply.choices[0].finish_reason
 
 
 def _free(server: LiveServer, model: str, text: str) -> str:
     reply = _client(server).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0,
-        extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     return reply.choices[0].message.content or ""
 
 
@@ -80,8 +97,14 @@ def test_json_schema_output_validates_in_batches_mixing_free_rows_of_other_tasks
 def test_streamed_json_schema_output_validates(server: LiveServer) -> None:
     for seed in range(3):
         stream = _client(server).chat.completions.create(
-            model=TASK_NAMES[seed % 2], messages=[{"role": "user", "content": "stream it"}], response_format=FORMAT,
-            seed=seed, temperature=1.0, max_tokens=200, stream=True)
+            model=TASK_NAMES[seed % 2],
+            messages=[{"role": "user", "content": "stream it"}],
+            response_format=FORMAT,
+            seed=seed,
+            temperature=1.0,
+            max_tokens=200,
+            stream=True,
+        )
         pieces, finish = [], None
         for chunk in stream:
             for choice in chunk.choices:
@@ -95,18 +118,30 @@ def test_json_object_regex_and_choice_on_both_endpoints(server: LiveServer) -> N
     client = _client(server)
     stopped = 0
     for seed in range(6):
-        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"obj {seed}"}],
-                                               response_format={"type": "json_object"}, seed=seed, max_tokens=200)
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"obj {seed}"}],
+            response_format={"type": "json_object"},
+            seed=seed,
+            max_tokens=200,
+        )
         if reply.choices[0].finish_reason == "stop":
             stopped += 1
             assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
     assert stopped >= 3  # a random model's object may outrun max_tokens; these seeds mostly close it
-    regex = client.completions.create(model=TASK_NAMES[0], prompt="code:", max_tokens=20, seed=3,
-                                      extra_body={"guided_regex": "[A-Z]{2}-[0-9]{4}"})
+    regex = client.completions.create(
+        model=TASK_NAMES[0], prompt="code:", max_tokens=20, seed=3, extra_body={"guided_regex": "[A-Z]{2}-[0-9]{4}"}
+    )
     assert regex.choices[0].finish_reason == "stop" and len(regex.choices[0].text) == 7
     assert regex.choices[0].text[2] == "-" and regex.choices[0].text[3:].isdigit()
-    choice = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "mood?"}], n=3,
-                                            seed=5, max_tokens=10, extra_body={"guided_choice": ["happy", "sad"]})
+    choice = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "mood?"}],
+        n=3,
+        seed=5,
+        max_tokens=10,
+        extra_body={"guided_choice": ["happy", "sad"]},
+    )
     assert {c.message.content for c in choice.choices} <= {"happy", "sad"}
 
 
@@ -114,9 +149,14 @@ def test_logit_bias_minus_100_bans_tokens_and_plus_100_forces_one(server: LiveSe
     client = _client(server)
 
     def ids(**kw: object) -> list[int]:
-        reply = client.completions.create(model=TASK_NAMES[1], prompt="once upon a time", max_tokens=12,
-                                          temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True},
-                                          **kw)  # type: ignore[arg-type]
+        reply = client.completions.create(
+            model=TASK_NAMES[1],
+            prompt="once upon a time",
+            max_tokens=12,
+            temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+            **kw,
+        )  # type: ignore[arg-type]
         return reply.choices[0].model_extra["token_ids"]  # type: ignore[index]
 
     plain = ids()
@@ -129,15 +169,25 @@ def test_n_3_gives_three_indexed_choices_with_the_prompt_counted_once(server: Li
     client = _client(server)
     messages = [{"role": "user", "content": "three takes on one prompt"}]
     one = client.chat.completions.create(model=TASK_NAMES[0], messages=messages, max_tokens=5)
-    reply = client.chat.completions.create(model=TASK_NAMES[0], messages=messages, n=3, seed=9, max_tokens=10,
-                                           extra_body={"return_token_ids": True})
+    reply = client.chat.completions.create(
+        model=TASK_NAMES[0], messages=messages, n=3, seed=9, max_tokens=10, extra_body={"return_token_ids": True}
+    )
     assert [c.index for c in reply.choices] == [0, 1, 2]
     tokens = [len(c.model_extra["token_ids"]) for c in reply.choices]  # type: ignore[index]
     assert reply.usage.prompt_tokens == one.usage.prompt_tokens
-    assert reply.usage.completion_tokens == sum(tokens) and reply.usage.total_tokens == sum(tokens) + \
-        one.usage.prompt_tokens
-    stream = client.chat.completions.create(model=TASK_NAMES[0], messages=messages, n=3, seed=9, max_tokens=10,
-                                            stream=True, stream_options={"include_usage": True})
+    assert (
+        reply.usage.completion_tokens == sum(tokens)
+        and reply.usage.total_tokens == sum(tokens) + one.usage.prompt_tokens
+    )
+    stream = client.chat.completions.create(
+        model=TASK_NAMES[0],
+        messages=messages,
+        n=3,
+        seed=9,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     texts, finished, usage = ["", "", ""], set(), None
     for chunk in stream:
         usage = chunk.usage or usage
@@ -151,15 +201,21 @@ def test_n_3_gives_three_indexed_choices_with_the_prompt_counted_once(server: Li
     assert {c.index for chunk in completion for c in chunk.choices} == {0, 1, 2}
 
 
-@pytest.mark.parametrize("kw, param", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-     "response_format"),
-    ({"extra_body": {"guided_regex": "(unclosed"}}, "guided_regex"),
-    ({"logit_bias": {"99999": 5}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-])
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+            "response_format",
+        ),
+        ({"extra_body": {"guided_regex": "(unclosed"}}, "guided_regex"),
+        ({"logit_bias": {"99999": 5}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
 def test_an_uncompilable_grammar_or_a_bad_bias_is_a_400_naming_it(server: LiveServer, kw: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                max_tokens=4, **kw)
+        _client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, **kw
+        )
     assert refused.value.param == param

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from live import LiveServer, checkpoint_files, greedy_reference, start_server, wait_job
 
 MATH_KEY, ALL_KEY = "key-for-math", "key-for-all"
@@ -27,9 +26,13 @@ MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(tiny_model, tmp_path_factory.mktemp("live"), DELTASERVE_MAX_UPLOAD_BYTES=str(UPLOAD_CAP),
-                        DELTASERVE_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S),
-                        DELTASERVE_API_KEYS=f'{{"{MATH_KEY}": ["math"], "{ALL_KEY}": ["*"]}}')
+    live = start_server(
+        tiny_model,
+        tmp_path_factory.mktemp("live"),
+        DELTASERVE_MAX_UPLOAD_BYTES=str(UPLOAD_CAP),
+        DELTASERVE_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S),
+        DELTASERVE_API_KEYS=f'{{"{MATH_KEY}": ["math"], "{ALL_KEY}": ["*"]}}',
+    )
     yield live
     live.stop()
 
@@ -40,8 +43,9 @@ def published(server: LiveServer, finetunes: dict[str, Path]) -> dict[str, dict]
     jobs = {}
     with server.admin() as admin:
         for task, folder in finetunes.items():
-            reply = admin.post(f"/admin/v1/tasks/{task}/checkpoint", params={"ratio": 8},
-                               files=checkpoint_files(folder))
+            reply = admin.post(
+                f"/admin/v1/tasks/{task}/checkpoint", params={"ratio": 8}, files=checkpoint_files(folder)
+            )
             assert reply.status_code == 202, reply.text
             jobs[task] = reply.json()["id"]
         return {task: wait_job(admin, job_id) for task, job_id in jobs.items()}
@@ -74,7 +78,7 @@ def _eos(tiny_model: Path) -> set[int]:
 
 
 def test_jobs_compress_and_publish_both_uploads(published: dict[str, dict], server: LiveServer) -> None:
-    for task, job in published.items():
+    for _task, job in published.items():
         assert job["state"] == "succeeded", job["error"]
         assert job["version"] == 1 and job["done"] == job["total"] > 0
     with server.admin() as admin:
@@ -93,8 +97,9 @@ def _assert_absent_or_complete(admin: httpx.Client, task: str) -> None:
     assert hashlib.sha256(artifact.content).hexdigest() == artifact.headers["X-Artifact-Sha256"]
 
 
-def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveServer,
-                                                finetunes: dict[str, Path]) -> None:
+def test_serving_goes_on_while_a_job_compresses(
+    published: dict, server: LiveServer, finetunes: dict[str, Path]
+) -> None:
     """Chats sent back to back from another thread while a job runs: some start and end inside the
     job's running window (server-side times, same clock), and the task the job makes is never seen
     half-published."""
@@ -112,8 +117,11 @@ def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveSer
     with server.admin() as admin:
         while len(spans) < 2:
             time.sleep(0.01)
-        job = admin.post("/admin/v1/tasks/side/checkpoint", params={"ratio": 8, "method": "impart-qt"},
-                         files=checkpoint_files(finetunes["math"])).json()
+        job = admin.post(
+            "/admin/v1/tasks/side/checkpoint",
+            params={"ratio": 8, "method": "impart-qt"},
+            files=checkpoint_files(finetunes["math"]),
+        ).json()
         while (current := admin.get(f"/admin/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
             _assert_absent_or_complete(admin, "side")
         done.set()
@@ -125,12 +133,13 @@ def test_serving_goes_on_while_a_job_compresses(published: dict, server: LiveSer
 
 
 def test_chat_with_x_task_gives_the_merged_models_greedy_tokens(
-        published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
+    published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object
+) -> None:
     client, ids = _client(server), {"return_token_ids": True}
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
-                                           extra_headers={"X-Task": "math"}, extra_body=ids)
-    base = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
-                                          extra_body=ids)
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, extra_headers={"X-Task": "math"}, extra_body=ids
+    )
+    base = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, extra_body=ids)
     expected_math = _expected(tiny_model, server, tiny_tokenizer, "math", 8)
     expected_base = _expected(tiny_model, server, tiny_tokenizer, None, 8)
     assert expected_math != expected_base, "the delta must change the greedy tokens"
@@ -139,21 +148,32 @@ def test_chat_with_x_task_gives_the_merged_models_greedy_tokens(
 
 
 def test_async_and_streaming_clients_agree_on_a_sharded_upload(
-        published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
-    expected, eos, ids = _expected(tiny_model, server, tiny_tokenizer, "code", 6), _eos(tiny_model), {
-        "return_token_ids": True}
+    published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object
+) -> None:
+    expected, eos, ids = (
+        _expected(tiny_model, server, tiny_tokenizer, "code", 6),
+        _eos(tiny_model),
+        {"return_token_ids": True},
+    )
 
     async def ask() -> list[int]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=ALL_KEY, max_retries=0)
-        reply = await client.chat.completions.create(model="tiny:code", messages=MESSAGES, max_tokens=6,
-                                                     temperature=0, extra_body=ids)
+        reply = await client.chat.completions.create(
+            model="tiny:code", messages=MESSAGES, max_tokens=6, temperature=0, extra_body=ids
+        )
         await client.close()
         return reply.choices[0].token_ids
 
     assert _generated(asyncio.run(ask()), eos) == expected
-    stream = _client(server).chat.completions.create(model="code", messages=MESSAGES, max_tokens=6, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True},
-                                                     extra_body=ids)
+    stream = _client(server).chat.completions.create(
+        model="code",
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=ids,
+    )
     chunks = list(stream)
     streamed = [t for c in chunks if c.choices for t in (getattr(c.choices[0].delta, "token_ids", None) or [])]
     assert _generated(streamed, eos) == expected
@@ -180,20 +200,27 @@ def test_api_keys_are_scoped_to_their_tasks(published: dict, server: LiveServer)
 
 
 def test_new_version_rollback_and_delete_take_effect(
-        published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object) -> None:
+    published: dict, server: LiveServer, tiny_model: Path, tiny_tokenizer: object
+) -> None:
     client = _client(server)
 
     def math_says() -> str:
-        return client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=8,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     original = math_says()
     with server.admin() as admin:
         code_artifact = admin.get("/admin/v1/tasks/code/artifact").content
         put = admin.put("/admin/v1/tasks/math/artifact", content=code_artifact)
         assert put.status_code == 201 and put.json()["version"] == 2
-        code_says = client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=8,
-                                                   temperature=0).choices[0].message.content
+        code_says = (
+            client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
         assert math_says() == code_says != original
         assert admin.post("/admin/v1/tasks/math/rollback", json={"version": 1}).json()["version"] == 1
         assert math_says() == original
@@ -218,7 +245,7 @@ def test_client_gone_mid_stream_frees_its_slot(published: dict, server: LiveServ
     headers = {"Authorization": f"Bearer {ALL_KEY}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as reply:
         lines = reply.iter_lines()
-        assert [next(lines) for _ in range(4)][0].startswith("data: ")
+        assert next(next(lines) for _ in range(4)).startswith("data: ")
         with server.admin() as admin:
             assert admin.get("/admin/v1/stats").json()["kv_blocks_used"] > 0
     with server.admin() as admin:
@@ -263,13 +290,20 @@ def _bad_upload(kind: str, good: Path, tmp: Path) -> list[tuple[str, tuple[str, 
     return [("file", ("config.json", config)), ("file", ("model.safetensors", weights))]
 
 
-@pytest.mark.parametrize("kind, status, says", [
-    ("pickle", 400, "pickle"), ("shapes", 400, "shape"), ("architecture", 400, "architecture"),
-    ("truncated", 400, "checkpoint"), ("no-config", 400, "config.json"), ("oversized", 413, "exceeds"),
-])
+@pytest.mark.parametrize(
+    "kind, status, says",
+    [
+        ("pickle", 400, "pickle"),
+        ("shapes", 400, "shape"),
+        ("architecture", 400, "architecture"),
+        ("truncated", 400, "checkpoint"),
+        ("no-config", 400, "config.json"),
+        ("oversized", 413, "exceeds"),
+    ],
+)
 def test_bad_uploads_are_rejected_clearly_and_publish_nothing(
-        published: dict, server: LiveServer, finetunes: dict[str, Path], tmp_path: Path,
-        kind: str, status: int, says: str) -> None:
+    published: dict, server: LiveServer, finetunes: dict[str, Path], tmp_path: Path, kind: str, status: int, says: str
+) -> None:
     with server.admin() as admin:
         jobs_before = len(admin.get("/admin/v1/jobs").json()["data"])
         reply = admin.post("/admin/v1/tasks/bad/checkpoint", files=_bad_upload(kind, finetunes["math"], tmp_path))
@@ -295,13 +329,13 @@ def test_a_corrupt_artifact_upload_is_rejected(published: dict, server: LiveServ
         assert reply.status_code == 400 and "artifact" in reply.json()["error"]["message"].lower()
         assert admin.get("/admin/v1/tasks/broken").status_code == 404
 
+
 def test_sigterm_drains_streams_then_aborts_them_and_exits(published: dict, server: LiveServer) -> None:
     """Runs last: stops the module's server. A stream longer than the shutdown timeout ends with
     finish_reason "abort" and [DONE]; new connections are refused; the process exits cleanly."""
     body = {"model": "math", "messages": MESSAGES, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {ALL_KEY}"}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers,
-                      timeout=30) as reply:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30) as reply:
         assert reply.status_code == 200
         lines = reply.iter_lines()
         next(lines)

@@ -53,7 +53,6 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[li
     return tokens, torch.stack(logits)
 
 
-
 TASKS = ("alpha", "beta", "gamma", "delta")
 
 
@@ -84,8 +83,9 @@ def tiny_tied_tasks(tiny_tied_model: Path, tmp_path_factory: pytest.TempPathFact
 
 def merged_hf(base: Path, artifact: Path | None) -> torch.nn.Module:
     """A plain transformers model whose weights are W_base + the artifact's reconstructed delta."""
-    from compressor import load_artifact
     from transformers import AutoModelForCausalLM
+
+    from compressor import load_artifact
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     if artifact is not None:

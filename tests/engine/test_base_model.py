@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.engine.kv_cache import KVCache
 from server.engine.types import GenerationRequest
 from server.model.attention import AttentionMeta, PrefillChunk
-from server.engine.kv_cache import KVCache
 from server.model.llama import ForwardBatch, LlamaModel
 from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, output_ids
 

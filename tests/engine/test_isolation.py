@@ -24,8 +24,9 @@ from tests.engine.conftest import TASKS, collect, greedy, make_engine, output_id
 STREAMS = 16
 
 
-def _poison(engine: Engine, task: str, factors: dict[str, object] | None = None,
-            dense: dict[str, torch.Tensor] | None = None) -> None:
+def _poison(
+    engine: Engine, task: str, factors: dict[str, object] | None = None, dense: dict[str, torch.Tensor] | None = None
+) -> None:
     """Before `engine` starts: every load of `task` overwrites some tensors of the unpacked resident delta."""
     unpack = engine._unpack
 
@@ -50,8 +51,10 @@ def tasks_with_poison(tiny_tasks: Path, tmp_path: Path) -> Path:
 def _streams() -> list[GenerationRequest]:
     """16 requests over the four tasks and the base, prompts of different lengths."""
     tasks = (*TASKS, None)
-    return [GenerationRequest(f"s{i}", tasks[i % len(tasks)], tuple(range(3 + i, 9 + 2 * i)), greedy(20))
-            for i in range(STREAMS)]
+    return [
+        GenerationRequest(f"s{i}", tasks[i % len(tasks)], tuple(range(3 + i, 9 + 2 * i)), greedy(20))
+        for i in range(STREAMS)
+    ]
 
 
 async def _run_streams(engine: Engine, poisons: list[GenerationRequest]) -> tuple[list, list]:
@@ -75,11 +78,15 @@ async def test_a_poisoned_task_fails_alone_among_16_live_streams(tiny_model: Pat
     await engine.start()
     try:
         # alone first: it takes the first KV blocks (slot 0 among them) and fills them with NaN K/V
-        first = await asyncio.gather(collect(engine, GenerationRequest("p0", "poison", tuple(range(40, 70)),
-                                                                       greedy(20))), return_exceptions=True)
-        poisons = [GenerationRequest("p-greedy", "poison", tuple(range(40, 70)), greedy(20)),
-                   GenerationRequest("p-sampled", "poison", tuple(range(5, 12)),
-                                     SamplingParams(temperature=1.0, max_tokens=20, seed=1))]
+        first = await asyncio.gather(
+            collect(engine, GenerationRequest("p0", "poison", tuple(range(40, 70)), greedy(20))), return_exceptions=True
+        )
+        poisons = [
+            GenerationRequest("p-greedy", "poison", tuple(range(40, 70)), greedy(20)),
+            GenerationRequest(
+                "p-sampled", "poison", tuple(range(5, 12)), SamplingParams(temperature=1.0, max_tokens=20, seed=1)
+            ),
+        ]
         streams, poison_results = await _run_streams(engine, poisons)
         again, _ = await _run_streams(engine, [])
     finally:
@@ -114,13 +121,15 @@ async def test_a_delta_that_breaks_the_forward_fails_only_its_requests(tiny_mode
             assert result[-1].finish_reason == "length"
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True),
-    SamplingParams(top_p=1e-300, max_tokens=8, ignore_eos=True),
-    SamplingParams(temperature=2.0, top_p=5e-324, top_k=2, max_tokens=8, ignore_eos=True),
-])
-async def test_edge_sampling_parameters_are_greedy_and_harm_no_one(tiny_engine: Engine,
-                                                                   params: SamplingParams) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True),
+        SamplingParams(top_p=1e-300, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=2.0, top_p=5e-324, top_k=2, max_tokens=8, ignore_eos=True),
+    ],
+)
+async def test_edge_sampling_parameters_are_greedy_and_harm_no_one(tiny_engine: Engine, params: SamplingParams) -> None:
     prompt = tuple(range(10, 20))
     expected = output_ids(await collect(tiny_engine, GenerationRequest("g", None, prompt, greedy(8))))
     edge, other = await asyncio.gather(

@@ -74,8 +74,10 @@ async def test_every_length_at_once_next_to_running_decodes(
     decode = GenerationRequest("decode", "alpha", _prompt(9, seed=1), greedy(60))
     running = asyncio.create_task(collect(engine, decode))
     await asyncio.sleep(0.05)
-    requests = [GenerationRequest(f"r{i}", ("alpha", None)[i % 2], _prompt(n, seed=100 + n), greedy(_steps(n)))
-                for i, n in enumerate(LENGTHS)]
+    requests = [
+        GenerationRequest(f"r{i}", ("alpha", None)[i % 2], _prompt(n, seed=100 + n), greedy(_steps(n)))
+        for i, n in enumerate(LENGTHS)
+    ]
     results = await asyncio.gather(*(collect(engine, r) for r in requests))
     for request, chunks in zip(requests, results):
         expected = _expected(references, request.task, request.prompt_token_ids)

@@ -29,8 +29,10 @@ def lora_tasks(tiny_model: Path, tiny_tasks: Path, tmp_path_factory: pytest.Temp
     root = tmp_path_factory.mktemp("lora-tasks")
     tasks = root / "tasks"
     tasks.mkdir()
-    adapters = {"rich": write_adapter(tiny_model, root / "rich", seed=11, **RICH),
-                "plain": write_adapter(tiny_model, root / "plain", seed=12, **PLAIN)}
+    adapters = {
+        "rich": write_adapter(tiny_model, root / "rich", seed=11, **RICH),
+        "plain": write_adapter(tiny_model, root / "plain", seed=12, **PLAIN),
+    }
     for name, adapter in adapters.items():
         import_lora(adapter, tiny_model, tasks / f"{name}.safetensors")
     for name in ("alpha", "beta"):
@@ -67,15 +69,18 @@ def test_lora_tasks_change_the_output(tiny_model: Path, lora_tasks: tuple[Path, 
 
 
 @pytest.mark.parametrize("row_tasks", [("rich",), MIXED], ids=["alone", "mixed"])
-async def test_engine_greedy_equals_peft_merged(tiny_model: Path, lora_tasks: tuple[Path, dict],
-                                                row_tasks: tuple[str | None, ...]) -> None:
+async def test_engine_greedy_equals_peft_merged(
+    tiny_model: Path, lora_tasks: tuple[Path, dict], row_tasks: tuple[str | None, ...]
+) -> None:
     tasks, adapters = lora_tasks
     prompts = _prompts(len(row_tasks), 400)
     engine = make_engine(tiny_model, tasks, kv_cache_bytes=4 << 20)
     await engine.start()
     try:
-        requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(16, logprobs=0))
-                    for i, (t, p) in enumerate(zip(row_tasks, prompts))]
+        requests = [
+            GenerationRequest(f"r{i}", t, tuple(p), greedy(16, logprobs=0))
+            for i, (t, p) in enumerate(zip(row_tasks, prompts))
+        ]
         results = await asyncio.gather(*(collect(engine, r) for r in requests))
     finally:
         await engine.stop(timeout=1.0)
@@ -90,8 +95,13 @@ async def test_engine_greedy_equals_peft_merged(tiny_model: Path, lora_tasks: tu
 @pytest.mark.slow
 def test_smollm2_adapter_logits_equal_peft_merged(smollm2_dir: Path, tmp_path: Path) -> None:
     """A rank-16 adapter on every projection of SmolLM2 (rank_pattern, rslora), alone and beside the base."""
-    config = {"r": 16, "lora_alpha": 32, "use_rslora": True, "rank_pattern": {"down_proj": 8},
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    config = {
+        "r": 16,
+        "lora_alpha": 32,
+        "use_rslora": True,
+        "rank_pattern": {"down_proj": 8},
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
     adapter = write_adapter(smollm2_dir, tmp_path / "ad", seed=5, scale=0.01, **config)
     tasks = tmp_path / "tasks"
     import_lora(adapter, smollm2_dir, tasks / "smol.safetensors")
@@ -110,8 +120,14 @@ def test_smollm2_adapter_logits_equal_peft_merged(smollm2_dir: Path, tmp_path: P
 
 def test_tied_base_with_embedding_lora_equals_peft_merged(tiny_tied_model: Path, tmp_path: Path) -> None:
     """On a tied base the embedding's LoRA delta is the LM head's too, as in peft's merged model."""
-    adapter = write_adapter(tiny_tied_model, tmp_path / "ad", seed=13, r=4, lora_alpha=8,
-                            target_modules=["embed_tokens", "q_proj", "gate_proj"])
+    adapter = write_adapter(
+        tiny_tied_model,
+        tmp_path / "ad",
+        seed=13,
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "q_proj", "gate_proj"],
+    )
     tasks = tmp_path / "tasks"
     import_lora(adapter, tiny_tied_model, tasks / "tied.safetensors")
     model = LlamaModel.from_dir(tiny_tied_model)

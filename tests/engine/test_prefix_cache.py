@@ -60,8 +60,9 @@ async def _waves(engine: Engine, waves: list[list[GenerationRequest]]) -> dict[s
     return results
 
 
-async def _run(base: Path, tasks: Path, waves: list[list[GenerationRequest]], **settings: object
-               ) -> tuple[dict[str, Outcome], Engine]:
+async def _run(
+    base: Path, tasks: Path, waves: list[list[GenerationRequest]], **settings: object
+) -> tuple[dict[str, Outcome], Engine]:
     engine = make_engine(base, tasks, **({"kv_cache_bytes": 4 << 20, "kv_block_size": BLOCK} | settings))
     await engine.start()
     try:
@@ -85,8 +86,7 @@ async def test_greedy_tokens_and_logprobs_equal_with_the_cache_on_and_off(
     with other suffixes, a third repeats the first wave's prompts whole."""
     tenants = (None, *TASKS[:3])
     waves = [_requests("fill", tenants, 5), _requests("share", tenants, 9), _requests("repeat", tenants, 5)]
-    off, off_engine = await _run(tiny_model, tiny_tasks, waves, prefix_cache=False,
-                                 max_batch_tokens=max_batch_tokens)
+    off, off_engine = await _run(tiny_model, tiny_tasks, waves, prefix_cache=False, max_batch_tokens=max_batch_tokens)
     on, on_engine = await _run(tiny_model, tiny_tasks, waves, max_batch_tokens=max_batch_tokens)
     _assert_same(off, on)
     assert off_engine.stats().prefix_cache_hit_tokens == 0 and off_engine.stats().prefix_cache_blocks == 0
@@ -132,15 +132,19 @@ async def test_a_prefix_is_never_reused_across_tasks_the_base_or_versions(
         await reference.stop(timeout=1.0)
 
 
-async def test_memory_pressure_evicts_and_preempts_without_changing_outputs(
-    tiny_model: Path, tiny_tasks: Path
-) -> None:
+async def test_memory_pressure_evicts_and_preempts_without_changing_outputs(tiny_model: Path, tiny_tasks: Path) -> None:
     """24 blocks for 16 concurrent requests of two tenants sharing prefixes: idle cached blocks are
     evicted, running sequences are preempted and recomputed (reusing their cached blocks), and every
     output equals the cache-off run under the same budget."""
     tenants = (None, "alpha")
-    waves = [[GenerationRequest(f"p{i}", tenants[i % 2], _prefix(40, salt=i % 2) + (100 + i,) * (1 + i % 5),
-                                greedy(40, logprobs=1)) for i in range(16)]]
+    waves = [
+        [
+            GenerationRequest(
+                f"p{i}", tenants[i % 2], _prefix(40, salt=i % 2) + (100 + i,) * (1 + i % 5), greedy(40, logprobs=1)
+            )
+            for i in range(16)
+        ]
+    ]
     tiny = {"kv_cache_bytes": 24 * 8192, "max_batch_tokens": 64}
     off, _ = await _run(tiny_model, tiny_tasks, waves, prefix_cache=False, **tiny)
     on, engine = await _run(tiny_model, tiny_tasks, waves, **tiny)
@@ -152,8 +156,7 @@ async def test_memory_pressure_evicts_and_preempts_without_changing_outputs(
     assert stats.kv_blocks_used == 0
 
 
-async def test_a_failed_requests_blocks_are_never_reused(tiny_model: Path, tiny_tasks: Path,
-                                                         tmp_path: Path) -> None:
+async def test_a_failed_requests_blocks_are_never_reused(tiny_model: Path, tiny_tasks: Path, tmp_path: Path) -> None:
     """A task whose resident delta turns every row NaN fails its requests; none of its blocks is
     published, so the same prompt again reuses nothing, while a healthy task's blocks are reused."""
     shutil.copyfile(tiny_tasks / "alpha.safetensors", tmp_path / "poison.safetensors")

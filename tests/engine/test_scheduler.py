@@ -52,12 +52,22 @@ def fake_unpack(ref: TaskRef, data: bytes) -> ResidentDelta:
 
 
 def tiny_config() -> ModelConfig:
-    return ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    return ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 32,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    )
 
 
-def make_scheduler(blocks: int = 64, deltas: int = 4, max_running: int = 8, budget: int = 64,
-                   source: FakeSource | None = None) -> Scheduler:
+def make_scheduler(
+    blocks: int = 64, deltas: int = 4, max_running: int = 8, budget: int = 64, source: FakeSource | None = None
+) -> Scheduler:
     config = tiny_config()
     kv = KVCache(config, blocks * 2 * 4 * 4 * 4, 4, torch.device("cpu"), torch.float32)  # 4-token blocks
     cache = DeltaCache(source or FakeSource(), deltas * UNIT * 4, fake_unpack)
@@ -65,8 +75,13 @@ def make_scheduler(blocks: int = 64, deltas: int = 4, max_running: int = 8, budg
 
 
 def seq(task: str | None, prompt: int = 6, max_tokens: int = 3, version: TaskRef | None = None) -> Sequence:
-    request = GenerationRequest(f"{task}-{time.perf_counter_ns()}", task, tuple(range(prompt)),
-                                SamplingParams(max_tokens=max_tokens), version or (ref(task) if task else None))
+    request = GenerationRequest(
+        f"{task}-{time.perf_counter_ns()}",
+        task,
+        tuple(range(prompt)),
+        SamplingParams(max_tokens=max_tokens),
+        version or (ref(task) if task else None),
+    )
     return Sequence(request, IncrementalDetokenizer(None, [], ()), lambda item: None, 10_000)
 
 

@@ -57,8 +57,12 @@ async def test_constrained_rows_validate_and_free_rows_are_untouched_in_one_mixe
     free = [GenerationRequest(f"free-{t}", t, PROMPT[i:], greedy(24)) for i, t in enumerate((*TASKS[2:], None))]
     alone = [output_ids(await collect(engine, r)) for r in free]
     constrained = [
-        GenerationRequest(f"json-{i}", (TASKS[0], TASKS[1], None)[i % 3], PROMPT[i:],
-                          SamplingParams(temperature=(0.0, 0.7, 1.0, 1.3)[i % 4], seed=i, max_tokens=160, grammar=SPEC))
+        GenerationRequest(
+            f"json-{i}",
+            (TASKS[0], TASKS[1], None)[i % 3],
+            PROMPT[i:],
+            SamplingParams(temperature=(0.0, 0.7, 1.0, 1.3)[i % 4], seed=i, max_tokens=160, grammar=SPEC),
+        )
         for i in range(8)
     ]
     runs = await asyncio.gather(*(collect(engine, r) for r in [*constrained, *free]))
@@ -75,14 +79,30 @@ async def test_json_object_regex_and_choice_grammars_hold(engine: Engine) -> Non
     ]
     for seed in range(4):
         for spec, pattern in cases:
-            chunks = await collect(engine, GenerationRequest(f"{spec.kind}-{seed}", TASKS[0], PROMPT, SamplingParams(
-                temperature=1.0, seed=seed, max_tokens=40, grammar=spec)))
+            chunks = await collect(
+                engine,
+                GenerationRequest(
+                    f"{spec.kind}-{seed}",
+                    TASKS[0],
+                    PROMPT,
+                    SamplingParams(temperature=1.0, seed=seed, max_tokens=40, grammar=spec),
+                ),
+            )
             assert chunks[-1].finish_reason == "stop"
             assert re.match(pattern, _text(chunks)), _text(chunks)
     stopped = 0
     for seed in range(6):
-        chunks = await collect(engine, GenerationRequest(f"obj-{seed}", None, PROMPT[seed:], SamplingParams(
-            temperature=(0.0, 0.7, 1.0)[seed % 3], seed=seed, max_tokens=200, grammar=GrammarSpec("json_object"))))
+        chunks = await collect(
+            engine,
+            GenerationRequest(
+                f"obj-{seed}",
+                None,
+                PROMPT[seed:],
+                SamplingParams(
+                    temperature=(0.0, 0.7, 1.0)[seed % 3], seed=seed, max_tokens=200, grammar=GrammarSpec("json_object")
+                ),
+            ),
+        )
         if chunks[-1].finish_reason == "stop":
             stopped += 1
             assert isinstance(json.loads(_text(chunks)), dict), _text(chunks)
@@ -96,8 +116,12 @@ def test_the_mask_and_bias_change_only_their_own_rows(tiny_model: Path) -> None:
     compiled = asyncio.run(grammars.compiled(GrammarSpec("regex", "7+", "guided_regex")))
     seven = AutoTokenizer.from_pretrained(tiny_model).encode("7", add_special_tokens=False)
     logits = torch.randn(4, 413, generator=torch.Generator().manual_seed(0))
-    rows = [RowState(greedy(4), [], None), RowState(greedy(4), [], None, grammars.matcher(compiled)),
-            RowState(greedy(4, logit_bias=((11, 100.0),)), [], None), RowState(greedy(4), [], None)]
+    rows = [
+        RowState(greedy(4), [], None),
+        RowState(greedy(4), [], None, grammars.matcher(compiled)),
+        RowState(greedy(4, logit_bias=((11, 100.0),)), [], None),
+        RowState(greedy(4), [], None),
+    ]
     tokens = [s.token for s in sample(logits.clone(), rows, str)]  # type: ignore[union-attr]
     raw = logits.argmax(dim=-1).tolist()
     assert tokens[0] == raw[0] and tokens[3] == raw[3]
@@ -110,8 +134,9 @@ async def test_logit_bias_bans_and_forces_tokens(engine: Engine) -> None:
     banned = tuple((t, -100.0) for t in set(plain))
     other = output_ids(await collect(engine, GenerationRequest("ban", TASKS[0], PROMPT, greedy(8, logit_bias=banned))))
     assert not set(other) & set(plain)
-    forced = output_ids(await collect(engine, GenerationRequest("force", None, PROMPT,
-                                                                greedy(8, logit_bias=((77, 100.0),)))))
+    forced = output_ids(
+        await collect(engine, GenerationRequest("force", None, PROMPT, greedy(8, logit_bias=((77, 100.0),))))
+    )
     assert forced == [77] * 8
 
 
@@ -156,8 +181,9 @@ class _FailingMatcher:
         return getattr(self.inner, name)
 
 
-async def test_a_grammar_failing_mid_run_fails_only_its_request(engine: Engine,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_grammar_failing_mid_run_fails_only_its_request(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     make = engine.grammars.matcher
     monkeypatch.setattr(engine.grammars, "matcher", lambda g: _FailingMatcher(make(g)))
     others = [GenerationRequest(f"other-{t}", t, PROMPT, greedy(12)) for t in (TASKS[0], None)]
@@ -204,12 +230,21 @@ async def test_smollm2_json_schema_and_choice_output_validates(smollm2_dir: Path
     await engine.start()
     try:
         prompt = engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Describe an invoice from ACME as JSON."}], add_generation_prompt=True,
-            tokenize=True)
+            [{"role": "user", "content": "Describe an invoice from ACME as JSON."}],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
         prompt = tuple(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         choice = GrammarSpec("choice", json.dumps(["positive", "negative"]), "guided_choice")
-        requests = [GenerationRequest(f"s{seed}", None, prompt, SamplingParams(
-            temperature=(0.0, 1.0)[seed % 2], seed=seed, max_tokens=120, grammar=SPEC)) for seed in range(4)]
+        requests = [
+            GenerationRequest(
+                f"s{seed}",
+                None,
+                prompt,
+                SamplingParams(temperature=(0.0, 1.0)[seed % 2], seed=seed, max_tokens=120, grammar=SPEC),
+            )
+            for seed in range(4)
+        ]
         requests.append(GenerationRequest("c", None, prompt, SamplingParams(max_tokens=8, grammar=choice)))
         runs = await asyncio.gather(*(collect(engine, r) for r in requests))
     finally:
@@ -222,15 +257,15 @@ async def test_smollm2_json_schema_and_choice_output_validates(smollm2_dir: Path
 
 async def test_logprobs_of_a_constrained_row_list_only_tokens_its_grammar_allows(engine: Engine) -> None:
     spec = GrammarSpec("choice", json.dumps(["yes"]), "guided_choice")
-    chunks = await collect(engine, GenerationRequest("lp", None, PROMPT, SamplingParams(max_tokens=8, logprobs=5,
-                                                                                         grammar=spec)))
+    chunks = await collect(
+        engine, GenerationRequest("lp", None, PROMPT, SamplingParams(max_tokens=8, logprobs=5, grammar=spec))
+    )
     entries = [lp for c in chunks for lp in c.logprobs or ()]
     assert _text(chunks) == "yes" and entries
     assert all(len(e.top) == 1 and e.top[0][2] == e.logprob == 0.0 for e in entries)
 
 
-async def test_a_grammar_that_compiles_past_the_time_limit_is_invalid_request(tiny_model: Path,
-                                                                           tmp_path: Path) -> None:
+async def test_a_grammar_that_compiles_past_the_time_limit_is_invalid_request(tiny_model: Path, tmp_path: Path) -> None:
     engine = make_engine(tiny_model, tmp_path, kv_cache_bytes=4 << 20, grammar_compile_timeout_s=0.02)
     await engine.start()
     properties = {f"p{i}": {"type": "string", "pattern": f"[a-z]{{{i % 9 + 1},{i % 9 + 40}}}"} for i in range(300)}

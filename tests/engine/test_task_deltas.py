@@ -18,11 +18,16 @@ from tests.engine.conftest import TASKS, collect, greedy, hf_greedy, make_engine
 ROW_TASKS = ("alpha", None, "beta", "gamma", None, "delta")
 
 
-def _mixed_prefill(model: LlamaModel, tasks_dir: Path, seq_tasks: tuple[str | None, ...], prompts: list[list[int]]) -> torch.Tensor:
+def _mixed_prefill(
+    model: LlamaModel, tasks_dir: Path, seq_tasks: tuple[str | None, ...], prompts: list[list[int]]
+) -> torch.Tensor:
     """Prefill every prompt in ONE forward, each under its task; logits of every row: [rows, vocab]."""
     kv = KVCache(model.config, 8 << 20, 16, torch.device("cpu"), torch.float32)
     names = sorted({t for t in seq_tasks if t is not None})
-    resident = [unpack_artifact(t, (tasks_dir / f"{t}.safetensors").read_bytes(), None, model.device, model.dtype) for t in names]
+    resident = [
+        unpack_artifact(t, (tasks_dir / f"{t}.safetensors").read_bytes(), None, model.device, model.dtype)
+        for t in names
+    ]
     ids, positions, slots, chunks, row_slots = [], [], [], [], []
     for task, prompt in zip(seq_tasks, prompts):
         token_slots = kv.token_slots(kv.allocate(kv.blocks_needed(0, len(prompt))), len(prompt))
@@ -32,7 +37,9 @@ def _mixed_prefill(model: LlamaModel, tasks_dir: Path, seq_tasks: tuple[str | No
         slots.append(token_slots)
         row_slots += [names.index(task) if task else -1] * len(prompt)
     rows = torch.arange(len(ids))
-    batch = ForwardBatch(torch.tensor(ids), torch.tensor(positions), rows, AttentionMeta(torch.cat(slots), None, tuple(chunks)))
+    batch = ForwardBatch(
+        torch.tensor(ids), torch.tensor(positions), rows, AttentionMeta(torch.cat(slots), None, tuple(chunks))
+    )
     return model.forward(batch, kv.layers, StepDeltas(resident, torch.tensor(row_slots), rows, model.dtype))
 
 
@@ -41,10 +48,13 @@ def _prompts(n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
 
 
-@pytest.mark.parametrize(("base_fixture", "tasks_fixture", "seq_tasks"), [
-    ("tiny_model", "tiny_tasks", ROW_TASKS),
-    ("tiny_tied_model", "tiny_tied_tasks", ("alpha", None, "beta")),
-])
+@pytest.mark.parametrize(
+    ("base_fixture", "tasks_fixture", "seq_tasks"),
+    [
+        ("tiny_model", "tiny_tasks", ROW_TASKS),
+        ("tiny_tied_model", "tiny_tied_tasks", ("alpha", None, "beta")),
+    ],
+)
 def test_mixed_task_batch_logits_equal_merged_models(
     base_fixture: str, tasks_fixture: str, seq_tasks: tuple[str | None, ...], request: pytest.FixtureRequest
 ) -> None:
@@ -76,8 +86,10 @@ async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: P
     engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20)
     await engine.start()
     try:
-        requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(24, logprobs=0))
-                    for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))]
+        requests = [
+            GenerationRequest(f"r{i}", t, tuple(p), greedy(24, logprobs=0))
+            for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))
+        ]
         results = await asyncio.gather(*(collect(engine, r) for r in requests))
     finally:
         await engine.stop(timeout=1.0)
@@ -97,8 +109,10 @@ async def test_bfloat16_engine_serves_mixed_tasks_close_to_float32(tiny_model: P
         engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20, dtype=dtype)
         await engine.start()
         try:
-            requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(1, logprobs=0))
-                        for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))]
+            requests = [
+                GenerationRequest(f"r{i}", t, tuple(p), greedy(1, logprobs=0))
+                for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))
+            ]
             results = await asyncio.gather(*(collect(engine, r) for r in requests))
         finally:
             await engine.stop(timeout=1.0)

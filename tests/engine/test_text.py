@@ -118,10 +118,16 @@ def test_logprobs_report_the_chosen_token_and_top_alternatives() -> None:
     assert isinstance(plain, Sampled) and plain.logprob is None
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1e-300), SamplingParams(temperature=1e-30), SamplingParams(top_p=1e-300),
-    SamplingParams(temperature=1e-300, top_p=1e-300, top_k=3), SamplingParams(temperature=2.0, top_p=5e-324),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),
+        SamplingParams(temperature=1e-30),
+        SamplingParams(top_p=1e-300),
+        SamplingParams(temperature=1e-300, top_p=1e-300, top_k=3),
+        SamplingParams(temperature=2.0, top_p=5e-324),
+    ],
+)
 def test_extreme_but_accepted_parameters_are_well_defined(params: SamplingParams) -> None:
     """Temperatures that overflow a division are greedy; a top_p nothing reaches keeps the top token."""
     logits = _logits()

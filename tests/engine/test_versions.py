@@ -15,8 +15,9 @@ from tests.engine.conftest import collect, greedy, make_engine, output_ids
 PROMPT = (5, 17, 40, 99, 3)
 
 
-async def test_a_new_version_is_served_without_any_invalidation(tiny_model: Path, tiny_tasks: Path,
-                                                                 tmp_path: Path) -> None:
+async def test_a_new_version_is_served_without_any_invalidation(
+    tiny_model: Path, tiny_tasks: Path, tmp_path: Path
+) -> None:
     shutil.copyfile(tiny_tasks / "alpha.safetensors", tmp_path / "t.safetensors")
     shutil.copyfile(tiny_tasks / "beta.safetensors", tmp_path / "beta.safetensors")
     engine = make_engine(tiny_model, tmp_path)

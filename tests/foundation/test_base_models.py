@@ -37,7 +37,7 @@ def test_tiny_loads_in_transformers_and_matches_its_config(tiny_model: Path) -> 
 
 
 def _random_text(rng: random.Random) -> str:
-    pools = ["abc xyz", "0123456789 +-=", "éàüßø", "日本語中文", "🎉🚀👩‍💻", "\n\t  ", "{\"k\": [1]}"]
+    pools = ["abc xyz", "0123456789 +-=", "éàüßø", "日本語中文", "🎉🚀👩‍💻", "\n\t  ", '{"k": [1]}']
     return "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 60)))
 
 
@@ -81,7 +81,7 @@ def test_smollm2_greedy_says_paris(smollm2_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, local_files_only=True)
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    continuation = tok.decode(out[0, ids["input_ids"].shape[1]:])
+    continuation = tok.decode(out[0, ids["input_ids"].shape[1] :])
     assert continuation.strip().startswith("Paris")
     assert "chat_template" in json.loads((smollm2_dir / "tokenizer_config.json").read_text())
 

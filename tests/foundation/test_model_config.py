@@ -9,14 +9,27 @@ import pytest
 from server.model.config import ModelConfig, UnsupportedModelError
 
 LLAMA = {
-    "model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
-    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
 }
 
 
 def test_llama3_rope_scaling_is_read() -> None:
-    raw = LLAMA | {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    raw = LLAMA | {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
     config = ModelConfig.from_dict(raw)
     assert config.rope_theta == 500000.0
     assert (config.rope_scaling.rope_type, config.rope_scaling.factor) == ("llama3", 8.0)

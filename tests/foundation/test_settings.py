@@ -28,8 +28,12 @@ def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("DELTASERVE_PORT", "not-a-port"), ("DELTASERVE_PORT", "70000"), ("DELTASERVE_REGISTRY", "mongo"),
-     ("DELTASERVE_API_KEYS", "{not json")],
+    [
+        ("DELTASERVE_PORT", "not-a-port"),
+        ("DELTASERVE_PORT", "70000"),
+        ("DELTASERVE_REGISTRY", "mongo"),
+        ("DELTASERVE_API_KEYS", "{not json"),
+    ],
 )
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)

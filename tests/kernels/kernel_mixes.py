@@ -27,9 +27,7 @@ def sparse_vectors(rows: int, k: int, drop: Tensor, gen: torch.Generator) -> Ten
 Factors = tuple[Tensor, Tensor, Tensor]
 
 
-def impart_factors(
-    out: int, inn: int, k: int, gen: torch.Generator, low: float = 0.6, high: float = 0.97
-) -> Factors:
+def impart_factors(out: int, inn: int, k: int, gen: torch.Generator, low: float = 0.6, high: float = 0.97) -> Factors:
     """u [out, k], s [k], v [in, k] like ImPart: drop ratio rising from low to high along k (sparse: CSR)."""
     drop = torch.linspace(low, high, k) if k > 1 else torch.full((k,), low)
     s = torch.sort(torch.rand(k, generator=gen) + 0.05, descending=True).values / math.sqrt(max(inn, 1))

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 
 
 @pytest.fixture(scope="module")
-def bench():  # noqa: ANN201 - the bench module, loaded by path (its file name shadows the package)
+def bench():
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_kernels"] = module

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
+from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, seed_of
 
 import kernels
 from kernels import cpu, native
-from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, seed_of
 from kernels import reference as ref
 
 SHAPES = {"square": (48, 48), "wide": (40, 96), "tall_mlp": (112, 48), "gqa_kv": (16, 64)}

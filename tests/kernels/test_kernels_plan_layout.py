@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_mixes import dense_factors, impart_factors
+
 from kernels import add_delta, pack_factors, plan_batch, stack_factors
 
 
@@ -22,7 +22,10 @@ def test_plan_groups_rows_by_slot_and_detects_ranges() -> None:
 
 def test_plan_contiguous_slots_are_ranges() -> None:
     plan = plan_batch(torch.tensor([0, 0, 0, 2, 2, -1]), 3)
-    assert [(r.slot, r.offset, r.start, r.stop, r.index) for r in plan.slots] == [(0, 0, 0, 3, None), (2, 3, 3, 5, None)]
+    assert [(r.slot, r.offset, r.start, r.stop, r.index) for r in plan.slots] == [
+        (0, 0, 0, 3, None),
+        (2, 3, 3, 5, None),
+    ]
 
 
 def test_plan_rejects_out_of_range_slots() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_mixes import impart_factors, make_mix
+
 from kernels import reference as ref
 
 

@@ -16,10 +16,14 @@ if "kernels.triton_ops" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, seed_of  # noqa: E402
-from kernels import pack_factors, plan_batch  # noqa: E402
-from kernels import reference as ref  # noqa: E402
-from kernels import triton_ops  # noqa: E402
+from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, seed_of
+
+from kernels import (
+    pack_factors,
+    plan_batch,
+    triton_ops,
+)
+from kernels import reference as ref
 
 RANKS = (5, 0, 11, None, 3)
 

@@ -41,7 +41,13 @@ def serving(app: Any) -> Iterator[str]:
 
 def keyed_app(base: Path, tmp: Path, **overrides: Any) -> Any:
     """The real app on `base` with an admin key and an API key limited to the task `fuzz-task`."""
-    settings = load_settings(base_model=str(base), registry_dir=tmp / "reg", work_dir=tmp / "work",
-                             kv_cache_bytes=8 << 20, admin_keys=ADMIN_KEY,
-                             api_keys={API_KEY: ["fuzz-task"]}, **overrides)
+    settings = load_settings(
+        base_model=str(base),
+        registry_dir=tmp / "reg",
+        work_dir=tmp / "work",
+        kv_cache_bytes=8 << 20,
+        admin_keys=ADMIN_KEY,
+        api_keys={API_KEY: ["fuzz-task"]},
+        **overrides,
+    )
     return create_app(settings)

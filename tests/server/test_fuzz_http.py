@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from live_app import ADMIN_KEY, API_KEY, keyed_app, serving
 
 from bench.fuzz_http import Target, fuzz, publish_task
-from live_app import ADMIN_KEY, API_KEY, keyed_app, serving
 
 REQUESTS = int(os.environ.get("DELTASERVE_FUZZ_REQUESTS", "3000"))
 

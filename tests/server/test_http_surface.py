@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from live_app import ADMIN_KEY, API_KEY, keyed_app, serving
 
 import server.api.serving_chat as serving_chat
-from live_app import ADMIN_KEY, API_KEY, keyed_app, serving
 from server.api.errors import from_engine
 from server.api.middleware import RequestContextMiddleware
 from server.engine.types import EngineError, GenerationChunk, GenerationRequest, RequestFailedError
@@ -57,7 +57,8 @@ def _events(text: str) -> list[str]:
 
 
 def test_an_unexpected_exception_is_a_500_without_internal_text_on_a_kept_connection(
-        client: httpx.Client, live: tuple[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    client: httpx.Client, live: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(req: object) -> list[int]:
         raise RuntimeError("secret internal detail at /srv/x.py")
 
@@ -65,8 +66,12 @@ def test_an_unexpected_exception_is_a_500_without_internal_text_on_a_kept_connec
     failed = client.post("/v1/chat/completions", json=CHAT)
     error = _error(failed, 500)
     request_id = failed.headers["x-request-id"]
-    assert error == {"message": f"Internal server error (request id {request_id}).", "type": "server_error",
-                     "param": None, "code": "internal_error"}
+    assert error == {
+        "message": f"Internal server error (request id {request_id}).",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
     assert "secret" not in failed.text
     monkeypatch.undo()
     good = client.post("/v1/chat/completions", json=CHAT)
@@ -85,7 +90,8 @@ def test_an_exception_raised_in_a_middleware_is_a_500_in_openai_shape() -> None:
 
 
 def test_an_exception_while_streaming_ends_the_stream_with_an_error_event_then_done(
-        client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(tokens: object) -> dict:
         raise KeyError("internal")
 
@@ -111,7 +117,8 @@ def _failing_after_one_chunk(message: str) -> Any:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_that_failed_in_the_engine_is_a_500_request_failed_with_its_message(
-        client: httpx.Client, live: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    client: httpx.Client, live: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
     message = "The model produced non-finite values for this request."
     monkeypatch.setattr(live[1].engine, "generate", _failing_after_one_chunk(message))
     reply = client.post("/v1/completions", json={**COMPLETION, "stream": stream})
@@ -133,28 +140,39 @@ def test_an_unknown_engine_error_maps_to_500_without_its_text() -> None:
 SURROGATE = "\ud800"
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
-    ("/v1/chat/completions", {**CHAT, "seed": -(2**63) - 1}, "seed"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
-     "messages.0.content.0.text"),
-    ("/v1/completions", {**COMPLETION, "prompt": f"a{SURROGATE}b"}, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": [SURROGATE]}, "prompt"),
-    ("/v1/chat/completions", {**CHAT, "model": SURROGATE}, "model"),
-    ("/v1/chat/completions", {**CHAT, "stop": [SURROGATE]}, "stop"),
-    ("/v1/completions", {**COMPLETION, "stop": SURROGATE}, "stop"),
-    ("/v1/chat/completions", {**CHAT, "user": SURROGATE}, "user"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "name": SURROGATE}]},
-     "messages.0.name"),
-    ("/v1/chat/completions", {**CHAT, "temperature": float("nan")}, "temperature"),
-    ("/v1/completions", {**COMPLETION, "top_p": float("inf")}, "top_p"),
-    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9]}, "stop_token_ids"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages.0.content.0.type"),
-])
-def test_hostile_values_are_400_naming_the_parameter(client: httpx.Client, path: str, body: dict,
-                                                     param: str) -> None:
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": -(2**63) - 1}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+            "messages.0.content.0.text",
+        ),
+        ("/v1/completions", {**COMPLETION, "prompt": f"a{SURROGATE}b"}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": [SURROGATE]}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "model": SURROGATE}, "model"),
+        ("/v1/chat/completions", {**CHAT, "stop": [SURROGATE]}, "stop"),
+        ("/v1/completions", {**COMPLETION, "stop": SURROGATE}, "stop"),
+        ("/v1/chat/completions", {**CHAT, "user": SURROGATE}, "user"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "x", "name": SURROGATE}]},
+            "messages.0.name",
+        ),
+        ("/v1/chat/completions", {**CHAT, "temperature": float("nan")}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "top_p": float("inf")}, "top_p"),
+        ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9]}, "stop_token_ids"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content.0.type",
+        ),
+    ],
+)
+def test_hostile_values_are_400_naming_the_parameter(client: httpx.Client, path: str, body: dict, param: str) -> None:
     reply = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     error = _error(reply, 400)
     assert error["param"] == param and error["type"] == "invalid_request_error"
@@ -167,8 +185,9 @@ def test_a_task_header_that_is_not_utf8_is_a_404_in_openai_shape(client: httpx.C
 
 
 def test_invalid_json_is_400_without_a_param(client: httpx.Client) -> None:
-    reply = client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
-                        headers={"content-type": "application/json"})
+    reply = client.post(
+        "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
+    )
     assert _error(reply, 400)["param"] is None
 
 
@@ -180,11 +199,14 @@ def test_thousands_of_long_stop_strings_are_refused_at_once(client: httpx.Client
     assert time.perf_counter() - started < 10
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"stop": ["s"] * 17}, "stop"),
-    ({"stop": "x" * 257}, "stop"),
-    ({"stop_token_ids": [1] * 65}, "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"stop": ["s"] * 17}, "stop"),
+        ({"stop": "x" * 257}, "stop"),
+        ({"stop_token_ids": [1] * 65}, "stop_token_ids"),
+    ],
+)
 def test_stop_limits_are_settings(client: httpx.Client, change: dict, param: str) -> None:
     assert _error(client.post("/v1/completions", json={**COMPLETION, **change}), 400)["param"] == param
 
@@ -208,21 +230,25 @@ def test_a_chunked_body_over_the_cap_is_413(client: httpx.Client, live: tuple[st
     assert _error(reply, 413)["code"] == "request_too_large"
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
-    ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
-    ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
-    ("/v1/chat/completions", "parallel_tool_calls", False),
-    ("/v1/chat/completions", "modalities", ["text"]),
-    ("/v1/completions", "best_of", 2),
-    ("/v1/completions", "echo", True),
-    ("/v1/completions", "suffix", "end"),
-    ("/v1/completions", "made_up_field", 1),
-])
-def test_fields_the_server_does_not_honour_are_400_unsupported_parameter(client: httpx.Client, path: str,
-                                                                         field: str, value: object) -> None:
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "tool_choice", "auto"),
+        ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
+        ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
+        ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
+        ("/v1/chat/completions", "parallel_tool_calls", False),
+        ("/v1/chat/completions", "modalities", ["text"]),
+        ("/v1/completions", "best_of", 2),
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "suffix", "end"),
+        ("/v1/completions", "made_up_field", 1),
+    ],
+)
+def test_fields_the_server_does_not_honour_are_400_unsupported_parameter(
+    client: httpx.Client, path: str, field: str, value: object
+) -> None:
     body = {**(CHAT if "chat" in path else COMPLETION), field: value}
     error = _error(client.post(path, json=body), 400)
     assert error["code"] == "unsupported_parameter" and error["param"] == field
@@ -235,8 +261,14 @@ def test_a_message_field_the_server_does_not_honour_is_refused_by_its_path(clien
 
 
 def test_unsupported_fields_sent_as_null_and_metadata_fields_are_accepted(client: httpx.Client) -> None:
-    body = {**CHAT, "tools": None, "logit_bias": None, "user": "user-42", "echo": None,
-            "messages": [{"role": "user", "content": "hi", "name": "ann"}]}
+    body = {
+        **CHAT,
+        "tools": None,
+        "logit_bias": None,
+        "user": "user-42",
+        "echo": None,
+        "messages": [{"role": "user", "content": "hi", "name": "ann"}],
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
@@ -255,68 +287,114 @@ def test_metrics_access_open_lets_any_caller_scrape(tiny_model: Path, tmp_path: 
 
 def test_the_openai_clients_ordinary_calls_pass(live: tuple[str, Any]) -> None:
     client = openai.OpenAI(base_url=f"{live[0]}/v1", api_key=ADMIN_KEY, max_retries=0)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                          temperature=0, seed=7, stop=["\n\n"], user="u1", top_p=0.9,
-                                          max_completion_tokens=3, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        seed=7,
+        stop=["\n\n"],
+        user="u1",
+        top_p=0.9,
+        max_completion_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 3
     completion = client.completions.create(model="tiny", prompt="hello", max_tokens=3, seed=2**63 - 1, logprobs=1)
     assert completion.usage.completion_tokens <= 3
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
     assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-     "response_format"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
-    ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"guided_regex": "[a-"}, "guided_regex"),
-    ({"guided_regex": "x" * ((1 << 16) + 1)}, "guided_regex"),
-    ({"guided_choice": []}, "guided_choice"),
-    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"logit_bias": {"--5": 1}}, "logit_bias"),
-    ({"logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
-    ({"n": 17}, "n"),
-    ({"n": 0}, "n"),
-])
-def test_bad_structured_output_bias_and_n_fields_are_400_naming_them(client: httpx.Client, change: dict,
-                                                                     param: str) -> None:
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"guided_regex": "[a-"}, "guided_regex"),
+        ({"guided_regex": "x" * ((1 << 16) + 1)}, "guided_regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"--5": 1}}, "logit_bias"),
+        ({"logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+    ],
+)
+def test_bad_structured_output_bias_and_n_fields_are_400_naming_them(
+    client: httpx.Client, change: dict, param: str
+) -> None:
     error = _error(client.post("/v1/chat/completions", json={**CHAT, **change}), 400)
     assert error["param"].split(".")[0] == param and error["type"] == "invalid_request_error", error
 
 
-@pytest.mark.parametrize("path, change, param", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (1 << 18)}, {"role": "user",
-                                                                                           "content": "y"}]}, "messages"),
-    ("/v1/completions", {"prompt": "x" * ((1 << 18) + 1)}, "prompt"),
-    ("/v1/completions", {"prompt": [1] * 512}, "prompt"),
-])
-def test_prompts_too_large_to_tokenize_cheaply_are_400(client: httpx.Client, path: str, change: dict,
-                                                       param: str) -> None:
+@pytest.mark.parametrize(
+    "path, change, param",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x" * (1 << 18)}, {"role": "user", "content": "y"}]},
+            "messages",
+        ),
+        ("/v1/completions", {"prompt": "x" * ((1 << 18) + 1)}, "prompt"),
+        ("/v1/completions", {"prompt": [1] * 512}, "prompt"),
+    ],
+)
+def test_prompts_too_large_to_tokenize_cheaply_are_400(
+    client: httpx.Client, path: str, change: dict, param: str
+) -> None:
     body = {**(CHAT if "chat" in path else COMPLETION), **change}
     assert _error(client.post(path, json=body), 400)["param"] == param
 
 
 def test_a_malformed_multipart_checkpoint_is_400_naming_the_file(client: httpx.Client) -> None:
     """Found by the fuzz (bench/fuzz_http.py --seed 1): the multipart parser's error was a 500."""
-    reply = client.post("/admin/v1/tasks/fuzzed/checkpoint", content=b"\x8e{",
-                        headers={"content-type": "multipart/form-data; boundary=x"})
+    reply = client.post(
+        "/admin/v1/tasks/fuzzed/checkpoint",
+        content=b"\x8e{",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert _error(reply, 400)["param"] == "file"
 
 
-@pytest.mark.parametrize(("query", "param"), [("seed=1180591620717411303424", "seed"), ("seed=-1", "seed"),
-                                              ("ratio=inf", "ratio"), ("ratio=nan", "ratio"), ("ratio=1", "ratio")])
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("seed=1180591620717411303424", "seed"),
+        ("seed=-1", "seed"),
+        ("ratio=inf", "ratio"),
+        ("ratio=nan", "ratio"),
+        ("ratio=1", "ratio"),
+    ],
+)
 def test_checkpoint_query_parameters_out_of_range_are_400(client: httpx.Client, query: str, param: str) -> None:
-    reply = client.post(f"/admin/v1/tasks/fuzzed/checkpoint?{query}", content=b"",
-                        headers={"content-type": "multipart/form-data; boundary=x"})
+    reply = client.post(
+        f"/admin/v1/tasks/fuzzed/checkpoint?{query}",
+        content=b"",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert _error(reply, 400)["param"] == param

@@ -69,8 +69,9 @@ def test_a_failing_job_says_why_and_publishes_nothing(jobs: JobManager, finetune
     assert jobs.counts()["failed"] == 1
 
 
-def test_shutdown_cancels_queued_jobs_and_removes_their_uploads(tiny_model: Path, finetune: Path,
-                                                                tmp_path: Path) -> None:
+def test_shutdown_cancels_queued_jobs_and_removes_their_uploads(
+    tiny_model: Path, finetune: Path, tmp_path: Path
+) -> None:
     registry = Registry(LocalStore(tmp_path / "reg"))
     jobs = JobManager(registry, tiny_model, tmp_path / "work")
     first = jobs.submit(JobSpec("one", _upload(finetune, tmp_path / "work", "1"), method="impart", ratio=8.0))
@@ -104,8 +105,9 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[obj
     store.close()
 
 
-def test_any_replica_answers_for_a_job_another_one_runs(shared_store: object, tiny_model: Path, finetune: Path,
-                                                         tmp_path: Path) -> None:
+def test_any_replica_answers_for_a_job_another_one_runs(
+    shared_store: object, tiny_model: Path, finetune: Path, tmp_path: Path
+) -> None:
     """Behind the gateway an upload and the polls of its job reach different replicas."""
     runner = JobManager(Registry(shared_store), tiny_model, tmp_path / "work-a", replica="a")
     other = JobManager(Registry(shared_store), tiny_model, tmp_path / "work-b", replica="b")
@@ -123,15 +125,23 @@ def test_any_replica_answers_for_a_job_another_one_runs(shared_store: object, ti
         other.shutdown(wait=True)
 
 
-def test_a_job_whose_replica_stopped_reporting_is_shown_lost(shared_store: object, tiny_model: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_job_whose_replica_stopped_reporting_is_shown_lost(
+    shared_store: object, tiny_model: Path, tmp_path: Path
+) -> None:
     from server.jobs.jobs import STALE_S
 
     viewer = JobManager(Registry(shared_store), tiny_model, tmp_path / "work")
     try:
         fresh = Job(id="job-fresh", task="t", method="impart", ratio=8.0, state="running", replica="gone:1")
-        stale = Job(id="job-stale", task="u", method="impart", ratio=8.0, state="running", replica="gone:1",
-                    updated=time.time() - 2 * STALE_S)
+        stale = Job(
+            id="job-stale",
+            task="u",
+            method="impart",
+            ratio=8.0,
+            state="running",
+            replica="gone:1",
+            updated=time.time() - 2 * STALE_S,
+        )
         for job in (fresh, stale):
             shared_store.put_job(job.to_dict())
         assert viewer.get("job-fresh").state == "running" and viewer.active("t")
@@ -185,8 +195,9 @@ def test_a_job_whose_artifact_fails_the_full_check_publishes_nothing(jobs: JobMa
     assert jobs.registry.store.blob_digests() == blobs_before
 
 
-def test_a_job_running_at_shutdown_is_recorded_interrupted_at_once(tiny_model: Path, finetune: Path,
-                                                                    tmp_path: Path) -> None:
+def test_a_job_running_at_shutdown_is_recorded_interrupted_at_once(
+    tiny_model: Path, finetune: Path, tmp_path: Path
+) -> None:
     """Not `running` until the record goes stale (60 s): failed the moment the server shuts down, in the
     shared record too, with its upload and scratch gone; and it never publishes afterwards."""
     from server.jobs.jobs import INTERRUPTED

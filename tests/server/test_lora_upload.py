@@ -27,9 +27,12 @@ PROMPT = [5, 17, 42, 99, 7, 230]
 @pytest.fixture(scope="module")
 def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"rich": write_adapter(tiny_model, root / "rich", seed=21, **RICH),
-            "plain": write_adapter(tiny_model, root / "plain", seed=22, r=4, lora_alpha=4,
-                                   target_modules=["q_proj", "up_proj"])}
+    return {
+        "rich": write_adapter(tiny_model, root / "rich", seed=21, **RICH),
+        "plain": write_adapter(
+            tiny_model, root / "plain", seed=22, r=4, lora_alpha=4, target_modules=["q_proj", "up_proj"]
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,9 @@ def client(live: tuple[str, Path]) -> Iterator[httpx.Client]:
         yield admin
 
 
-def _upload(client: httpx.Client, task: str, folder: Path, query: str = "",
-            names: tuple[str, ...] = FILES) -> httpx.Response:
+def _upload(
+    client: httpx.Client, task: str, folder: Path, query: str = "", names: tuple[str, ...] = FILES
+) -> httpx.Response:
     files = [("file", (name, (folder / name).read_bytes())) for name in names]
     return client.post(f"/admin/v1/tasks/{task}/adapter{query}", files=files)
 
@@ -70,8 +74,9 @@ def test_an_uploaded_adapter_serves_like_peft_merged_and_versions_roll_back(
             assert _upload(client, "lora-a", adapters[name]).json()["version"] == 2
         elif client.get("/admin/v1/tasks/lora-a").json()["current"] == 2:
             assert client.post("/admin/v1/tasks/lora-a/rollback", json={"version": 1}).status_code == 200
-        reply = openai_client.completions.create(model="lora-a", prompt=PROMPT, max_tokens=8, temperature=0,
-                                                 logprobs=0, extra_body={"ignore_eos": True})
+        reply = openai_client.completions.create(
+            model="lora-a", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+        )
         tokens, logits = hf_greedy(peft_merged(tiny_model, adapters[name]), PROMPT, 8)
         expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
         ours = torch.tensor(reply.choices[0].logprobs.token_logprobs)
@@ -96,15 +101,26 @@ def _edited(adapter: Path, tmp: Path, config: object = None, text: str | None = 
     return folder
 
 
-@pytest.mark.parametrize(("config", "text", "param"), [
-    ({"use_dora": True}, None, "use_dora"), ({"bias": "all"}, None, "bias"),
-    ({"r": [4]}, None, "r"), ({"target_modules": {"q": 1}}, None, "target_modules"),
-    (None, "[1, 2]", "adapter_config.json"), (None, "not json", "adapter_config.json"),
-    ({"rank_pattern": {"v_proj": 9}}, None, "rank_pattern"),
-])
+@pytest.mark.parametrize(
+    ("config", "text", "param"),
+    [
+        ({"use_dora": True}, None, "use_dora"),
+        ({"bias": "all"}, None, "bias"),
+        ({"r": [4]}, None, "r"),
+        ({"target_modules": {"q": 1}}, None, "target_modules"),
+        (None, "[1, 2]", "adapter_config.json"),
+        (None, "not json", "adapter_config.json"),
+        ({"rank_pattern": {"v_proj": 9}}, None, "rank_pattern"),
+    ],
+)
 def test_a_refused_config_is_a_400_naming_the_field_and_publishes_nothing(
-    client: httpx.Client, live: tuple[str, Path], adapters: dict[str, Path], tmp_path: Path,
-    config: dict | None, text: str | None, param: str
+    client: httpx.Client,
+    live: tuple[str, Path],
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    config: dict | None,
+    text: str | None,
+    param: str,
 ) -> None:
     error = _error(_upload(client, "lora-refused", _edited(adapters["rich"], tmp_path, config, text)), 400)
     assert error["param"] == param
@@ -112,16 +128,19 @@ def test_a_refused_config_is_a_400_naming_the_field_and_publishes_nothing(
     assert not any((live[1] / "work" / "uploads").iterdir())
 
 
-def test_weights_the_base_cannot_take_are_400s(client: httpx.Client, adapters: dict[str, Path],
-                                               tmp_path: Path) -> None:
+def test_weights_the_base_cannot_take_are_400s(client: httpx.Client, adapters: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     folder = _edited(adapters["plain"], tmp_path)
     weights = load_file(str(folder / FILES[1]))
-    save_file({k.replace("layers.0.mlp.up_proj", "layers.0.mlp.w9"): v for k, v in weights.items()},
-              str(folder / FILES[1]))
+    save_file(
+        {k.replace("layers.0.mlp.up_proj", "layers.0.mlp.w9"): v for k, v in weights.items()}, str(folder / FILES[1])
+    )
     assert _error(_upload(client, "lora-refused", folder), 400)["param"] == "target_modules"
-    save_file({k: v[:, :3].contiguous() if k.endswith("lora_A.weight") else v for k, v in weights.items()}, str(folder / FILES[1]))
+    save_file(
+        {k: v[:, :3].contiguous() if k.endswith("lora_A.weight") else v for k, v in weights.items()},
+        str(folder / FILES[1]),
+    )
     assert _error(_upload(client, "lora-refused", folder), 400)["param"] == FILES[1]
     (folder / FILES[1]).write_bytes(b"\x00" * 64)
     assert _error(_upload(client, "lora-refused", folder), 400)["param"] == FILES[1]

@@ -11,8 +11,9 @@ from server.observability.metrics import Metrics
 
 
 def test_log_lines_are_json_with_the_request_id_and_extras() -> None:
-    record = logging.makeLogRecord({"name": "deltaserve.x", "levelname": "INFO", "msg": "served %s",
-                                    "args": ("math",), "status": 200})
+    record = logging.makeLogRecord(
+        {"name": "deltaserve.x", "levelname": "INFO", "msg": "served %s", "args": ("math",), "status": 200}
+    )
     token = request_id_var.set("req-42")
     try:
         line = json.loads(JsonFormatter().format(record))

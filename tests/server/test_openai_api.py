@@ -19,8 +19,13 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], 
 @pytest.fixture(scope="module")
 def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("api")
-    settings = load_settings(base_model=str(tiny_model), registry_dir=tmp / "reg", work_dir=tmp / "work",
-                             kv_cache_bytes=4 << 20, max_request_bytes=4096)
+    settings = load_settings(
+        base_model=str(tiny_model),
+        registry_dir=tmp / "reg",
+        work_dir=tmp / "work",
+        kv_cache_bytes=4 << 20,
+        max_request_bytes=4096,
+    )
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
@@ -56,8 +61,14 @@ def test_greedy_chat_is_deterministic_and_matches_its_stream(client: TestClient)
 
 
 def test_stream_include_usage_ends_with_a_usage_chunk(client: TestClient) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "prompt": "hello",
+        "max_tokens": 3,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events = _events(client.post("/v1/completions", json=body).text)
     last = json.loads(events[-2])
     assert events[-1] == "[DONE]" and last["choices"] == []
@@ -81,13 +92,16 @@ def test_x_task_header_wins_over_model(client: TestClient) -> None:
     assert reply.status_code == 404 and "missing-task" in reply.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"temperature": 3.0}, "temperature"),
-    ({"n": 17}, "n"),
-    ({"max_tokens": 10**6}, "max_tokens"),
-    ({"messages": []}, "messages"),
-    ({"top_p": 0}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"temperature": 3.0}, "temperature"),
+        ({"n": 17}, "n"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"top_p": 0}, "top_p"),
+    ],
+)
 def test_bad_parameters_are_400_naming_the_parameter(client: TestClient, change: dict, param: str) -> None:
     reply = client.post("/v1/chat/completions", json={**CHAT, **change})
     assert reply.status_code == 400, reply.text
@@ -151,8 +165,14 @@ def test_unknown_route_uses_the_openai_error_shape(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def keyed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("keyed")
-    settings = load_settings(base_model=str(tiny_model), registry_dir=tmp / "reg", work_dir=tmp / "work",
-                             kv_cache_bytes=4 << 20, admin_keys="adm", api_keys={"ka": ["a"], "kall": ["*"]})
+    settings = load_settings(
+        base_model=str(tiny_model),
+        registry_dir=tmp / "reg",
+        work_dir=tmp / "work",
+        kv_cache_bytes=4 << 20,
+        admin_keys="adm",
+        api_keys={"ka": ["a"], "kall": ["*"]},
+    )
     with TestClient(create_app(settings)) as test_client:
         ctx = test_client.app.state.deltaserve
         for task in ("a", "b"):

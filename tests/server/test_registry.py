@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.registry import BlobCorruptError, InvalidTaskNameError, Registry, TaskMissingError
-from server.registry import redis_store
+from server.registry import BlobCorruptError, InvalidTaskNameError, Registry, TaskMissingError, redis_store
 from server.registry.local import LocalStore
 from server.registry.redis_store import RedisStore
 

@@ -31,8 +31,6 @@ def redis_registry(url: str, resync_s: float = 0.2) -> Registry:
     return Registry(RedisStore(url, timeout_s=TIMEOUT_S), resync_s=resync_s)
 
 
-
-
 def test_known_tasks_resolve_from_memory_while_redis_is_down(private_redis: PrivateRedis) -> None:
     registry = redis_registry(private_redis.url)
     try:

@@ -12,12 +12,19 @@ from server.api.errors import APIError
 from server.api.uploads import checkpoint_filename, receive_checkpoint, receive_raw
 
 
-@pytest.mark.parametrize("name, kept", [
-    ("config.json", "config.json"), ("model.safetensors", "model.safetensors"),
-    ("model-00001-of-00002.safetensors", "model-00001-of-00002.safetensors"),
-    ("model.safetensors.index.json", "model.safetensors.index.json"), ("sub/dir/config.json", "config.json"),
-    ("tokenizer.json", None), ("generation_config.json", None), ("README.md", None),
-])
+@pytest.mark.parametrize(
+    "name, kept",
+    [
+        ("config.json", "config.json"),
+        ("model.safetensors", "model.safetensors"),
+        ("model-00001-of-00002.safetensors", "model-00001-of-00002.safetensors"),
+        ("model.safetensors.index.json", "model.safetensors.index.json"),
+        ("sub/dir/config.json", "config.json"),
+        ("tokenizer.json", None),
+        ("generation_config.json", None),
+        ("README.md", None),
+    ],
+)
 def test_checkpoint_files_are_kept_or_skipped(name: str, kept: str | None) -> None:
     assert checkpoint_filename(name) == kept
 
@@ -37,7 +44,7 @@ def test_unknown_binary_files_are_refused() -> None:
 def _multipart(files: list[tuple[str, bytes]]) -> tuple[str, list[bytes]]:
     request = httpx.Request("POST", "http://x/", files=[("file", (n, d)) for n, d in files])
     body = request.read()
-    return request.headers["content-type"], [body[i:i + 7] for i in range(0, len(body), 7)]
+    return request.headers["content-type"], [body[i : i + 7] for i in range(0, len(body), 7)]
 
 
 async def _aiter(chunks: list[bytes]) -> AsyncIterator[bytes]:
@@ -47,8 +54,9 @@ async def _aiter(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 async def test_files_stream_to_disk_whole(tmp_path: Path) -> None:
     weights = bytes(range(256)) * 40
-    content_type, chunks = _multipart([("config.json", b"{}"), ("model.safetensors", weights),
-                                       ("tokenizer.json", b"{}")])
+    content_type, chunks = _multipart(
+        [("config.json", b"{}"), ("model.safetensors", weights), ("tokenizer.json", b"{}")]
+    )
     upload = await receive_checkpoint(content_type, _aiter(chunks), tmp_path, limit=1 << 20)
     assert upload.files == ["config.json", "model.safetensors"]
     assert (tmp_path / "model.safetensors").read_bytes() == weights
@@ -114,10 +122,14 @@ def test_an_upload_after_shutdown_began_is_503_and_leaves_nothing(tiny_model: Pa
     from server.app import create_app
     from server.config import load_settings
 
-    settings = load_settings(base_model=str(tiny_model), registry_dir=tmp_path / "reg", work_dir=tmp_path / "work",
-                             kv_cache_bytes=4 << 20)
-    files = [("file", (p.name, p.read_bytes())) for p in sorted(tiny_model.iterdir())
-             if p.name in ("config.json", "model.safetensors")]
+    settings = load_settings(
+        base_model=str(tiny_model), registry_dir=tmp_path / "reg", work_dir=tmp_path / "work", kv_cache_bytes=4 << 20
+    )
+    files = [
+        ("file", (p.name, p.read_bytes()))
+        for p in sorted(tiny_model.iterdir())
+        if p.name in ("config.json", "model.safetensors")
+    ]
     with TestClient(create_app(settings)) as client:
         client.app.state.deltaserve.jobs.shutdown()
         reply = client.post("/admin/v1/tasks/late/checkpoint", files=files)
