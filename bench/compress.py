@@ -95,7 +95,8 @@ def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def make_pair(quick: bool, finetuned: Path | None, work: Path) -> tuple[Path, Path, str]:
     """(base, fine-tune, a sentence saying what the fine-tune is)."""
-    from server.model.provision import pull_smollm2, write_tiny
+    from server.model.provision import pull_smollm2
+    from server.model.synthetic import write_tiny
 
     if quick:
         base = write_tiny(work / "tiny", seed=0)

@@ -413,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def spawn_and_fuzz(args: argparse.Namespace) -> Tally:
     from bench.load import spawned_server
-    from server.model.provision import write_tiny
+    from server.model.synthetic import write_tiny
 
     admin, api = "fuzz-admin", "fuzz-api"
     with tempfile.TemporaryDirectory() as tmp:

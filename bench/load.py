@@ -228,7 +228,7 @@ def free_port() -> int:
 def make_artifacts(base: Path, folder: Path, count: int, ratio: float) -> list[Path]:
     """`count` distinct artifacts: synthetic fine-tunes of the base, each compressed with ImPart."""
     import compressor
-    from server.model.provision import write_synthetic_finetune
+    from server.model.synthetic import write_synthetic_finetune
 
     out = []
     for index in tqdm(range(count), desc="make tasks", unit="task"):
@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def spawn_and_measure(args: argparse.Namespace, config: LoadConfig) -> dict[str, object]:
     """Provision the tiny base, make the tasks, size the delta cache to hold --resident of them, measure."""
-    from server.model.provision import write_tiny
+    from server.model.synthetic import write_tiny
 
     with tempfile.TemporaryDirectory(prefix="deltaserve-load-") as tmp:
         work = Path(tmp)

@@ -9,7 +9,7 @@ previous one ends), all in the same process and run:
   swap16   the naive alternative: one set of merged full weights (W_base + delta) resident at a time;
            each wave of C requests is grouped by task and the merged weights are swapped in per group
 Deltas: the testbed's artifacts when --tasks-dir holds them, else same-ratio synthetic ones: a random
-fine-tune of the base (server.model.provision.write_synthetic_finetune) compressed by ImPart at --ratio;
+fine-tune of the base (server.model.synthetic.write_synthetic_finetune) compressed by ImPart at --ratio;
 with fewer distinct artifacts than tasks, names reuse them round-robin (same sizes, same compute).
 
     .venv/bin/python bench/serving.py --quick          # concurrency 1 and 8, short outputs (a few minutes)
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def synthetic_artifacts(base: Path, count: int, ratio: float) -> tuple[Path, list[float]]:
     """`count` ImPart artifacts of random fine-tunes of `base` (cached under WORK); compress seconds."""
     from compressor import compress
-    from server.model.provision import write_synthetic_finetune
+    from server.model.synthetic import write_synthetic_finetune
 
     out = WORK / base.name / f"artifacts-r{ratio:g}"
     out.mkdir(parents=True, exist_ok=True)

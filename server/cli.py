@@ -42,7 +42,7 @@ def _cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
-    from server.model.provision import write_tiny
+    from server.model.synthetic import write_tiny
 
     cache = get_settings().resolved(get_settings().model_cache)
     dest = args.out or cache / "tiny"

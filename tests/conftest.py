@@ -13,7 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from server.model.provision import pull_smollm2, write_tiny
+from server.model.provision import pull_smollm2
+from server.model.synthetic import write_tiny
 
 REDIS_URL = os.environ.get("DELTASERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 

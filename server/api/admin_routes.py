@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -16,9 +15,17 @@ from pydantic import BaseModel, Field
 
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import APIError, bad_request, from_engine, not_found, not_ready, registry_unavailable
+from server.api.errors import (
+    MAPPED_ERRORS,
+    APIError,
+    bad_request,
+    from_engine,
+    not_found,
+    not_ready,
+    registry_unavailable,
+)
 from server.api.uploads import receive_adapter, receive_checkpoint, receive_raw
-from server.engine.types import EngineError
+from server.files import owned_name
 from server.jobs import JobsClosedError, JobSpec
 from server.registry import (
     InvalidTaskNameError,
@@ -127,7 +134,7 @@ async def download_artifact(task: str, request: Request, version: int | None = Q
     chosen = [v for v in entry.versions if v.version == (version or entry.current)]
     if not chosen:
         raise not_found(f"task {task!r} has no version {version}")
-    data = await _registry(ctx.registry.read, chosen[0].to_ref())
+    data = await _registry(ctx.registry.read, chosen[0])
     return Response(
         data,
         media_type="application/octet-stream",
@@ -165,7 +172,7 @@ async def warm(task: str, request: Request) -> dict[str, Any]:
     ctx, task = context_of(request), _task_name(task)
     try:
         await ctx.engine.prefetch(task)
-    except EngineError as exc:
+    except MAPPED_ERRORS as exc:
         raise from_engine(exc, task) from None
     return {"task": task, "resident": True}
 
@@ -233,7 +240,7 @@ async def _entry(ctx: ServerContext, task: str) -> TaskEntry:
 
 
 def _upload_path(ctx: ServerContext) -> Path:
-    return ctx.settings.resolved(ctx.settings.work_dir) / "uploads" / f"{os.getpid()}-{uuid.uuid4().hex}"
+    return ctx.settings.resolved(ctx.settings.work_dir) / "uploads" / owned_name(uuid.uuid4().hex)
 
 
 def _check_checkpoint(base_dir: Path, folder: Path) -> None:

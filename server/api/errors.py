@@ -16,11 +16,11 @@ from server.engine.types import (
     EngineNotReadyError,
     InvalidRequestError,
     QueueFullError,
-    RegistryUnavailableError,
     RequestFailedError,
     TaskNotFoundError,
 )
 from server.observability.logging import request_id_var
+from server.registry import RegistryUnavailableError
 
 log = logging.getLogger("deltaserve.errors")
 
@@ -119,7 +119,12 @@ def registry_unavailable() -> APIError:
     )
 
 
-def from_engine(exc: EngineError, model: str) -> APIError:
+MAPPED_ERRORS = (EngineError, RegistryUnavailableError)
+"""What the engine's calls raise that `from_engine` maps to an HTTP error (the registry's unavailability
+reaches the HTTP layer through the engine's task lookups)."""
+
+
+def from_engine(exc: EngineError | RegistryUnavailableError, model: str) -> APIError:
     """The HTTP error an engine error maps to."""
     if isinstance(exc, TaskNotFoundError):
         return model_not_found(model)

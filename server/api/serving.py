@@ -16,22 +16,27 @@ from typing import Any, Protocol
 
 import anyio
 
-from server.api.errors import APIError, bad_request, forbidden, from_engine, model_not_found, registry_unavailable
+from server.api.errors import (
+    MAPPED_ERRORS,
+    APIError,
+    bad_request,
+    forbidden,
+    from_engine,
+    model_not_found,
+    registry_unavailable,
+)
 from server.api.protocol import ChatCompletionRequest, ContentPart, SamplingFields, Usage
 from server.auth import Principal
 from server.config import Settings
 from server.engine.types import (
-    EngineError,
     GenerationChunk,
     GenerationRequest,
     GrammarSpec,
-    RegistryUnavailableError,
     SamplingParams,
-    TaskRef,
     TokenLogprob,
 )
 from server.observability.metrics import Metrics
-from server.registry import InvalidTaskNameError
+from server.registry import InvalidTaskNameError, RegistryUnavailableError, TaskVersion
 
 
 class EngineClient(Protocol):
@@ -50,9 +55,9 @@ class EngineClient(Protocol):
 
 
 class TaskLookup(Protocol):
-    def lookup(self, task: str) -> TaskRef | None: ...
+    def lookup(self, task: str) -> TaskVersion | None: ...
 
-    def tasks(self) -> list[TaskRef]: ...
+    def tasks(self) -> list[TaskVersion]: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Target:
     task: str | None
     model: str
     """The model name the response reports."""
-    ref: TaskRef | None = None
+    ref: TaskVersion | None = None
     """The task's version, resolved once here; the engine serves exactly this version."""
 
 
@@ -293,7 +298,7 @@ class Generation:
         stream = engine.generate_choices(request, n)
         try:
             first = await anext(stream)
-        except EngineError as exc:
+        except MAPPED_ERRORS as exc:
             await stream.aclose()  # type: ignore[attr-defined]
             metrics.task_requests.labels(target.model, "rejected").inc()
             raise from_engine(exc, target.model) from None
@@ -366,7 +371,7 @@ async def collect(run: Generation, model: str) -> list[Collected]:
             choice.token_ids.extend(chunk.token_ids)
             choice.logprobs.extend(chunk.logprobs or ())
             choice.finish_reason = chunk.finish_reason or choice.finish_reason
-    except EngineError as exc:
+    except MAPPED_ERRORS as exc:
         raise from_engine(exc, model) from None
     finally:
         await run.aclose()

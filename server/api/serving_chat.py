@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.api.errors import bad_request, from_engine
+from server.api.errors import MAPPED_ERRORS, bad_request, from_engine
 from server.api.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -31,7 +31,7 @@ from server.api.serving import (
     sse_error,
     usage_of,
 )
-from server.engine.types import EngineError, GenerationRequest, TokenLogprob
+from server.engine.types import GenerationRequest, TokenLogprob
 from server.observability.metrics import Metrics
 
 ENDPOINT = "chat"
@@ -108,7 +108,7 @@ class ChatServing:
                     yield event([ChatStreamChoice(index=i, delta=ChatDelta(), finish_reason=chunk.finish_reason)])
             if req.include_usage:
                 yield event([], usage_of(run))
-        except EngineError as exc:
+        except MAPPED_ERRORS as exc:
             yield sse_error(from_engine(exc, target.model))
         finally:
             await run.aclose()

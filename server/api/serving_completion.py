@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.api.errors import bad_request, from_engine, unsupported_parameter
+from server.api.errors import MAPPED_ERRORS, bad_request, from_engine, unsupported_parameter
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.api.serving import (
     SSE_DONE,
@@ -22,7 +22,7 @@ from server.api.serving import (
     sse_error,
     usage_of,
 )
-from server.engine.types import EngineError, GenerationRequest, TokenLogprob
+from server.engine.types import GenerationRequest, TokenLogprob
 from server.observability.metrics import Metrics
 
 ENDPOINT = "completions"
@@ -108,7 +108,7 @@ class CompletionServing:
                     )
             if req.include_usage:
                 yield event([], usage_of(run))
-        except EngineError as exc:
+        except MAPPED_ERRORS as exc:
             yield sse_error(from_engine(exc, target.model))
         finally:
             await run.aclose()

@@ -1,6 +1,6 @@
 """Resident deltas under a byte budget: keyed by version, LRU, pinned while running requests use them.
 
-An entry is keyed by (task, artifact sha256): a request carries the TaskRef it resolved, and only the
+An entry is keyed by (task, artifact sha256): a request carries the TaskVersion it resolved, and only the
 entry of exactly that sha serves it, so a resident older version is never used for a newer one (and a
 rollback is a different key too) whether or not a change notification arrived. When a version becomes
 resident, the task's other versions are retired: dropped now, or once their last pin goes.
@@ -23,16 +23,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.engine.types import DeltaSource, TaskRef
+from server.engine.types import DeltaLoadError, DeltaSource
 from server.model.deltas import ResidentDelta
+from server.registry import TaskVersion
 
-Unpack = Callable[[TaskRef, bytes], ResidentDelta]
+Unpack = Callable[[TaskVersion, bytes], ResidentDelta]
 Key = tuple[str, str]
 """(task, artifact sha256): one version of one task."""
-
-
-class DeltaLoadFailed(RuntimeError):
-    """A task's artifact could not be made resident (corrupt, wrong base, too large for the budget)."""
 
 
 class DeltaState(enum.Enum):
@@ -61,7 +58,7 @@ class CacheCounters:
     failures: dict[Key, BaseException] = field(default_factory=dict)
 
 
-def key_of(ref: TaskRef) -> Key:
+def key_of(ref: TaskVersion) -> Key:
     return (ref.task, ref.sha256)
 
 
@@ -98,7 +95,7 @@ class DeltaCache:
             shas = [sha for name, sha in self._entries if name == task]
         return shas[-1] if shas else None
 
-    def request(self, ref: TaskRef) -> None:
+    def request(self, ref: TaskVersion) -> None:
         """A new request waits for `ref`: count a hit or a miss, mark it wanted, load it on a miss."""
         with self._lock:
             key = key_of(ref)
@@ -110,18 +107,18 @@ class DeltaCache:
             self.counters.misses += 1
         self.state(ref)
 
-    def want(self, ref: TaskRef) -> None:
+    def want(self, ref: TaskVersion) -> None:
         """A request waits for `ref` again (it was preempted); not counted as a hit or miss."""
         with self._lock:
             self._wanted[key_of(ref)] += 1
 
-    def withdraw(self, ref: TaskRef) -> None:
+    def withdraw(self, ref: TaskVersion) -> None:
         """A waiting request for `ref` left without running (aborted, failed)."""
         with self._lock:
             self._unwant(key_of(ref))
             self._shrink()
 
-    def state(self, ref: TaskRef) -> DeltaState:
+    def state(self, ref: TaskVersion) -> DeltaState:
         """Where `ref` stands; starts its load when it is absent and there is room."""
         key = key_of(ref)
         with self._lock:
@@ -136,12 +133,12 @@ class DeltaCache:
             self._start_load(ref)
             return DeltaState.LOADING
 
-    def take_failure(self, ref: TaskRef) -> BaseException | None:
+    def take_failure(self, ref: TaskVersion) -> BaseException | None:
         """The error of the version's last load, once (a later request retries the load)."""
         with self._lock:
             return self.counters.failures.pop(key_of(ref), None)
 
-    def acquire(self, ref: TaskRef) -> Entry | None:
+    def acquire(self, ref: TaskVersion) -> Entry | None:
         """Pin the resident delta of `ref` for one running request; None when it is not resident (a
         load of another delta may evict it between state() and this call)."""
         key = key_of(ref)
@@ -161,7 +158,7 @@ class DeltaCache:
                 self._retired.remove(entry)
             self._shrink()
 
-    def prefetch(self, ref: TaskRef) -> Future[None]:
+    def prefetch(self, ref: TaskVersion) -> Future[None]:
         """A future that completes once `ref` is resident (raising its load error, if any)."""
         key = key_of(ref)
         with self._lock:
@@ -184,17 +181,17 @@ class DeltaCache:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _start_load(self, ref: TaskRef) -> Future[None]:
+    def _start_load(self, ref: TaskVersion) -> Future[None]:
         future = self._pool.submit(self._load, ref)
         self._loading[key_of(ref)] = future
         return future
 
-    def _load(self, ref: TaskRef) -> None:
+    def _load(self, ref: TaskVersion) -> None:
         started = time.perf_counter()
         try:
             delta = self._unpack(ref, self.source.read(ref))
             if delta.nbytes > self.budget:
-                raise DeltaLoadFailed(
+                raise DeltaLoadError(
                     f"delta of {ref.task!r} needs {delta.nbytes} B, over the cache budget {self.budget} B"
                 )
             self._insert(ref, delta, time.perf_counter() - started)
@@ -206,7 +203,7 @@ class DeltaCache:
         finally:
             self._on_change()
 
-    def _insert(self, ref: TaskRef, delta: ResidentDelta, seconds: float) -> None:
+    def _insert(self, ref: TaskVersion, delta: ResidentDelta, seconds: float) -> None:
         key = key_of(ref)
         with self._lock:
             self._retire_task(ref.task, ref.sha256)

@@ -41,7 +41,6 @@ from server.engine.types import (
     QueueFullError,
     RequestFailedError,
     TaskNotFoundError,
-    TaskRef,
     TokenLogprob,
 )
 from server.engine.validation import validate_request
@@ -49,6 +48,7 @@ from server.model.config import ModelConfig
 from server.model.deltas import ResidentDelta, unpack_artifact
 from server.model.llama import LlamaModel
 from server.model.provision import resolve_base_model
+from server.registry import RegistryUnavailableError, TaskVersion
 
 log = logging.getLogger("deltaserve.engine")
 GRAMMAR_REJECTED = "The grammar of this request's response format rejected a token; the request ended."
@@ -119,7 +119,7 @@ class Engine:
             self.kv.block_size,
         )
 
-    def _unpack(self, ref: TaskRef, data: bytes) -> ResidentDelta:
+    def _unpack(self, ref: TaskVersion, data: bytes) -> ResidentDelta:
         return unpack_artifact(ref.task, data, self.base_dir, self.device, self.dtype, sha256=ref.sha256)
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -178,7 +178,7 @@ class Engine:
             return request
         return replace(request, ref=await self._lookup(request.task))
 
-    async def _lookup(self, task: str) -> TaskRef:
+    async def _lookup(self, task: str) -> TaskVersion:
         ref = await asyncio.to_thread(self.source.lookup, task)
         if ref is None:
             raise TaskNotFoundError(f"task {task!r} is not published")
@@ -229,7 +229,7 @@ class Engine:
         ref = await self._lookup(task)
         try:
             await asyncio.wrap_future(self.deltas.prefetch(ref))
-        except EngineError:
+        except (EngineError, RegistryUnavailableError):
             raise
         except Exception as exc:
             raise DeltaLoadError(f"delta of {task!r} failed to load: {exc}") from exc
@@ -318,7 +318,9 @@ class Engine:
     def _step(self) -> None:
         plan = self.scheduler.schedule()
         for seq, error in plan.failed:
-            self._fail(seq, error if isinstance(error, EngineError) else DeltaLoadError(str(error)))
+            self._fail(
+                seq, error if isinstance(error, (EngineError, RegistryUnavailableError)) else DeltaLoadError(str(error))
+            )
         if not plan.chunks:
             with self._cond:
                 self._cond.wait(LOAD_WAIT_S)

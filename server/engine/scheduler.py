@@ -2,7 +2,7 @@
 
 Each step spends a token budget: running decodes first (oldest first), then prefill chunks of running
 sequences, then new admissions in arrival order. A waiting request is admitted only once the delta of
-the very version it resolved (its TaskRef) is resident; one whose delta is loading is passed over
+the very version it resolved (its TaskVersion) is resident; one whose delta is loading is passed over
 (others keep running), while one that finds no room for its delta, or no KV blocks, holds the queue
 until pins and blocks drain, so nothing behind it can starve it. When blocks run out mid-flight the
 newest sequence is preempted (its blocks freed, recomputed later).
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from server.engine.delta_cache import DeltaCache, DeltaState, key_of
 from server.engine.kv_cache import KVCache, block_hash, prefix_root
 from server.engine.sequence import Sequence, Status
-from server.engine.types import TaskRef
+from server.registry import TaskVersion
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class Scheduler:
             seq.block_hashes.append(block_hash(parent, seq.tokens(i * size, (i + 1) * size)))
         return seq.block_hashes[:count]
 
-    def _fail_version(self, ref: TaskRef) -> list[tuple[Sequence, BaseException]]:
+    def _fail_version(self, ref: TaskVersion) -> list[tuple[Sequence, BaseException]]:
         """End every waiting request for the version whose load failed (other versions are not touched)."""
         error = self.deltas.take_failure(ref)
         doomed = [s for s in self.waiting if s.ref is not None and key_of(s.ref) == key_of(ref)]

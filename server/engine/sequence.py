@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TaskRef, TokenLogprob
+from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
+from server.registry import TaskVersion
 
 Sink = Callable[[GenerationChunk | BaseException], None]
 _arrival = itertools.count()
@@ -57,7 +58,7 @@ class Sequence:
         return self.request.task
 
     @property
-    def ref(self) -> TaskRef | None:
+    def ref(self) -> TaskVersion | None:
         """The task version this request runs with (resolved before it reached the engine)."""
         return self.request.ref
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
-from server.engine.types import TaskRef
+from server.registry import TaskVersion, is_task_name
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SUFFIX = ".safetensors"
 
 
@@ -22,12 +20,12 @@ class LocalDirDeltaSource:
         """task -> (the file's (inode, mtime_ns, size), its sha256): a lookup hashes a file once per change."""
 
     def _path(self, task: str) -> Path | None:
-        if not TASK_NAME.match(task):
+        if not is_task_name(task):
             return None
         path = self.folder / f"{task}{SUFFIX}"
         return path if path.is_file() else None
 
-    def lookup(self, task: str) -> TaskRef | None:
+    def lookup(self, task: str) -> TaskVersion | None:
         path = self._path(task)
         if path is None:
             return None
@@ -36,9 +34,9 @@ class LocalDirDeltaSource:
         known = self._digests.get(task)
         if known is None or known[0] != state:
             known = self._digests[task] = (state, hashlib.sha256(path.read_bytes()).hexdigest())
-        return TaskRef(task, 1, known[1], stat.st_size, created=stat.st_mtime)
+        return TaskVersion(task, 1, known[1], stat.st_size, created=stat.st_mtime)
 
-    def read(self, ref: TaskRef) -> bytes:
+    def read(self, ref: TaskVersion) -> bytes:
         path = self._path(ref.task)
         if path is None:
             raise FileNotFoundError(f"{ref.task}: no artifact in {self.folder}")
@@ -47,6 +45,6 @@ class LocalDirDeltaSource:
             raise ValueError(f"{path}: sha256 does not match {ref.sha256} (changed since lookup)")
         return data
 
-    def tasks(self) -> list[TaskRef]:
+    def tasks(self) -> list[TaskVersion]:
         names = sorted(p.name[: -len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}"))
         return [ref for ref in map(self.lookup, names) if ref is not None]

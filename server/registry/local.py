@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from server.files import abandoned, owned_name
 from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
 from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
 
@@ -214,7 +215,7 @@ class LocalStore:
         return self.root / "index" / f"{task}.json"
 
     def _tmp_path(self) -> Path:
-        return self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        return self.root / "tmp" / owned_name(uuid.uuid4().hex)
 
     def _read_raw(self, task: str) -> dict | None:
         try:
@@ -241,21 +242,6 @@ class LocalStore:
 def _entry_from_raw(task: str, raw: dict) -> TaskEntry:
     versions = sorted((TaskVersion(**v) for v in raw["versions"].values()), key=lambda v: v.version)
     return TaskEntry(task=task, current=int(raw["current"]), versions=tuple(versions))
-
-
-def abandoned(path: Path, cutoff: float) -> bool:
-    """A temp file whose writer process is gone, or that is older than the cutoff."""
-    pid_text = path.name.split("-", 1)[0]
-    try:
-        os.kill(int(pid_text), 0)
-    except (ValueError, ProcessLookupError):
-        return True
-    except PermissionError:
-        pass
-    try:
-        return path.stat().st_mtime < cutoff
-    except FileNotFoundError:
-        return False
 
 
 def _fsync(path: Path) -> None:

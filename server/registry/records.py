@@ -7,8 +7,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from server.engine.types import TaskRef
-
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A task name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; at most 64 characters."""
 
@@ -21,6 +19,11 @@ class InvalidTaskNameError(RegistryError, ValueError):
     """A task name that could escape a folder or a key prefix, or is otherwise not allowed."""
 
 
+class RegistryUnavailableError(RegistryError):
+    """The registry cannot be reached and the answer is not in its last known index (HTTP 503 with
+    code registry_unavailable and Retry-After)."""
+
+
 class TaskMissingError(RegistryError, LookupError):
     """No published task (or no such version of it) under that name."""
 
@@ -29,9 +32,14 @@ class BlobCorruptError(RegistryError):
     """A stored artifact's bytes do not hash to the sha256 the index records (or are gone)."""
 
 
+def is_task_name(name: str) -> bool:
+    """Whether `name` is a valid task name (TASK_NAME, and no `..` anywhere)."""
+    return TASK_NAME.fullmatch(name) is not None and ".." not in name
+
+
 def validate_task_name(name: str) -> str:
     """`name` when it is a valid task name; else InvalidTaskNameError saying what is allowed."""
-    if not TASK_NAME.fullmatch(name) or ".." in name:
+    if not is_task_name(name):
         raise InvalidTaskNameError(
             f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
             f"letter or digit, without '..'"
@@ -41,22 +49,20 @@ def validate_task_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class TaskVersion:
-    """One published version of one task: its artifact blob and what made it."""
+    """One published version of one task: its artifact blob and what made it. A request resolves its task
+    to one of these once and carries it; the engine serves exactly that version (by its sha256)."""
 
     task: str
     version: int
     sha256: str
     size: int
-    method: str
-    ratio: float | None
-    created: float
+    method: str = "impart"
+    ratio: float | None = None
+    created: float = 0.0
     source: str = "artifact"
     """How it arrived: `checkpoint` (uploaded and compressed here) or `artifact` (uploaded ready)."""
-    quality: dict[str, Any] = field(default_factory=dict)
-    """The compression report's quality figures (JSON-able)."""
-
-    def to_ref(self) -> TaskRef:
-        return TaskRef(self.task, self.version, self.sha256, self.size, self.method, self.created)
+    quality: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The compression report's quality figures (JSON-able); not part of the hash (a dict is not hashable)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

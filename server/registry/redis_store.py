@@ -31,8 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.engine.types import RegistryUnavailableError
-from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
+from server.registry.records import BlobCorruptError, RegistryUnavailableError, TaskEntry, TaskVersion
 from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
 
 log = logging.getLogger("deltaserve.registry")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
-from server.engine.types import TaskRef
 from server.registry.local import LocalStore
 from server.registry.records import TaskEntry, TaskMissingError, TaskVersion, validate_task_name
 from server.registry.store import ChangeListener, Store, digest_of
@@ -60,16 +59,16 @@ class Registry:
         self._changed(task)
         return published
 
-    def lookup(self, task: str) -> TaskRef | None:
+    def lookup(self, task: str) -> TaskVersion | None:
         """The task's current version (from the last known index; read through when unknown)."""
         return self.view.resolve(task)
 
-    def read(self, ref: TaskRef) -> bytes:
+    def read(self, ref: TaskVersion) -> bytes:
         """The artifact's bytes, checked against ref.sha256 by the store (the one check of a load)."""
         return self.store.read_blob(ref.sha256)
 
-    def tasks(self) -> list[TaskRef]:
-        return [entry.current_version.to_ref() for entry in self.entries()]
+    def tasks(self) -> list[TaskVersion]:
+        return [entry.current_version for entry in self.entries()]
 
     def entry(self, task: str) -> TaskEntry | None:
         return self.view.entry(task)

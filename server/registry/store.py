@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.files import sha256_file
 from server.registry.records import TaskEntry, TaskVersion
 
 ChangeListener = Callable[[str], None]
@@ -89,7 +90,6 @@ class Store(Protocol):
 
 def digest_of(source: Path | bytes) -> tuple[str, int]:
     """(sha256 hex digest, size in bytes) of a file or a byte string."""
-    from server.model.provision import sha256_file
 
     if isinstance(source, bytes):
         return hashlib.sha256(source).hexdigest(), len(source)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from server.engine.types import RegistryUnavailableError, TaskRef
-from server.registry.records import RegistryError, TaskEntry, validate_task_name
+from server.registry.records import RegistryError, RegistryUnavailableError, TaskEntry, TaskVersion, validate_task_name
 from server.registry.store import ChangeListener, Store
 
 log = logging.getLogger("deltaserve.registry")
@@ -45,20 +44,20 @@ class RegistryView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def resolve(self, task: str) -> TaskRef | None:
+    def resolve(self, task: str) -> TaskVersion | None:
         """The task's current version: from memory when known, else read through to the store."""
         found = self.entry(task)
-        return None if found is None else found.current_version.to_ref()
+        return None if found is None else found.current_version
 
     @property
     def known_tasks(self) -> int:
         """How many tasks the last known index holds (never touches the store)."""
         return len(self._entries)
 
-    def known(self, task: str) -> TaskRef | None:
+    def known(self, task: str) -> TaskVersion | None:
         """The task's current version as the view knows it now; never touches the store."""
         found = self._entries.get(task)
-        return None if found is None else found.current_version.to_ref()
+        return None if found is None else found.current_version
 
     def entry(self, task: str) -> TaskEntry | None:
         """The task's entry from memory; a task not in memory is read from the store. Raises

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tiny_finetunes import perturb
 
-from server.model.provision import write_tiny
+from server.model.synthetic import write_tiny
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_compression_is_deterministic_given_a_seed(pair: tuple[Path, Path], tmp_
 
 
 def test_wrong_base_is_rejected(artifacts: dict[str, Path], tied_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from server.model.provision import write_tiny
+    from server.model.synthetic import write_tiny
 
     other_seed = write_tiny(tmp_path / "other", seed=7)
     with pytest.raises(compressor.WrongBaseError):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from live import shard
 
-from server.model.provision import write_synthetic_finetune
+from server.model.synthetic import write_synthetic_finetune
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def redis_replicas(base: Path, tmp: Path, redis_url: str) -> Iterator[tuple[Live
 def publish_synthetic_tasks(server: LiveServer, base: Path, root: Path, names: tuple[str, ...], seed0: int) -> None:
     """A synthetic fine-tune of `base` per name, ImPart-compressed (CR 8) and published as that task."""
     from compressor import compress
-    from server.model.provision import write_synthetic_finetune
+    from server.model.synthetic import write_synthetic_finetune
 
     with server.admin() as admin:
         for seed, task in enumerate(names, start=seed0):

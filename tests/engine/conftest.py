@@ -59,7 +59,7 @@ TASKS = ("alpha", "beta", "gamma", "delta")
 def _publish_tasks(base: Path, root: Path, names: tuple[str, ...], seed0: int) -> Path:
     """Synthetic fine-tunes of `base`, ImPart-compressed into root/tasks/<name>.safetensors."""
     from compressor import compress
-    from server.model.provision import write_synthetic_finetune
+    from server.model.synthetic import write_synthetic_finetune
 
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)

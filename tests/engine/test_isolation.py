@@ -17,8 +17,9 @@ import torch
 
 import kernels
 from server.engine.engine import Engine
-from server.engine.types import GenerationRequest, RequestFailedError, SamplingParams, TaskRef
+from server.engine.types import GenerationRequest, RequestFailedError, SamplingParams
 from server.model.deltas import ResidentDelta
+from server.registry import TaskVersion
 from tests.engine.conftest import TASKS, collect, greedy, make_engine, output_ids
 
 STREAMS = 16
@@ -30,7 +31,7 @@ def _poison(
     """Before `engine` starts: every load of `task` overwrites some tensors of the unpacked resident delta."""
     unpack = engine._unpack
 
-    def poisoned(ref: TaskRef, data: bytes) -> ResidentDelta:
+    def poisoned(ref: TaskVersion, data: bytes) -> ResidentDelta:
         delta = unpack(ref, data)
         if ref.task == task:
             delta.factors.update(factors or {})  # type: ignore[attr-defined]

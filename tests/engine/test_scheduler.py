@@ -13,9 +13,10 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence
-from server.engine.types import GenerationRequest, SamplingParams, TaskRef
+from server.engine.types import GenerationRequest, SamplingParams
 from server.model.config import ModelConfig
 from server.model.deltas import ResidentDelta
+from server.registry import TaskVersion
 
 UNIT = 1000  # floats per fake delta: 4000 bytes
 
@@ -25,29 +26,29 @@ class FakeSource:
 
     def __init__(self) -> None:
         self.gates: dict[str, threading.Event] = {}
-        self.reads: list[TaskRef] = []
+        self.reads: list[TaskVersion] = []
 
-    def lookup(self, task: str) -> TaskRef:
+    def lookup(self, task: str) -> TaskVersion:
         return ref(task)
 
-    def read(self, ref: TaskRef) -> bytes:
+    def read(self, ref: TaskVersion) -> bytes:
         self.reads.append(ref)
         gate = self.gates.get(ref.task)
         if gate is not None:
             gate.wait(5)
         return ref.task.encode()
 
-    def tasks(self) -> list[TaskRef]:
+    def tasks(self) -> list[TaskVersion]:
         return []
 
 
-def ref(task: str, content: str | None = None) -> TaskRef:
+def ref(task: str, content: str | None = None) -> TaskVersion:
     """A version of `task` whose artifact bytes are `content` (the task's name by default)."""
     data = (content or task).encode()
-    return TaskRef(task, 1, hashlib.sha256(data).hexdigest(), len(data))
+    return TaskVersion(task, 1, hashlib.sha256(data).hexdigest(), len(data))
 
 
-def fake_unpack(ref: TaskRef, data: bytes) -> ResidentDelta:
+def fake_unpack(ref: TaskVersion, data: bytes) -> ResidentDelta:
     return ResidentDelta(ref.task, ref.sha256, {}, {"w": torch.zeros(UNIT)})
 
 
@@ -74,7 +75,7 @@ def make_scheduler(
     return Scheduler(kv, cache, max_running, budget)
 
 
-def seq(task: str | None, prompt: int = 6, max_tokens: int = 3, version: TaskRef | None = None) -> Sequence:
+def seq(task: str | None, prompt: int = 6, max_tokens: int = 3, version: TaskVersion | None = None) -> Sequence:
     request = GenerationRequest(
         f"{task}-{time.perf_counter_ns()}",
         task,
@@ -98,7 +99,7 @@ def step(s: Scheduler) -> StepPlan:
     return plan
 
 
-def wait_ready(s: Scheduler, task: str, version: TaskRef | None = None) -> None:
+def wait_ready(s: Scheduler, task: str, version: TaskVersion | None = None) -> None:
     deadline = time.monotonic() + 5
     while s.deltas.state(version or ref(task)) is not DeltaState.READY and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -236,7 +237,7 @@ def test_a_resident_version_never_serves_a_request_that_resolved_another() -> No
 
 def test_a_failed_load_fails_only_the_requests_of_that_version() -> None:
     class Broken(FakeSource):
-        def read(self, version: TaskRef) -> bytes:
+        def read(self, version: TaskVersion) -> bytes:
             if version.sha256 == bad.sha256:
                 raise OSError("blob gone")
             return super().read(version)

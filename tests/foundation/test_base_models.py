@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from server.model.config import ModelConfig
-from server.model.provision import MANIFEST, ProvisionError, resolve_base_model, verify_folder, write_tiny
+from server.model.provision import MANIFEST, ProvisionError, resolve_base_model, verify_folder
+from server.model.synthetic import write_tiny
 
 
 def _file_bytes(folder: Path) -> dict[str, bytes]:

@@ -12,7 +12,7 @@ import pytest
 
 from server.jobs import JobManager, JobSpec
 from server.jobs.jobs import Job, collect_leftovers
-from server.model.provision import write_synthetic_finetune
+from server.model.synthetic import write_synthetic_finetune
 from server.registry import Registry
 from server.registry.local import LocalStore
 
