@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltaserve-installed
 
-.PHONY: install serve test redis settings-table bench-kernels bench-compress bench-serving bench-load bench-quality
+.PHONY: install serve test lint redis settings-table bench-kernels bench-compress bench-serving bench-load bench-quality
 
 # torch first, pinned to the CPU wheel this machine carries; the project's range then installs nothing more.
 $(STAMP): pyproject.toml
@@ -25,6 +25,12 @@ settings-table: install
 
 redis:
 	bash scripts/ensure-redis.sh
+
+# The linter, the formatter's check and the strict type checker (configured in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install redis
 	$(BIN)/python -m pytest -q
