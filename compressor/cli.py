@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compressor.pipeline import ADAPTER_METHODS, METHODS, WHOLE
+
 if TYPE_CHECKING:
     from compressor.summary import ArtifactSummary
-
-METHOD_CHOICES = ["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, required=True, help="base model folder (HF layout, safetensors)")
     p.add_argument("--finetuned", type=Path, required=True, help="fine-tuned model folder, same architecture")
     p.add_argument("--out", type=Path, required=True, help="artifact file to write")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="impart", help="compression method")
+    p.add_argument("--method", choices=METHODS, default="impart", help="compression method")
     p.add_argument("--ratio", type=float, default=32.0, help="compression ratio (CR; CR_qt for -qt methods)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random drops (masks regenerate from it)")
     p.add_argument("--beta", type=float, default=0.8, help="ImPart pre-prune share of singular vectors")
@@ -55,7 +55,7 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--embedding-method",
-        choices=[*METHOD_CHOICES, "full"],
+        choices=[*METHODS, WHOLE],
         default=None,
         help="method for the embedding / LM head (default: --method)",
     )
@@ -74,7 +74,7 @@ def _register_import_lora(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="compress the adapter's delta to this CR instead of storing its factors exactly",
     )
-    p.add_argument("--method", choices=["impart", "lowrank"], default="impart", help="method used with --ratio")
+    p.add_argument("--method", choices=ADAPTER_METHODS, default="impart", help="method used with --ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random drops (with --ratio)")
     p.set_defaults(handler=_cmd_import_lora)
 
@@ -89,8 +89,8 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, default=0.2, help="TIES: share of entries kept per delta")
     p.add_argument(
         "--store",
-        choices=[*METHOD_CHOICES, "full"],
-        default="full",
+        choices=[*METHODS, WHOLE],
+        default=WHOLE,
         help="how the merged delta is stored: whole (16-bit) or re-compressed",
     )
     p.add_argument("--ratio", type=float, default=32.0, help="ratio when --store re-compresses")

@@ -28,7 +28,14 @@ from compressor.checkpoint import Checkpoint
 from compressor.codec import ModuleCode
 from compressor.errors import AdapterError
 from compressor.methods import MethodParams, encode_dense
-from compressor.pipeline import CompressionReport, ModuleReport, encode_tensor, group_of, write_artifact
+from compressor.pipeline import (
+    ADAPTER_METHODS,
+    CompressionReport,
+    ModuleReport,
+    encode_tensor,
+    group_of,
+    write_artifact,
+)
 from compressor.summary import ideal_bytes
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,7 +61,6 @@ LORA_ROLES = {
     ".lora_embedding_A": ("A", True),
     ".lora_embedding_B": ("B", True),
 }
-COMPRESS_METHODS = ("impart", "lowrank")
 PATTERN_TIMEOUT_S = 0.05
 """Longest one rank/alpha pattern may take to match one module name (ordinary patterns take microseconds)."""
 
@@ -345,8 +351,8 @@ def _compressed(
     """Every delta re-encoded with ImPart or LowRank at `ratio` (1-D deltas stay dense)."""
     from compressor.codec import decode_dense
 
-    if method not in COMPRESS_METHODS:
-        raise AdapterError(f"method {method!r:.40} cannot compress an adapter: {', '.join(COMPRESS_METHODS)}", "method")
+    if method not in ADAPTER_METHODS:
+        raise AdapterError(f"method {method!r:.40} cannot compress an adapter: {', '.join(ADAPTER_METHODS)}", "method")
     if not (math.isfinite(ratio) and ratio > 1.0):
         raise AdapterError(f"ratio must be a finite number > 1, not {ratio!r:.40}", "ratio")
     params = MethodParams(ratio=float(ratio), seed=seed)

@@ -15,7 +15,14 @@ import torch
 
 from compressor.artifact import load_artifact
 from compressor.checkpoint import Checkpoint, check_compatible
-from compressor.pipeline import ENCODERS, CompressionReport, encode_tensor, method_params_of, write_artifact
+from compressor.pipeline import (
+    ENCODERS,
+    WHOLE,
+    CompressionReport,
+    encode_tensor,
+    method_params_of,
+    write_artifact,
+)
 
 DeltaOf = Callable[[str], torch.Tensor]
 
@@ -60,7 +67,7 @@ def merge(
     how: str = "ta",
     scale: float = 1.0,
     density: float = 0.2,
-    store: str = "full",
+    store: str = WHOLE,
     ratio: float = 32.0,
     seed: int = 0,
 ) -> CompressionReport:

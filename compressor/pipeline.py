@@ -33,14 +33,24 @@ from compressor.qt import encode_dare_qt, encode_impart_qt
 from compressor.summary import ideal_bytes
 
 TOOL = "deltaserve-compressor 0.1"
-ENCODERS = {
+Encoder = Callable[[str, torch.Tensor, MethodParams], ModuleCode]
+"""(module name, 2-D delta [out, in] float32, params) -> the module's code."""
+WHOLE = "full"
+"""The encoding that stores a 2-D delta whole in 16 bits: no compression, the ratio is ignored."""
+ENCODERS: dict[str, Encoder] = {
     "impart": encode_impart,
-    "lowrank": encode_lowrank,
     "dare": encode_dare,
+    "lowrank": encode_lowrank,
     "impart-qt": encode_impart_qt,
     "dare-qt": encode_dare_qt,
-    "full": encode_full,
+    WHOLE: encode_full,
 }
+"""Every name compress() accepts as `method` (and as `embedding_method`, merge's `store`)."""
+METHODS: tuple[str, ...] = tuple(name for name in ENCODERS if name != WHOLE)
+"""The compression methods a user picks (CLI --method, the server's uploads and default method):
+every encoder but WHOLE, in the order the CLI lists them."""
+ADAPTER_METHODS: tuple[str, ...] = ("impart", "lowrank")
+"""The methods that can compress a LoRA adapter's delta (compressor.lora.import_lora with a ratio)."""
 LINEAR_RE = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 Progress = Callable[[int, int, str], None]
 
@@ -78,6 +88,12 @@ class CompressionReport:
     modules: tuple[ModuleReport, ...]
 
 
+def check_method(method: str) -> None:
+    """Raise ValueError unless `method` names an encoder (ENCODERS)."""
+    if method not in ENCODERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(ENCODERS))}")
+
+
 def group_of(name: str, ndim: int) -> str:
     if ndim != 2:
         return "dense"
@@ -95,8 +111,7 @@ def compress(
     **method_params: object,
 ) -> CompressionReport:
     """Compress finetuned - base into an artifact at out_path; see the module docstring."""
-    if method not in ENCODERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(ENCODERS))}")
+    check_method(method)
     if ratio <= 1.0:
         raise ValueError(f"ratio must be > 1 (got {ratio})")
     check_compatible(base_dir, finetuned_dir)
@@ -179,8 +194,7 @@ def encode_tensor(
     if group_of(name, 2) == "embedding":
         method = params.embedding_method or method
         params = dataclasses.replace(params, ratio=params.embedding_ratio or params.ratio)
-    if method not in ENCODERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(ENCODERS))}")
+    check_method(method)
     if method == "impart-qt" and inputs is not None and group_of(name, 2) == "linear":
         code = encode_impart_qt(name, delta, params, inputs)
     else:

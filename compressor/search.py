@@ -21,7 +21,7 @@ from tqdm import tqdm
 from compressor.budget import pre_prune
 from compressor.checkpoint import Checkpoint, check_compatible
 from compressor.codec import ModuleCode
-from compressor.methods import MethodParams, encode_dense, impart_code
+from compressor.methods import Factors, MethodParams, encode_dense, impart_code
 from compressor.pipeline import (
     CompressionReport,
     ModuleReport,
@@ -35,6 +35,22 @@ from compressor.svd import top_svd
 
 DEFAULT_GRID: tuple[tuple[float, float], ...] = ((0.8, 0.5), (0.6, 1.0), (0.8, 1.0), (0.6, 0.5), (0.7, 0.75))
 """(beta, C): the two settings of the paper's code and points between them."""
+RankOf = Callable[[tuple[int, int], MethodParams], int]
+"""(shape [out, in], params) -> how many singular vectors the code needs."""
+CodeOf = Callable[[str, tuple[int, int], Factors, MethodParams], ModuleCode]
+"""(name, shape, top singular triplets, params) -> the module's code."""
+
+
+def _impart_rank(shape: tuple[int, int], params: MethodParams) -> int:
+    return pre_prune(shape, params.ratio, params.beta)[0]
+
+
+TUNABLE: dict[str, tuple[RankOf, CodeOf]] = {
+    "impart": (_impart_rank, impart_code),
+    "impart-qt": (qt_svd_rank, impart_qt_code),
+}
+"""The methods search can tune (ImPart's, the ones with beta and C; a subset of compressor.METHODS), each with
+its SVD rank and its code from shared singular triplets."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ def search(
     **method_params: object,
 ) -> SearchResult:
     """Compress at every (beta, C) of the grid in one pass, score each with validate, keep the best."""
-    if method not in ("impart", "impart-qt"):
+    if method not in TUNABLE:
         raise ValueError(f"search tunes ImPart's beta and C; method {method!r} has neither")
     check_compatible(base_dir, finetuned_dir)
     started = time.perf_counter()
@@ -96,8 +112,7 @@ def _grid_codes(name: str, delta: torch.Tensor, method: str, points: list[Method
     if delta.ndim != 2:
         return [encode_dense(name, delta)] * len(points)
     shape = (int(delta.shape[0]), int(delta.shape[1]))
-    rank_of = qt_svd_rank if method == "impart-qt" else lambda sh, p: pre_prune(sh, p.ratio, p.beta)[0]
+    rank_of, code_of = TUNABLE[method]
     k = max(rank_of(shape, p) for p in points)
     svd = top_svd(delta, k, points[0].svd, points[0].device, points[0].seed)
-    code_of = impart_qt_code if method == "impart-qt" else impart_code
     return [code_of(name, shape, svd, p) for p in points]

@@ -107,3 +107,30 @@ def test_ties_elects_the_sign_and_averages_agreeing_entries() -> None:
     torch.testing.assert_close(merged, torch.tensor([2.0, -2.0, 0.0, 3.0]))
     trimmed = ties([a, b], density=0.5, scale=2.0)  # a -> [0, -2, 0, 3], b -> [3, 1, 0, 0]
     torch.testing.assert_close(trimmed, torch.tensor([6.0, -4.0, 0.0, 6.0]))
+
+
+def test_method_lists_come_from_the_encoder_table() -> None:
+    """METHODS is the encoder table less the whole (uncompressed) encoding; the CLI offers exactly those."""
+    import argparse
+
+    from compressor.cli import register
+    from compressor.pipeline import ENCODERS, WHOLE
+    from compressor.search import TUNABLE
+
+    assert compressor.METHODS == ("impart", "dare", "lowrank", "impart-qt", "dare-qt")
+    assert {*compressor.METHODS, WHOLE} == set(ENCODERS)
+    assert set(compressor.ADAPTER_METHODS) <= set(compressor.METHODS)
+    assert set(TUNABLE) <= set(compressor.METHODS)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    register(sub)
+    choices = {
+        (cmd, a.dest): tuple(a.choices)
+        for cmd, p in sub.choices.items()
+        for a in p._actions
+        if a.dest in ("method", "embedding_method", "store") and a.choices
+    }
+    assert choices[("compress", "method")] == compressor.METHODS
+    assert choices[("compress", "embedding_method")] == (*compressor.METHODS, WHOLE)
+    assert choices[("merge", "store")] == (*compressor.METHODS, WHOLE)
+    assert choices[("import-lora", "method")] == compressor.ADAPTER_METHODS
