@@ -1,4 +1,4 @@
-"""Benchmark of the compressor (issue 4): time, memory, size and error of every method.
+"""Benchmark of the compressor: time, memory, size and error of every method.
 
 In one run, on one (base, fine-tune) pair:
   1. time and peak RSS of `compress` at CR 32 (ImPart), in a fresh process, with the truncated

@@ -1,4 +1,4 @@
-"""Microbenchmark of the batched sparse delta products (issue 3).
+"""Microbenchmark of the batched sparse delta products: base, delta, both, per-task dense and LoRA.
 
 For each shape x compression ratio x rows N x tasks T it times, in the same run and on the same inputs:
   base   F.linear(x, W)                    (the base product alone)
@@ -10,7 +10,7 @@ plus the delta's bytes (values + indices) and the time to read them once at the 
 The machine is shared and busy: compare the ratios inside one row, not absolute times across runs.
 
     .venv/bin/python bench/kernels.py --quick        # a few points, < 1 minute
-    .venv/bin/python bench/kernels.py                # the issue's full grid (long on 2 cores)
+    .venv/bin/python bench/kernels.py                # the full grid of docs/kernels.md (long on 2 cores)
     .venv/bin/python bench/kernels.py --device cuda  # on a GPU (Triton path)
 Results: bench/results/kernels.json (--quick: kernels-quick.json; --out to change); docs/kernels.md
 holds the table. On this 2-core shared machine the recorded run used --threads 1 --min-time 0.05.

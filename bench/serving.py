@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 6): output tokens/s and time per output token of the engine, one run, ratios.
+"""Serving benchmark: output tokens/s and time per output token of the engine, one run, ratios.
 
 Scenarios, each at every concurrency (closed loop: C clients, each sending its next request when the
 previous one ends), all in the same process and run:

@@ -1,4 +1,4 @@
-"""vLLM as a serving peer (issue 6, scenario e): output tokens/s and time per output token, one run, ratios.
+"""vLLM as a serving peer of bench/serving.py: output tokens/s and time per output token, one run, ratios.
 
 vLLM is a benchmark peer only, never a dependency of deltaserve: it lives in its own venv
 (--vllm-python), e.g.

@@ -1,6 +1,7 @@
 """Greedy answers through the serving engine: the base resident, the task's artifact as a resident
 delta, all prompts submitted at once so the engine batches them. The harness's merged-weights
-answers are the reference this path must agree with (DESIGN: decoupled serving == merged weights).
+answers are the reference this path must agree with: serving a delta beside the base must answer as
+the merged weights W_base + delta do.
 """
 
 from __future__ import annotations

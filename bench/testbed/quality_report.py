@@ -30,7 +30,9 @@ def average_by(results: dict, method: str, ratio: float) -> float | None:
 
 
 def goals(results: dict) -> dict[str, object]:
-    """The issue's three goals, each with the numbers it compares and whether it holds."""
+    """The three quality goals (docs/quality.md, "Goals, honestly"): ImPart at 2x the CR against DARE and LowRank,
+    ImPart-Qt at CR_qt 64 within 95 % of the fine-tunes, ImPart + TIES over plain TIES; each with the
+    numbers it compares and whether it holds."""
     found: dict[str, object] = {}
     ratios = sorted({r["ratio"] for r in results["rows"] if r["method"] == "impart"})
     for ratio in ratios:
