@@ -7,7 +7,7 @@ kept. A job publishes only after the artifact it made decodes in full against th
 its upload and scratch files are removed either way. At shutdown queued jobs are recorded cancelled and
 running ones interrupted at once (files removed), and the worker is stopped.
 
-Every change of a job is also written to the registry's store (Store.put_job), so any replica sharing
+Every change of a job is also written to the registry (Registry.put_job), so any replica sharing
 the registry answers for any job (behind the gateway, an upload and the polls of its job reach
 different replicas). The owner re-writes its unfinished jobs every HEARTBEAT_S; a queued or running
 record nobody wrote for STALE_S is shown failed ("lost"), since the replica holding it is gone.
@@ -24,17 +24,18 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TypeVar, cast
 
 from server.files import abandoned, owned_name
-from server.jobs.worker import compress_checkpoint, init_worker, spawn_context
-from server.registry import Registry, TaskVersion
+from server.jobs.worker import ProgressQueue, compress_checkpoint, init_worker, spawn_context
+from server.registry import JobRecord, JobState, Registry, TaskVersion
 
 log = logging.getLogger("deltaserve.jobs")
-JobState = Literal["queued", "running", "succeeded", "failed"]
+_T = TypeVar("_T")
 KEPT_FINISHED_JOBS = 256
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
@@ -54,17 +55,20 @@ class JobsClosedError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobSpec:
+    """What to compress: an uploaded checkpoint folder, the task it publishes, and how."""
+
     task: str
     checkpoint_dir: Path
     method: str
     ratio: float
     seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)
+    """The method's further options (compressor.compress's keyword arguments)."""
 
 
 @dataclass(frozen=True)
 class Job:
-    """A snapshot of one compression job."""
+    """A snapshot of one compression job; its shared record (JobRecord) has exactly these fields."""
 
     id: str
     task: str
@@ -86,14 +90,14 @@ class Job:
     updated: float = field(default_factory=time.time)
     """When the replica running it last wrote this record."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> JobRecord:
+        """The job as its shared record (and the admin API's JSON)."""
+        return cast(JobRecord, dataclasses.asdict(self))  # asdict is untyped; the fields are JobRecord's
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], now: float) -> Job:
+    def from_record(cls, record: JobRecord, now: float) -> Job:
         """A job read from the shared store; a queued or running one nobody updated for STALE_S is lost."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        job = cls(**{k: v for k, v in record.items() if k in known})
+        job = cls(**record)
         if job.state in ("queued", "running") and now - job.updated > STALE_S:
             return replace(
                 job,
@@ -105,6 +109,8 @@ class Job:
 
 
 class JobManager:
+    """This replica's compression jobs, one at a time, with every job's record shared through the registry."""
+
     def __init__(self, registry: Registry, base_dir: Path, work_dir: Path, replica: str | None = None) -> None:
         self.registry, self.base_dir, self.work_dir = registry, base_dir, work_dir
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
@@ -121,11 +127,12 @@ class JobManager:
         self._closing = False
         """Set once by shutdown, under both locks."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
-        self._progress = spawn_context().Queue()
+        self._progress: ProgressQueue = spawn_context().Queue()
         self._worker: ProcessPoolExecutor | None = None
         threading.Thread(target=self._listen, name="compress-progress", daemon=True).start()
 
     def submit(self, spec: JobSpec) -> Job:
+        """Queue a job for `spec`; JobsClosedError once shutdown began."""
         job = Job(
             id=f"job-{uuid.uuid4().hex[:16]}",
             task=spec.task,
@@ -150,7 +157,7 @@ class JobManager:
             job = self._jobs.get(job_id)
         if job is not None:
             return job
-        record = self._store_call(lambda store: store.job(job_id))
+        record = self._shared(lambda: self.registry.job(job_id))
         return None if record is None else Job.from_record(record, time.time())
 
     def list(self) -> list[Job]:
@@ -158,8 +165,8 @@ class JobManager:
         with self._lock:
             jobs = dict(self._jobs)
         now = time.time()
-        for record in self._store_call(lambda store: store.jobs()) or []:
-            if record.get("id") not in jobs:
+        for record in self._shared(self.registry.jobs) or []:
+            if record["id"] not in jobs:
                 job = Job.from_record(record, now)
                 jobs[job.id] = job
         return sorted(jobs.values(), key=lambda job: job.created)
@@ -197,7 +204,7 @@ class JobManager:
                 if job.state == "queued" or (job.state == "running" and job.version is None)
             }
         for job_id, error in ended.items():
-            self._finish(job_id, state="failed", error=error, finished=time.time())
+            self._finish(job_id, "failed", error)
             self._remove_files(job_id)
         if self._worker is not None:
             for process in list(getattr(self._worker, "_processes", {}).values()):
@@ -211,15 +218,16 @@ class JobManager:
             return
         try:
             published = self._compress_and_publish(job_id, spec, self._scratch(job_id))
-            final: dict[str, Any] = {"state": "succeeded", "version": published.version}
+            state: JobState = "succeeded"  # its version was recorded as it published
+            error = None
             log.info("job %s published %s version %d", job_id, spec.task, published.version)
         except Exception as exc:  # noqa: BLE001 - a job records any failure; nothing is published
-            final = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            log.warning("job %s failed, nothing published: %s", job_id, final["error"])
+            state, error = "failed", f"{type(exc).__name__}: {exc}"
+            log.warning("job %s failed, nothing published: %s", job_id, error)
         finally:
             self._remove_files(job_id)
         # a job shows its end only once its files are gone
-        self._finish(job_id, finished=time.time(), **final)
+        self._finish(job_id, state, error)
 
     def _start(self, job_id: str) -> bool:
         """queued -> running; False when the job already ended (cancelled at shutdown)."""
@@ -231,13 +239,14 @@ class JobManager:
         self._share(job)
         return True
 
-    def _finish(self, job_id: str, **changes: Any) -> None:
-        """Record the job's end, unless it has one already (shutdown records it first)."""
+    def _finish(self, job_id: str, state: JobState, error: str | None) -> None:
+        """Record the job's end now, unless it has one already (shutdown records it first)."""
+        finished = time.time()
         with self._lock:
             job = self._jobs[job_id]
             if job.state not in ("queued", "running"):
                 return
-            job = self._jobs[job_id] = replace(job, **changes, updated=time.time())
+            job = self._jobs[job_id] = replace(job, state=state, error=error, finished=finished, updated=time.time())
         self._share(job)
 
     def _scratch(self, job_id: str) -> Path:
@@ -271,14 +280,14 @@ class JobManager:
             spec.seed,
             spec.params,
         ).result()
-        self._update(job_id, done=tensors, total=tensors)
+        self._update(job_id, lambda job: replace(job, done=tensors, total=tensors))
         with self._publish_lock:
             if self._closing:
                 raise JobInterruptedError(INTERRUPTED)
             published = self.registry.publish(
                 spec.task, out, method=spec.method, ratio=spec.ratio, origin="checkpoint", quality=quality
             )
-            self._update(job_id, version=published.version)
+            self._update(job_id, lambda job: replace(job, version=published.version))
         return published
 
     def _listen(self) -> None:
@@ -311,9 +320,10 @@ class JobManager:
         for job in unfinished:
             self._share(job)
 
-    def _update(self, job_id: str, **changes: Any) -> None:
+    def _update(self, job_id: str, change: Callable[[Job], Job]) -> None:
+        """Apply `change` to the job, stamp it updated now, and share it."""
         with self._lock:
-            job = self._jobs[job_id] = replace(self._jobs[job_id], **changes, updated=time.time())
+            job = self._jobs[job_id] = replace(change(self._jobs[job_id]), updated=time.time())
         self._share(job)
 
     def _share(self, job: Job) -> None:
@@ -324,11 +334,12 @@ class JobManager:
                 return
             self._shared_updated[job.id] = job.updated
             self._shared_at[job.id] = time.monotonic()
-            self._store_call(lambda store: store.put_job(job.to_dict()))
+            self._shared(lambda: self.registry.put_job(job.to_dict()))
 
-    def _store_call(self, call: Any) -> Any:
+    def _shared(self, call: Callable[[], _T]) -> _T | None:
+        """`call` (a read or write of the shared job records); None when it fails, which is logged."""
         try:
-            return call(self.registry.store)
+            return call()
         except Exception as exc:  # noqa: BLE001 - the registry being down must not break jobs or their pages
             log.warning("shared job records unavailable: %s: %s", type(exc).__name__, exc)
             return None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compressor import CompressionReport
 
 
-def report_dict(report: Any) -> dict[str, Any]:
-    """A CompressionReport (a dataclass or any object) as plain JSON values."""
-    raw = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
-    return json.loads(json.dumps(raw, default=str))
+def report_dict(report: CompressionReport) -> dict[str, Any]:
+    """A CompressionReport as plain JSON values (paths and other non-JSON values as text)."""
+    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(report), default=str))
+    return plain

@@ -17,14 +17,22 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-_progress: Any = None
-"""The queue of (job id, done, total, tensor name) this worker reports to."""
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+ProgressItem: TypeAlias = tuple[str, int, int, str]
+"""(job id, tensors done, tensors in all, the tensor being compressed)."""
+ProgressQueue: TypeAlias = "Queue[ProgressItem | None]"
+"""Progress from the worker to the server's listener; None tells the listener to stop."""
+_progress: ProgressQueue | None = None
+"""The queue this worker reports to."""
 PARENT_CHECK_S = 1.0
 
 
-def init_worker(progress: Any) -> None:
+def init_worker(progress: ProgressQueue) -> None:
+    """The worker process's initializer: keep the progress queue, and exit once the server is gone."""
     global _progress  # noqa: PLW0603 - the worker process's one queue, set by its initializer
     _progress = progress
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
@@ -46,7 +54,7 @@ def compress_checkpoint(
     method: str,
     ratio: float,
     seed: int,
-    params: dict[str, Any],
+    params: dict[str, object],
 ) -> tuple[dict[str, Any], int]:
     """check_compatible -> compress -> verify_artifact (the artifact decodes in full against the base:
     shapes, finite values, indices); the compression report as plain JSON values and the number of

@@ -3,6 +3,8 @@
 from server.registry.records import (
     BlobCorruptError,
     InvalidTaskNameError,
+    JobRecord,
+    JobState,
     RegistryError,
     RegistryUnavailableError,
     TaskEntry,
@@ -17,6 +19,8 @@ from server.registry.view import RegistryView
 __all__ = [
     "BlobCorruptError",
     "InvalidTaskNameError",
+    "JobRecord",
+    "JobState",
     "Registry",
     "RegistryError",
     "RegistryUnavailableError",

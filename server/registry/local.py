@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import shutil
 import threading
@@ -24,20 +23,30 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from server.files import abandoned, owned_name
-from server.registry.records import BlobCorruptError, TaskEntry, TaskVersion
-from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
+from server.registry.records import BlobCorruptError, JobRecord, TaskEntry, TaskVersion, job_record_from_json
+from server.registry.store import JOB_TTL_S, ChangeListener, Resync, announce, checked_job_id, valid_job_id
 
-log = logging.getLogger("deltaserve.registry")
 POLL_S = 1.0
 """How often a subscribed store looks for index changes made by other processes."""
 
 
+class _IndexFile(TypedDict):
+    """One task's file under index/."""
+
+    current: int
+    next: int
+    versions: dict[str, dict[str, Any]]
+    """Version number (as text) -> that TaskVersion's fields as JSON values."""
+
+
 class LocalStore:
+    """The registry's backend on a local folder (see the module's docstring for its layout)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         for sub in ("blobs", "index", "tmp", "jobs"):
@@ -78,9 +87,9 @@ class LocalStore:
 
     def add_version(self, version: TaskVersion) -> TaskVersion:
         with self._locked():
-            raw = self._read_raw(version.task) or {"current": 0, "next": 1, "versions": {}}
+            raw = self._read_raw(version.task) or _IndexFile(current=0, next=1, versions={})
             numbered = replace(version, version=int(raw["next"]))
-            raw["versions"][str(numbered.version)] = json.loads(numbered.to_json())
+            raw["versions"][str(numbered.version)] = asdict(numbered)
             raw["current"] = numbered.version
             raw["next"] = numbered.version + 1
             self._write_raw(version.task, raw)
@@ -128,31 +137,29 @@ class LocalStore:
                 blob.unlink(missing_ok=True)
         return removed + [f"blobs/{p.name}" for p in orphans]
 
-    def put_job(self, record: dict[str, Any]) -> None:
-        job_id = str(record["id"])
-        if not valid_job_id(job_id):
-            raise ValueError(f"invalid job id {job_id!r}")
+    def put_job(self, record: JobRecord) -> None:
+        job_id = checked_job_id(record)
         tmp = self._tmp_path()
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.root / "jobs" / f"{job_id}.json")
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
+    def job(self, job_id: str) -> JobRecord | None:
         if not valid_job_id(job_id):
             return None
         return self._read_job(self.root / "jobs" / f"{job_id}.json", time.time() - JOB_TTL_S)
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[JobRecord]:
         cutoff = time.time() - JOB_TTL_S
         found = (self._read_job(path, cutoff) for path in (self.root / "jobs").glob("*.json"))
         return [record for record in found if record is not None]
 
-    def _read_job(self, path: Path, cutoff: float) -> dict[str, Any] | None:
+    def _read_job(self, path: Path, cutoff: float) -> JobRecord | None:
         """The record, or None when missing, unreadable or expired (an expired one is removed)."""
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 return None
-            return json.loads(path.read_text())
+            return job_record_from_json(path.read_text())
         except (OSError, ValueError):
             return None
 
@@ -169,20 +176,13 @@ class LocalStore:
         the new index state as seen (so it does not announce the change a second time)."""
         with self._seen_lock:
             self._seen = self._seen | {task: self._task_state(task)}
-        self._call_listeners(task)
+        announce(self._listeners, task)
 
     def close(self) -> None:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=2 * POLL_S)
         self._listeners.clear()
-
-    def _call_listeners(self, task: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(task)
-            except Exception:  # one listener's failure must not stop the others or the watch
-                log.exception("registry change listener failed for task %s", task)
 
     def _task_state(self, task: str) -> tuple[int, int] | None:
         try:
@@ -202,7 +202,7 @@ class LocalStore:
                 changed = [t for t in sorted(set(self._seen) | set(now)) if self._seen.get(t) != now.get(t)]
                 self._seen = now
             for task in changed:
-                self._call_listeners(task)
+                announce(self._listeners, task)
 
     def _entry_versions(self, task: str) -> tuple[TaskVersion, ...]:
         found = self.entry(task)
@@ -217,13 +217,14 @@ class LocalStore:
     def _tmp_path(self) -> Path:
         return self.root / "tmp" / owned_name(uuid.uuid4().hex)
 
-    def _read_raw(self, task: str) -> dict | None:
+    def _read_raw(self, task: str) -> _IndexFile | None:
         try:
-            return json.loads(self._index_path(task).read_text())
+            text = self._index_path(task).read_text()
         except FileNotFoundError:
             return None
+        return cast(_IndexFile, json.loads(text))  # JSON that _write_raw wrote from an _IndexFile
 
-    def _write_raw(self, task: str, raw: dict) -> None:
+    def _write_raw(self, task: str, raw: _IndexFile) -> None:
         tmp = self._tmp_path()
         tmp.write_text(json.dumps(raw, sort_keys=True))
         _fsync(tmp)
@@ -239,7 +240,7 @@ class LocalStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _entry_from_raw(task: str, raw: dict) -> TaskEntry:
+def _entry_from_raw(task: str, raw: _IndexFile) -> TaskEntry:
     versions = sorted((TaskVersion(**v) for v in raw["versions"].values()), key=lambda v: v.version)
     return TaskEntry(task=task, current=int(raw["current"]), versions=tuple(versions))
 

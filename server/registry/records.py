@@ -1,11 +1,12 @@
-"""What the registry's index records: one frozen dataclass per published version, and the errors."""
+"""What the registry keeps: one frozen dataclass per published version, the compression jobs' shared
+records, and the errors."""
 
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A task name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; at most 64 characters."""
@@ -87,3 +88,38 @@ class TaskEntry:
             if found.version == self.current:
                 return found
         raise TaskMissingError(f"task {self.task!r} points to version {self.current}, which is not kept")
+
+
+JobState = Literal["queued", "running", "succeeded", "failed"]
+
+
+class JobRecord(TypedDict):
+    """A compression job's shared record, as the store keeps it (JSON) for every replica to read: the
+    fields of `server.jobs.Job`, which writes and reads it (a test keeps the two field lists equal)."""
+
+    id: str
+    task: str
+    method: str
+    ratio: float
+    state: JobState
+    done: int
+    total: int
+    tensor: str
+    error: str | None
+    version: int | None
+    created: float
+    started: float | None
+    finished: float | None
+    replica: str
+    updated: float
+
+
+def job_record_from_json(text: str | bytes) -> JobRecord:
+    """A stored job record, keeping only JobRecord's keys (a newer replica may write more); ValueError
+    when the text is not a JSON object."""
+    loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"a job record is a JSON object, not {type(loaded).__name__}")
+    known = {key: value for key, value in loaded.items() if key in JobRecord.__annotations__}
+    # JSON from the store: put_job wrote it from a Job, so its values have JobRecord's types
+    return cast(JobRecord, known)

@@ -23,16 +23,24 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.registry.records import BlobCorruptError, RegistryUnavailableError, TaskEntry, TaskVersion
-from server.registry.store import JOB_TTL_S, ChangeListener, Resync, valid_job_id
+from server.registry.records import (
+    BlobCorruptError,
+    JobRecord,
+    RegistryUnavailableError,
+    TaskEntry,
+    TaskVersion,
+    job_record_from_json,
+)
+from server.registry.store import JOB_TTL_S, ChangeListener, Resync, announce, call_each, checked_job_id, valid_job_id
 
 log = logging.getLogger("deltaserve.registry")
 CHUNK_BYTES = 4 << 20
@@ -70,6 +78,8 @@ return 0
 
 
 class RedisStore:
+    """The registry's backend on a Redis shared by every replica (see the module's docstring for its keys)."""
+
     def __init__(self, url: str, prefix: str = "deltaserve:", timeout_s: float = 1.0) -> None:
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
@@ -116,7 +126,7 @@ class RedisStore:
     def add_version(self, version: TaskVersion) -> TaskVersion:
         key = self._key(f"task:{version.task}")
         number = int(self.client.hincrby(key, "next", 1))
-        numbered = TaskVersion(**{**json.loads(version.to_json()), "version": number})
+        numbered = replace(version, version=number)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping={f"v:{number}": numbered.to_json(), "current": number})
         pipe.sadd(self._key("tasks"), version.task)
@@ -139,7 +149,7 @@ class RedisStore:
 
     @_guarded
     def task_names(self) -> list[str]:
-        return sorted(name.decode() for name in self.client.smembers(self._key("tasks")))
+        return sorted(_text(name) for name in self.client.smembers(self._key("tasks")))
 
     @_guarded
     def set_current(self, task: str, version: int) -> bool:
@@ -169,34 +179,32 @@ class RedisStore:
         return removed
 
     @_guarded
-    def put_job(self, record: dict[str, Any]) -> None:
-        job_id = str(record["id"])
-        if not valid_job_id(job_id):
-            raise ValueError(f"invalid job id {job_id!r}")
+    def put_job(self, record: JobRecord) -> None:
+        job_id = checked_job_id(record)
         pipe = self.client.pipeline()
         pipe.set(self._key(f"job:{job_id}"), json.dumps(record), ex=JOB_TTL_S)
         pipe.zadd(self._key("jobs"), {job_id: time.time()})
         pipe.execute()
 
     @_guarded
-    def job(self, job_id: str) -> dict[str, Any] | None:
+    def job(self, job_id: str) -> JobRecord | None:
         if not valid_job_id(job_id):
             return None
         raw = self.client.get(self._key(f"job:{job_id}"))
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else job_record_from_json(raw)
 
     @_guarded
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[JobRecord]:
         """Records by the index of job ids; ids whose record expired leave the index here."""
         self.client.zremrangebyscore(self._key("jobs"), "-inf", time.time() - JOB_TTL_S)
-        ids = [raw.decode() for raw in self.client.zrange(self._key("jobs"), 0, -1)]
+        ids = [_text(raw) for raw in self.client.zrange(self._key("jobs"), 0, -1) if isinstance(raw, bytes | str)]
         if not ids:
             return []
         raws = self.client.mget([self._key(f"job:{job_id}") for job_id in ids])
         gone = [job_id for job_id, raw in zip(ids, raws) if raw is None]
         if gone:
             self.client.zrem(self._key("jobs"), *gone)
-        return [json.loads(raw) for raw in raws if raw is not None]
+        return [job_record_from_json(raw) for raw in raws if raw is not None]
 
     def subscribe(self, listener: ChangeListener, resync: Resync | None = None) -> None:
         with self._lock:
@@ -238,32 +246,24 @@ class RedisStore:
                 wait = min(2 * wait, RECONNECT_S[1])
 
     def _listen_once(self, subscribed: threading.Event) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        # redis-py leaves pubsub() unannotated
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self._key("events"))
             pubsub.get_message(timeout=LISTEN_POLL_S)  # the subscription's confirmation: the channel is live
             subscribed.set()
-            self._call(self._resyncs, None)
+            call_each(self._resyncs, "resync")
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=LISTEN_POLL_S)
                 if message is not None and message.get("type") == "message":
-                    self._call(self._listeners, message["data"].decode())
+                    announce(self._listeners, _text(message["data"]))
         finally:
             pubsub.close()
-
-    def _call(self, callbacks: list[Any], task: str | None) -> None:
-        """Call each listener with `task` (each resync without arguments when `task` is None); one
-        callback's failure is logged and stops neither the others nor the listener."""
-        for callback in list(callbacks):
-            try:
-                callback() if task is None else callback(task)
-            except Exception:
-                log.exception("registry change callback failed (task %s)", task)
 
     def _read_chunks(self, key: str) -> Iterator[bytes]:
         start = 0
         while batch := self.client.lrange(key, start, start + 15):
-            yield from batch
+            yield from (_bytes(chunk) for chunk in batch)
             start += len(batch)
 
     def _key(self, suffix: str) -> str:
@@ -273,13 +273,26 @@ class RedisStore:
 _EMPTY = TaskEntry(task="", current=0, versions=())
 
 
-def _entry_from_hash(task: str, raw: dict[bytes, bytes]) -> TaskEntry | None:
-    if b"current" not in raw:
+def _entry_from_hash(task: str, raw: Mapping[bytes | str, bytes | str]) -> TaskEntry | None:
+    """The task's entry from its hash's fields; None when the hash is gone (no `current`)."""
+    fields = {_text(name): value for name, value in raw.items()}
+    if "current" not in fields:
         return None
     versions = sorted(
-        (TaskVersion.from_json(value) for name, value in raw.items() if name.startswith(b"v:")), key=lambda v: v.version
+        (TaskVersion.from_json(value) for name, value in fields.items() if name.startswith("v:")),
+        key=lambda v: v.version,
     )
-    return TaskEntry(task=task, current=int(raw[b"current"]), versions=tuple(versions))
+    return TaskEntry(task=task, current=int(fields["current"]), versions=tuple(versions))
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text (the client returns bytes: it does not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    """A reply as bytes (what the client returns for a blob's chunks)."""
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _chunks(source: Path | bytes) -> Iterator[bytes]:

@@ -4,6 +4,9 @@ Publish is blob first (content-addressed by sha256), index entry last, so a task
 its artifact is whole. Reads of the index go through the RegistryView (view.py), the last known index
 in memory; this process's own changes reach it at once, other processes' by events and resync, and
 every change of it is announced to listeners (the engine retires stale resident deltas).
+
+The registry is also where compression jobs keep their shared records (put_job, job, jobs): the
+store's JobRecords, so every replica sharing the store answers for every job.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from server.config import Settings
 from server.registry.local import LocalStore
-from server.registry.records import TaskEntry, TaskMissingError, TaskVersion, validate_task_name
+from server.registry.records import JobRecord, TaskEntry, TaskMissingError, TaskVersion, validate_task_name
 from server.registry.store import ChangeListener, Store, digest_of
 from server.registry.view import RegistryView
 
@@ -25,6 +28,8 @@ GARBAGE_GRACE_S = 3600.0
 
 
 class Registry:
+    """Published tasks and their artifacts over one Store, and the jobs' shared records."""
+
     def __init__(self, store: Store, resync_s: float = 0.5) -> None:
         self.store = store
         self.view = RegistryView(store, resync_s)
@@ -68,12 +73,15 @@ class Registry:
         return self.store.read_blob(ref.sha256)
 
     def tasks(self) -> list[TaskVersion]:
+        """Every task's current version (from the last known index), by name."""
         return [entry.current_version for entry in self.entries()]
 
     def entry(self, task: str) -> TaskEntry | None:
+        """The task's entry (from the last known index; read through when unknown); None when none."""
         return self.view.entry(task)
 
     def entries(self) -> list[TaskEntry]:
+        """The last known index, by name."""
         return self.view.entries()
 
     def rollback(self, task: str, version: int) -> TaskVersion:
@@ -98,6 +106,7 @@ class Registry:
         return removed
 
     def require(self, task: str) -> TaskEntry:
+        """The task's entry; TaskMissingError when there is no such task."""
         found = self.entry(task)
         if found is None:
             raise TaskMissingError(f"no task named {task!r}")
@@ -117,12 +126,27 @@ class Registry:
         self.view.start()
 
     def collect_garbage(self, grace_s: float = GARBAGE_GRACE_S) -> list[str]:
+        """Remove the store's leftovers older than grace_s; what was removed."""
         removed = self.store.collect_garbage(grace_s)
         if removed:
             log.info("registry collected %d leftovers", len(removed))
         return removed
 
+    def put_job(self, record: JobRecord) -> None:
+        """Save a compression job's shared record (replacing its previous one); ValueError for an
+        invalid id, RegistryUnavailableError when the store cannot be reached."""
+        self.store.put_job(record)
+
+    def job(self, job_id: str) -> JobRecord | None:
+        """A job's shared record, written by any replica; None when unknown or expired."""
+        return self.store.job(job_id)
+
+    def jobs(self) -> list[JobRecord]:
+        """Every job record the store still keeps, in no particular order."""
+        return self.store.jobs()
+
     def close(self) -> None:
+        """Stop keeping the view current and close the store."""
         self.view.close()
         self.store.close()
 

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 from server.registry.records import RegistryError, RegistryUnavailableError, TaskEntry, TaskVersion, validate_task_name
-from server.registry.store import ChangeListener, Store
+from server.registry.store import ChangeListener, TaskStore, announce
 
 log = logging.getLogger("deltaserve.registry")
 
 
 class RegistryView:
-    def __init__(self, store: Store, resync_s: float = 0.5) -> None:
+    """The last known index of a TaskStore, kept current (see the module's docstring)."""
+
+    def __init__(self, store: TaskStore, resync_s: float = 0.5) -> None:
         self.store = store
         self.resync_s = resync_s
         self._entries: dict[str, TaskEntry] = {}
@@ -148,7 +151,7 @@ class RegistryView:
     def _on_resync(self) -> None:
         self.sync()
 
-    def _apply(self, found: dict[str, TaskEntry | None], started: int, whole: bool = False) -> None:
+    def _apply(self, found: Mapping[str, TaskEntry | None], started: int, whole: bool = False) -> None:
         """Take what a read that began at generation `started` found (with `whole`, every task it did
         not find is gone), except tasks set since that read began. The dict is replaced, never mutated,
         so readers need no lock."""
@@ -168,15 +171,8 @@ class RegistryView:
                 changed.append(task)
             self._entries = entries
             self._synced = self._synced or whole
-        self._announce(changed)
-
-    def _announce(self, tasks: list[str]) -> None:
-        for task in tasks:
-            for listener in list(self._listeners):
-                try:
-                    listener(task)
-                except Exception:
-                    log.exception("registry change listener failed for task %s", task)
+        for task in changed:
+            announce(self._listeners, task)
 
     def _mark_reachable(self, reachable: bool, error: BaseException | None = None) -> None:
         if reachable != self.reachable:
