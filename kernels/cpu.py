@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import native
-from kernels.layout import ResidentFactors
+from kernels.layout import NativeKind, ResidentFactors
 from kernels.plan import BatchPlan, SlotRows
 
 USE_NATIVE = True
@@ -91,12 +91,12 @@ def add_delta(y: Tensor, x: Tensor, plan: BatchPlan, factors: Sequence[ResidentF
 
 
 def _csr32(f: ResidentFactors) -> bool:
-    return f.native_kind == 0
+    return f.native_kind == NativeKind.CSR
 
 
 def _native_ok(rows: SlotRows, f: ResidentFactors) -> bool:
     kind = f.native_kind
-    return kind is not None and rows.count < (NATIVE_MAX_ROWS if kind == 0 else NATIVE_MAX_ROWS_DENSE)
+    return kind is not None and rows.count < (NATIVE_MAX_ROWS if kind == NativeKind.CSR else NATIVE_MAX_ROWS_DENSE)
 
 
 def delta_linear(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cached_property
 from typing import Literal
 
@@ -24,6 +25,16 @@ from torch import Tensor
 
 DENSE_ABOVE = 0.25
 """Density above which a factor is stored dense."""
+
+
+class NativeKind(IntEnum):
+    """How the C kernel reads one resident delta (ResidentFactors.native_kind). The one definition:
+    kernels.native compiles these values into kernels/csrc/delta_cpu.c as KIND_CSR and KIND_DENSE."""
+
+    CSR = 0
+    """Both factors CSR, int32 indices, float32 values."""
+    DENSE = 1
+    """Both factors dense float32: vt row-major, u K-major."""
 
 
 @dataclass(frozen=True)
@@ -121,16 +132,16 @@ class ResidentFactors:
         return self.vt.values.device
 
     @cached_property
-    def native_kind(self) -> int | None:
-        """How the C kernel reads this delta: 0 both factors CSR float32, 1 both dense float32 (vt
-        row-major, u K-major); None when it cannot (mixed storage, other dtypes, not on the CPU)."""
+    def native_kind(self) -> NativeKind | None:
+        """How the C kernel reads this delta (NativeKind); None when it cannot (mixed storage, other
+        dtypes, not on the CPU)."""
         vt, u = self.vt, self.u
         if self.device.type != "cpu" or vt.values.dtype != torch.float32 or u.values.dtype != torch.float32:
             return None
         if not (vt.dense or u.dense):
-            return 0
+            return NativeKind.CSR
         if vt.dense and u.dense and vt.values.is_contiguous() and u.values.T.is_contiguous():
-            return 1
+            return NativeKind.DENSE
         return None
 
     @cached_property

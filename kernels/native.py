@@ -25,16 +25,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels.layout import ResidentFactors
+from kernels.layout import NativeKind, ResidentFactors
 from kernels.plan import BatchPlan, SlotRows
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "delta_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
-META_COLS = 10
-"""Per slot: vt crow, vt col, vt values (addresses), K, u crow, u col, u values, order offset, row count,
-kind (ResidentFactors.native_kind: 0 CSR, 1 dense)."""
+SLOT_COLUMNS = ("VT_CROW", "VT_COL", "VT_VALUES", "RANK", "U_CROW", "U_COL", "U_VALUES", "OFFSET", "COUNT", "KIND")
+"""The C kernels' slot table, one int64 row per slot: vt's and u's array addresses and K
+(ResidentFactors.addresses), the slot's offset into plan.order, its row count, its NativeKind.
+The one definition: the build passes SLOT_COLS and each SLOT_<column> index to the C source."""
+SLOT_COLS = len(SLOT_COLUMNS)
+
+
+def _defines() -> tuple[str, ...]:
+    """-D flags that give the C source the slot table's layout and the NativeKind values."""
+    columns = [f"-DSLOT_{name}={i}" for i, name in enumerate(SLOT_COLUMNS)]
+    kinds = [f"-DKIND_{kind.name}={kind.value}" for kind in NativeKind]
+    return (f"-DSLOT_COLS={SLOT_COLS}", *columns, *kinds)
 
 
 def _cache_dir() -> Path:
@@ -57,12 +66,13 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     """Compile the C source once per (source, flags, compiler, CPU) into the cache; atomic under races."""
-    key = SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_flags())).encode()
+    flags = (*FLAGS, *_defines())
+    key = SOURCE.read_bytes() + " ".join((compiler, *flags, _cpu_flags())).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     target = _cache_dir() / f"delta_cpu-{digest}.so"
     if not target.exists():
         tmp = target.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     return target
 
@@ -127,8 +137,8 @@ def embedding_delta(out: Tensor, ids: Tensor, plan: BatchPlan, slots: list[tuple
     return True
 
 
-def _slot_table(slots: list[tuple[SlotRows, ResidentFactors]]) -> ctypes.Array:
-    """The C kernels' slot table: META_COLS int64 per slot."""
+def _slot_table(slots: list[tuple[SlotRows, ResidentFactors]]) -> ctypes.Array[ctypes.c_int64]:
+    """The C kernels' slot table: SLOT_COLS int64 per slot, in the order of SLOT_COLUMNS."""
     flat: list[int] = []
     for rows, f in slots:
         kind = f.native_kind

@@ -25,25 +25,29 @@ from kernels.plan import BatchPlan
 
 BLOCK_R = 16
 BLOCK_E = 32
-META_COLS = 6
-"""Per slot: crow address, col address, values address, CSR rows, offset into plan.order, row count."""
+SEGMENT_COLS = 6
+"""The Triton segment table (one product: one factor per slot; not the C kernels' slot table), one int64
+row per slot: crow address, col address, values address, CSR rows, offset into plan.order, row count."""
 
 
-@triton.jit
+# triton ships no type information, so mypy sees @triton.jit as an untyped decorator. Inside the kernel every
+# argument that is not a constexpr is a tl.tensor (a pointer or a scalar).
+@triton.jit  # type: ignore[untyped-decorator]
 def _csr_segments_kernel(
-    meta_ptr,
-    order_ptr,
-    inp_ptr,
-    inp_stride,
-    out_ptr,
-    out_stride,
+    meta_ptr: tl.tensor,
+    order_ptr: tl.tensor,
+    inp_ptr: tl.tensor,
+    inp_stride: tl.tensor,
+    out_ptr: tl.tensor,
+    out_stride: tl.tensor,
     ACCUMULATE: tl.constexpr,
     VAL_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
-):
-    meta = meta_ptr + tl.program_id(0) * 6
+    COLS: tl.constexpr,
+) -> None:
+    meta = meta_ptr + tl.program_id(0) * COLS
     crow_p = tl.load(meta).to(tl.pointer_type(tl.int32))
     col_p = tl.load(meta + 1).to(tl.pointer_type(tl.int32))
     val_p = tl.load(meta + 2).to(tl.pointer_type(VAL_DTYPE))
@@ -76,7 +80,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 def _segments(plan: BatchPlan, parts: Sequence[CsrPart | None]) -> tuple[Tensor, int, int] | None:
-    """The slot table for one product: ([S, 6] int64 on the batch's device, max CSR rows, max slot rows)."""
+    """The segment table for one product: ([S, SEGMENT_COLS] int64 on the batch's device, max CSR rows, max
+    slot rows)."""
     table, max_r, max_n = [], 0, 0
     for rows in plan.slots:
         part = parts[rows.slot] if rows.slot < len(parts) else None
@@ -107,6 +112,7 @@ def _launch(plan: BatchPlan, parts: Sequence[CsrPart | None], inp: Tensor, out: 
     _csr_segments_kernel[grid](
         table, plan.order, inp, inp.stride(0), out, out.stride(0),
         ACCUMULATE=accumulate, VAL_DTYPE=_TL_DTYPES[val_dtype], BLOCK_N=block_n, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+        COLS=SEGMENT_COLS,
     )  # fmt: skip
 
 

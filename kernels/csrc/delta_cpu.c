@@ -14,8 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { META = 10 }; /* per slot: vt crow, vt col, vt val, K, u crow, u col, u val, offset, count, kind */
-enum { KIND_CSR = 0, KIND_DENSE = 1 };
+/* The slot table (one int64 row per slot: SLOT_COLS columns, indices SLOT_VT_CROW .. SLOT_KIND) and the
+ * slot kinds (KIND_CSR, KIND_DENSE) are defined once, in kernels/native.py, which passes them as -D flags. */
+#if !defined(SLOT_COLS) || !defined(SLOT_KIND) || !defined(KIND_CSR) || !defined(KIND_DENSE)
+#error "build through kernels/native.py: it defines the slot table's layout and the slot kinds"
+#endif
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -178,20 +181,22 @@ static void add_rows(void *y, int y_bf16, int64_t y_stride, const int32_t *rows,
 /* One slot: gather its rows, shrink, expand, add. Scratch: rows (in x n), h (K x n), d (out x n). */
 static int run_slot(const int64_t *m, const int32_t *rows, int64_t n, const void *x, int x_bf16, int64_t x_stride,
                     int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
-    const int64_t k = m[3];
-    if (m[9] != KIND_CSR && m[9] != KIND_DENSE) return -2;
+    const int64_t k = m[SLOT_RANK];
+    if (m[SLOT_KIND] != KIND_CSR && m[SLOT_KIND] != KIND_DENSE) return -2;
     float *xs = malloc(sizeof(float) * (size_t)(in * n));
     float *h = malloc(sizeof(float) * (size_t)(k * n));
     float *d = malloc(sizeof(float) * (size_t)(out * n));
     int status = (xs && h && d) ? 0 : -1;
-    if (status == 0 && m[9] == KIND_CSR) {
+    if (status == 0 && m[SLOT_KIND] == KIND_CSR) {
         gather_rows_t(x, x_bf16, x_stride, rows, n, in, xs);
-        csr_times_block((const int32_t *)m[0], (const int32_t *)m[1], (const float *)m[2], k, xs, n, h);
-        csr_times_block((const int32_t *)m[4], (const int32_t *)m[5], (const float *)m[6], out, h, n, d);
+        csr_times_block((const int32_t *)m[SLOT_VT_CROW], (const int32_t *)m[SLOT_VT_COL],
+                        (const float *)m[SLOT_VT_VALUES], k, xs, n, h);
+        csr_times_block((const int32_t *)m[SLOT_U_CROW], (const int32_t *)m[SLOT_U_COL],
+                        (const float *)m[SLOT_U_VALUES], out, h, n, d);
         add_into_rows(y, y_bf16, y_stride, rows, n, out, d);
     } else if (status == 0) {
         gather_rows(x, x_bf16, x_stride, rows, n, in, xs);
-        dense_shrink_expand((const float *)m[2], (const float *)m[6], k, n, in, out, xs, h, d);
+        dense_shrink_expand((const float *)m[SLOT_VT_VALUES], (const float *)m[SLOT_U_VALUES], k, n, in, out, xs, h, d);
         add_rows(y, y_bf16, y_stride, rows, n, out, d);
     }
     free(xs), free(h), free(d);
@@ -202,8 +207,9 @@ static int run_slot(const int64_t *m, const int32_t *rows, int64_t n, const void
 int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const void *x, int x_bf16,
                          int64_t x_stride, int64_t in, void *y, int y_bf16, int64_t y_stride, int64_t out) {
     for (int64_t j = 0; j < num_slots; j++) {
-        const int64_t *m = meta + j * META;
-        const int status = run_slot(m, order + m[7], m[8], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
+        const int64_t *m = meta + j * SLOT_COLS;
+        const int status =
+            run_slot(m, order + m[SLOT_OFFSET], m[SLOT_COUNT], x, x_bf16, x_stride, in, y, y_bf16, y_stride, out);
         if (status != 0) return status;
     }
     return 0;
@@ -215,13 +221,13 @@ int deltaserve_add_delta(int64_t num_slots, const int64_t *meta, const int32_t *
 void deltaserve_embedding_delta(int64_t num_slots, const int64_t *meta, const int32_t *order, const int64_t *ids,
                                 float *out, int64_t hidden) {
     for (int64_t j = 0; j < num_slots; j++) {
-        const int64_t *m = meta + j * META;
-        const int32_t *vcrow = (const int32_t *)m[0], *vcol = (const int32_t *)m[1];
-        const float *vval = (const float *)m[2];
-        const int32_t *ucrow = (const int32_t *)m[4], *ucol = (const int32_t *)m[5];
-        const float *uval = (const float *)m[6];
-        for (int64_t i = 0; i < m[8]; i++) {
-            const int64_t row = order[m[7] + i], id = ids[row];
+        const int64_t *m = meta + j * SLOT_COLS;
+        const int32_t *vcrow = (const int32_t *)m[SLOT_VT_CROW], *vcol = (const int32_t *)m[SLOT_VT_COL];
+        const float *vval = (const float *)m[SLOT_VT_VALUES];
+        const int32_t *ucrow = (const int32_t *)m[SLOT_U_CROW], *ucol = (const int32_t *)m[SLOT_U_COL];
+        const float *uval = (const float *)m[SLOT_U_VALUES];
+        for (int64_t i = 0; i < m[SLOT_COUNT]; i++) {
+            const int64_t row = order[m[SLOT_OFFSET] + i], id = ids[row];
             float *restrict dst = out + row * hidden;
             for (int32_t e = ucrow[id]; e < ucrow[id + 1]; e++) {
                 const float a = uval[e];

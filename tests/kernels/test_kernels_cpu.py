@@ -15,6 +15,7 @@ from kernel_mixes import MIX_NAMES, dense_factors, impart_factors, make_mix, see
 import kernels
 from kernels import cpu, native
 from kernels import reference as ref
+from kernels.layout import NativeKind
 
 SHAPES = {"square": (48, 48), "wide": (40, 96), "tall_mlp": (112, 48), "gqa_kv": (16, 64)}
 RANKS = (6, 0, 13, None, 3)
@@ -32,6 +33,27 @@ def test_native_kernel_builds_where_a_compiler_exists() -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the torch fallback is what runs")
     assert native.library() is not None
+
+
+def test_slot_table_follows_its_one_column_list() -> None:
+    """native.SLOT_COLUMNS is the C slot table's one definition: the rows Python packs follow it, and the
+    build hands the C source every column index and NativeKind value."""
+    gen = torch.Generator().manual_seed(3)
+    f = kernels.pack_factors(*impart_factors(20, 12, 4, gen))
+    plan = kernels.plan_batch(torch.tensor([-1, 0, 0]), 1)
+    (rows,) = plan.slots
+    table = list(native._slot_table([(rows, f)]))
+    assert len(table) == native.SLOT_COLS == len(native.SLOT_COLUMNS)
+    cell = dict(zip(native.SLOT_COLUMNS, table))
+    assert (cell["VT_CROW"], cell["VT_VALUES"], cell["U_COL"]) == (
+        f.vt.crow.data_ptr(),
+        f.vt.values.data_ptr(),
+        f.u.col.data_ptr(),
+    )
+    assert (cell["RANK"], cell["OFFSET"], cell["COUNT"], cell["KIND"]) == (4, rows.offset, 2, f.native_kind)
+    defines = native._defines()
+    assert f"-DSLOT_KIND={native.SLOT_COLUMNS.index('KIND')}" in defines
+    assert {f"-DKIND_{k.name}={k.value}" for k in NativeKind} <= set(defines)
 
 
 def _factor_sets(out: int, inn: int, gen: torch.Generator) -> tuple[list, list]:
