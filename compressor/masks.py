@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 MASK_SCHEME = "splitmix64-rank-v1"
+"""The name of this module's mask rule, written into every artifact's manifest (`mask_scheme`); a loader
+refuses an artifact that names another rule (its masks would decode wrongly)."""
 CHUNK_KEYS = 1 << 22
 """Keys generated at a time (32 MiB of uint64): bounds the memory of a large mask."""
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from compressor.artifact import artifact_bytes, write_atomic
 from compressor.checkpoint import Checkpoint, base_fingerprint, check_compatible
 from compressor.codec import ModuleCode, decode_dense
+from compressor.masks import MASK_SCHEME
 from compressor.methods import (
     MethodParams,
     encode_dare,
@@ -220,7 +221,7 @@ def _manifest(
         "method": method,
         "ratio": params.get("ratio"),
         "params": params,
-        "mask_scheme": "splitmix64-rank-v1",
+        "mask_scheme": MASK_SCHEME,
         "quality": {
             r.name: {"group": r.group, "rank": r.rank, "kept": r.kept, "rel_error": r.rel_error} for r in reports
         },

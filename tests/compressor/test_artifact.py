@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from crafted import rewrite_manifest
+from crafted import craft, header_of, rewrite_manifest
 from tiny_finetunes import perturb, shard
 
 import compressor
@@ -103,6 +103,29 @@ def test_unknown_version_and_edited_manifest_are_rejected(artifacts: dict[str, P
         compressor.load_artifact(rewrite_manifest(data, {"method": "lowrank"}))
     assert issubclass(compressor.WrongBaseError, compressor.ArtifactError)
     assert issubclass(compressor.ArtifactError, ValueError)
+
+
+def test_mask_scheme_is_written_and_another_scheme_is_refused(artifacts: dict[str, Path]) -> None:
+    """The manifest names the mask rule; an artifact of another rule is refused, one naming none is read."""
+    import random
+
+    from compressor.artifact import MANIFEST_KEY
+    from compressor.masks import MASK_SCHEME
+
+    data = artifacts["impart"].read_bytes()
+    assert json.loads(header_of(data)["__metadata__"][MANIFEST_KEY])["mask_scheme"] == MASK_SCHEME
+
+    def scheme(value: str | None) -> bytes:
+        def edit(manifest: dict, tensors: dict, rng: random.Random) -> None:
+            manifest.pop("mask_scheme")
+            if value is not None:
+                manifest["mask_scheme"] = value
+
+        return craft(data, edit, random.Random(0))
+
+    with pytest.raises(compressor.InvalidArtifactError, match="mask_scheme"):
+        compressor.load_artifact(scheme("splitmix64-rank-v2"))
+    assert compressor.load_artifact(scheme(None)).names == compressor.load_artifact(data).names
 
 
 def test_sharded_checkpoints_compress_like_single_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
