@@ -13,7 +13,7 @@ import pytest
 from server.jobs import JobManager, JobSpec
 from server.jobs.jobs import Job, collect_leftovers
 from server.model.synthetic import write_synthetic_finetune
-from server.registry import Registry
+from server.registry import Registry, RegistryUnavailableError
 from server.registry.local import LocalStore
 
 
@@ -229,3 +229,62 @@ def test_a_job_submitted_after_shutdown_is_refused(tiny_model: Path, finetune: P
     with pytest.raises(JobsClosedError):
         jobs.submit(JobSpec("late", _upload(finetune, tmp_path / "work", "late"), method="impart", ratio=8.0))
     assert jobs.list() == []
+
+
+def test_a_job_and_its_shared_record_have_the_same_fields() -> None:
+    """JobRecord (what the store keeps) and Job (what jobs write and read) list one set of fields."""
+    import dataclasses
+
+    from server.registry import JobRecord
+
+    assert list(JobRecord.__annotations__) == [f.name for f in dataclasses.fields(Job)]
+    job = Job(id="job-x", task="t", method="impart", ratio=8.0)
+    assert Job.from_record(job.to_dict(), time.time()) == job
+
+
+def test_a_shared_record_keeps_only_known_fields() -> None:
+    """A newer replica may write more fields; a record that is not a JSON object is refused."""
+    import json
+
+    from server.registry.records import job_record_from_json
+
+    job = Job(id="job-x", task="t", method="impart", ratio=8.0)
+    record = job_record_from_json(json.dumps({**job.to_dict(), "newer": 1}))
+    assert "newer" not in record and Job.from_record(record, time.time()) == job
+    with pytest.raises(ValueError):
+        job_record_from_json("[1, 2]")
+
+
+def test_the_registry_facade_keeps_job_records(tmp_path: Path) -> None:
+    registry = Registry(LocalStore(tmp_path / "reg"))
+    record = Job(id="job-r", task="t", method="impart", ratio=8.0).to_dict()
+    registry.put_job(record)
+    assert registry.job("job-r") == record and registry.jobs() == [record]
+    assert registry.job("../escape") is None and registry.job("job-none") is None
+    with pytest.raises(ValueError):
+        registry.put_job({**record, "id": "../escape"})
+
+
+class _DownJobRecords(LocalStore):
+    """A LocalStore whose job records cannot be reached (the index still can)."""
+
+    def put_job(self, record: object) -> None:
+        raise RegistryUnavailableError("down")
+
+    def job(self, job_id: str) -> None:
+        raise RegistryUnavailableError("down")
+
+    def jobs(self) -> list[object]:
+        raise RegistryUnavailableError("down")
+
+
+def test_an_unreachable_registry_breaks_neither_jobs_nor_their_pages(
+    tiny_model: Path, finetune: Path, tmp_path: Path
+) -> None:
+    jobs = JobManager(Registry(_DownJobRecords(tmp_path / "reg")), tiny_model, tmp_path / "work")
+    try:
+        job = jobs.submit(JobSpec("t", _upload(finetune, tmp_path / "work", "down"), method="impart", ratio=8.0))
+        assert jobs.get(job.id) is not None and [j.id for j in jobs.list()] == [job.id]
+        assert jobs.get("job-elsewhere") is None
+    finally:
+        jobs.shutdown(wait=True)

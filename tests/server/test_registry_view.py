@@ -168,3 +168,24 @@ def test_an_older_read_never_replaces_a_newer_one(tmp_path: Path) -> None:
     assert registry.view.known("t").version == 2
     registry.close()
     other.close()
+
+
+def test_a_failing_change_listener_stops_neither_the_others_nor_the_change(tmp_path: Path) -> None:
+    """One rule for every announcer (the view, both backends): each listener is called, failures logged."""
+    from server.registry.store import announce
+
+    heard: list[str] = []
+
+    def broken(task: str) -> None:
+        raise RuntimeError(task)
+
+    announce([broken, heard.append, broken, heard.append], "t")
+    assert heard == ["t", "t"]
+    registry = Registry(LocalStore(tmp_path / "reg"))
+    try:
+        registry.subscribe(broken)
+        registry.subscribe(heard.append)
+        registry.publish("u", b"x", method="impart", ratio=8.0)
+        assert "u" in heard and registry.lookup("u") is not None
+    finally:
+        registry.close()
