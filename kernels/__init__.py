@@ -11,7 +11,7 @@ the layout and the measurements. This package imports nothing else of deltaserve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -37,7 +37,25 @@ __all__ = [
 Factors = Sequence[ResidentFactors | None]
 
 
-def _backend(t: Tensor) -> ModuleType:
+class _Backend(Protocol):
+    """What each device path implements (the modules kernels.cpu and kernels.triton_ops)."""
+
+    def shrink(self, x: Tensor, plan: BatchPlan, factors: Factors) -> Tensor: ...
+
+    def expand(self, y: Tensor, h: Tensor, plan: BatchPlan, factors: Factors) -> Tensor: ...
+
+    def add_delta(self, y: Tensor, x: Tensor, plan: BatchPlan, factors: Factors) -> Tensor: ...
+
+    def delta_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: BatchPlan, factors: Factors
+    ) -> Tensor: ...
+
+    def embedding_delta(
+        self, ids: Tensor, plan: BatchPlan, factors: Factors, *, dtype: torch.dtype = ..., hidden: int | None = ...
+    ) -> Tensor: ...
+
+
+def _backend(t: Tensor) -> _Backend:
     """kernels.triton_ops for CUDA tensors, kernels.cpu otherwise."""
     if t.device.type == "cuda":
         from kernels import triton_ops

@@ -84,11 +84,18 @@ def pack_csr(
 ) -> CsrPart:
     """Pack a dense-with-zeros matrix [rows, cols] into CsrPart (dense when allowed and denser than DENSE_ABOVE;
     column_major then stores the dense values column by column)."""
-    rows, cols = int(mat.shape[0]), int(mat.shape[1])
     nnz = int(torch.count_nonzero(mat))
-    empty = torch.empty(0, dtype=torch.int32, device=device)
-    if allow_dense and mat.numel() and nnz / mat.numel() > DENSE_ABOVE:
-        return CsrPart(rows, cols, empty, empty, _dense_storage(mat.to(device=device, dtype=dtype), column_major), True)
+    return _pack(mat, nnz, device=device, dtype=dtype, allow_dense=allow_dense, column_major=column_major)
+
+
+def _pack(
+    mat: Tensor, nnz: int, *, device: torch.device, dtype: torch.dtype, allow_dense: bool, column_major: bool
+) -> CsrPart:
+    """mat [rows, cols], dense or sparse COO with nnz stored entries, as a CsrPart (the DENSE_ABOVE rule)."""
+    rows, cols = int(mat.shape[0]), int(mat.shape[1])
+    if allow_dense and rows * cols and nnz / (rows * cols) > DENSE_ABOVE:
+        dense = (mat.to_dense() if mat.is_sparse else mat).to(device=device, dtype=dtype)
+        return CsrPart(rows, cols, _empty(device), _empty(device), _dense_storage(dense, column_major), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr = mat.to_sparse_csr()
@@ -100,6 +107,11 @@ def pack_csr(
         csr.values().to(device=device, dtype=dtype),
         False,
     )
+
+
+def _empty(device: torch.device) -> Tensor:
+    """[0] int32: the index arrays of a dense-stored factor."""
+    return torch.empty(0, dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)
@@ -146,10 +158,13 @@ class ResidentFactors:
 
     @cached_property
     def addresses(self) -> tuple[int, int, int, int, int, int, int]:
-        """(vt crow, vt col, vt values, K, u crow, u col, u values): the C kernel's view of this delta."""
+        """(vt crow, vt col, vt values, K, u crow, u col, u values): the C kernel's view of this delta
+        (the first columns of its slot table, kernels.native.SLOT_COLUMNS)."""
         vt, u = self.vt, self.u
-        ptrs = (vt.crow, vt.col, vt.values)
-        return (*(t.data_ptr() for t in ptrs), self.rank, u.crow.data_ptr(), u.col.data_ptr(), u.values.data_ptr())
+        return (
+            vt.crow.data_ptr(), vt.col.data_ptr(), vt.values.data_ptr(), self.rank,
+            u.crow.data_ptr(), u.col.data_ptr(), u.values.data_ptr(),
+        )  # fmt: skip
 
     def dense_delta(self) -> Tensor:
         """[out, in] float32: u @ diag(s) @ v.T, reconstructed from the layout."""
@@ -192,15 +207,16 @@ def stack_factors(
     larger calls. factors[i] None (or rank 0) means part i carries no delta. Returns None when
     no part does. Storage follows the first present part (device, value dtype, dense fallback).
     """
-    present = [f for f in factors if f is not None and f.rank > 0]
+    present = [(i, f) for i, f in enumerate(factors) if f is not None and f.rank > 0]
     if not present:
         return None
     ranks = [0 if f is None else f.rank for f in factors]
     row_off = [sum(out_features[:i]) for i in range(len(factors))]
     k_off = [sum(ranks[:i]) for i in range(len(factors))]
-    vt_entries = [_coo(f.vt, k_off[i], 0) for i, f in enumerate(factors) if ranks[i]]
-    u_entries = [_coo(f.u, row_off[i], k_off[i]) for i, f in enumerate(factors) if ranks[i]]
-    like, allow_dense = present[0].vt, _allows_dense(present[0])
+    vt_entries = [_coo(f.vt, k_off[i], 0) for i, f in present]
+    u_entries = [_coo(f.u, row_off[i], k_off[i]) for i, f in present]
+    first = present[0][1]
+    like, allow_dense = first.vt, _allows_dense(first)
     vt = _from_coo(vt_entries, (sum(ranks), in_features), like, allow_dense)
     u = _from_coo(u_entries, (sum(out_features), sum(ranks)), like, allow_dense, column_major=True)
     return ResidentFactors(vt=vt, u=u, vt_torch=vt.as_torch(), u_torch=u.as_torch())
@@ -213,8 +229,7 @@ def _allows_dense(f: ResidentFactors) -> bool:
 
 def _coo(part: CsrPart, row_off: int, col_off: int) -> tuple[Tensor, Tensor]:
     """([2, nnz] int64 offset indices, [nnz] values) of one part."""
-    coo = part.as_torch().to_sparse_coo() if not part.dense else part.values.to_sparse()
-    coo = coo.coalesce()
+    coo = part.as_torch().to_sparse(layout=torch.sparse_coo).coalesce()
     idx = coo.indices() + torch.tensor([[row_off], [col_off]], device=coo.device)
     return idx, coo.values()
 
@@ -226,22 +241,9 @@ def _from_coo(
     allow_dense: bool,
     column_major: bool = False,
 ) -> CsrPart:
+    """The parts' (indices, values) entries as one CsrPart of `shape`, stored like `like` (device, dtype)."""
     idx = torch.cat([e[0] for e in entries], 1)
     vals = torch.cat([e[1] for e in entries])
     mat = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False).coalesce()
-    dev, dtype = like.values.device, like.values.dtype
-    if allow_dense and mat._nnz() / max(shape[0] * shape[1], 1) > DENSE_ABOVE:
-        return CsrPart(
-            shape[0], shape[1], _empty(dev), _empty(dev), _dense_storage(mat.to_dense().to(dtype), column_major), True
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        csr = mat.to_sparse_csr()
-    return CsrPart(
-        shape[0], shape[1], csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-        csr.values().to(dtype), False,
-    )  # fmt: skip
-
-
-def _empty(device: torch.device) -> Tensor:
-    return torch.empty(0, dtype=torch.int32, device=device)
+    device, dtype = like.values.device, like.values.dtype
+    return _pack(mat, mat._nnz(), device=device, dtype=dtype, allow_dense=allow_dense, column_major=column_major)
