@@ -24,21 +24,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels
-from bench.measure import write_results
+from bench.measure import add_out, bench_parser, write_results
 from kernels import cpu
 from server.model.deltas import ResidentDelta, unpack_artifact
 
-DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--tasks-dir", type=Path, help="folder of artifacts (default: synthetic CR-32 ones)")
     p.add_argument("--tasks", type=int, default=16, help="resident task copies (T)")
     p.add_argument("--rows", type=str, default="1,2,8,32,64", help="rows per task (R), comma-separated")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernel_step.json")
+    add_out(p, "kernel_step")
     return p.parse_args(argv)
 
 

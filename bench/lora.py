@@ -16,12 +16,10 @@ inside each round with their medians (`round_ratios`). The machine is shared: re
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
@@ -31,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import save_file
 
-from bench.measure import LoadShape, Result, best_of, write_results
-from bench.serving import DEFAULT_BASE, WORK, make_engine, prepare, report, run_deltas, synthetic_artifacts
+from bench.measure import LoadShape, Result, add_out, bench_parser, best_of, run_benchmark
+from bench.serving import WORK, make_engine, prepare, report, run_rounds, synthetic_artifacts
 from compressor.checkpoint import Checkpoint
 from compressor.lora import import_lora
 
@@ -42,13 +40,12 @@ LOAD = LoadShape(full_concurrency="1,8", quick_concurrency="8", quick_max_tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of the synthetic adapters")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of the synthetic artifacts")
     p.add_argument("--distinct", type=int, default=2, help="distinct ImPart artifacts (reused round-robin)")
     LOAD.add(p)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
+    add_out(p, "lora")
     return LOAD.resolve(p.parse_args(argv))
 
 
@@ -113,12 +110,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     await engine.start()
     plans = {"base": [None], "lora16": [f"l{i}" for i in range(TASKS)], "impart16": [f"t{i}" for i in range(TASKS)]}
     await prepare(engine, plans, args)
-    rounds: list[Result] = []
-    for c in args.concurrency:
-        for _ in range(args.rounds):
-            for scenario, tasks in plans.items():
-                rounds.append(await run_deltas(engine, scenario, tasks, c, args))
-                print(json.dumps(asdict(rounds[-1])), flush=True)
+    rounds = await run_rounds(engine, plans, args)
     stats = engine.stats()
     await engine.stop()
     notes = [
@@ -134,8 +126,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    write_results(asyncio.run(main_async(args)), args.out)
+    """Run the LoRA benchmark and write its results."""
+    run_benchmark(parse_args, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
-"""What the serving benchmarks time per request and how they summarise it (ours and the vLLM peer)."""
+"""What the benchmarks share: where results go, the default base, their command-line shapes and main, and
+what the serving benchmarks time per request and how they summarise it (ours and the vLLM peer)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).parent
+"""The bench/ folder of the repository."""
+RESULTS = BENCH / "results"
+"""Where every benchmark writes its results (bench/results/<name>.json unless --out says otherwise)."""
+DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
+"""The base the benchmarks run on unless --base says otherwise: SmolLM2-135M-Instruct as
+`deltaserve models pull smollm2` provisions it."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +67,53 @@ def best_of(rounds: list[Result]) -> list[Result]:
     return list(best.values())
 
 
+def show(result: Result, *extra: object) -> None:
+    """Print one measured result as a JSON line (then `extra`) as soon as it lands."""
+    print(json.dumps(asdict(result)), *extra, flush=True)
+
+
 def write_results(out: dict, path: Path) -> None:
     """Write a benchmark's results as JSON and print its ratios (what to read on a shared machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["ratios"], indent=1))
     print(f"wrote {path}")
+
+
+def repo_path(path: Path) -> str:
+    """`path` as a results file records it: relative to the repository when inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(BENCH.resolve().parent))
+    except ValueError:
+        return str(path)
+
+
+def run_benchmark(
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    measure: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    argv: list[str] | None,
+) -> None:
+    """The main of an asyncio benchmark: parse `argv`, run `measure`, write its results to --out."""
+    args = parse_args(argv)
+    write_results(asyncio.run(measure(args)), args.out)
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring as the description (line breaks kept), then --base."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    return p
+
+
+def add_engine_options(p: argparse.ArgumentParser, threads: int = 0) -> None:
+    """--threads (torch's CPU threads, default `threads`) and --device of the engine a benchmark runs."""
+    p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="torch device of the engine")
+
+
+def add_out(p: argparse.ArgumentParser, name: str) -> None:
+    """--out: the results file, by default bench/results/<name>.json."""
+    p.add_argument("--out", type=Path, default=RESULTS / f"{name}.json")
 
 
 @dataclass(frozen=True)
@@ -99,8 +152,7 @@ class LoadShape:
         )
         p.add_argument("--waves", type=int, default=2, help="requests per client")
         p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency; the best is reported")
-        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        p.add_argument("--device", default="cpu")
+        add_engine_options(p)
 
     def resolve(self, args: argparse.Namespace) -> argparse.Namespace:
         """Fill the defaults `--quick` decides; concurrency becomes a list of ints."""

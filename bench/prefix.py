@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import random
 import statistics
@@ -39,11 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.measure import Result, Timing, best_of, summarise, write_results
-from bench.serving import DEFAULT_BASE, synthetic_artifacts, task_folder
-from server.config import load_settings
+from bench.measure import (
+    Result,
+    Timing,
+    add_engine_options,
+    add_out,
+    bench_parser,
+    best_of,
+    repo_path,
+    run_benchmark,
+    show,
+    summarise,
+)
+from bench.serving import make_engine, synthetic_artifacts, task_folder
 from server.engine.engine import Engine
-from server.engine.sources import LocalDirDeltaSource
 from server.engine.types import GenerationRequest, SamplingParams
 
 TASKS = 16
@@ -51,8 +59,7 @@ Prompt = tuple[int, ...]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--distinct", type=int, default=2, help="synthetic artifacts, reused over the 16 task names")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of the synthetic artifacts")
     p.add_argument("--system-len", type=int, default=1000, help="tokens of each task's system prompt")
@@ -64,24 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--noshare-len", type=int, default=256, help="prompt tokens of each noshare request")
     p.add_argument("--noshare-rounds", type=int, default=3)
     p.add_argument("--max-batch-tokens", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
+    add_engine_options(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefix.json")
+    add_out(p, "prefix")
     return p.parse_args(argv)
-
-
-def make_engine(args: argparse.Namespace, tasks: Path, prefix_cache: bool) -> Engine:
-    settings = load_settings(
-        base_model=str(args.base),
-        device=args.device,
-        kv_cache_bytes=1 << 30,
-        delta_cache_bytes=4 << 30,
-        max_running=64,
-        max_batch_tokens=args.max_batch_tokens,
-        prefix_cache=prefix_cache,
-    )
-    return Engine(settings, LocalDirDeltaSource(tasks))
 
 
 def random_tokens(rng: random.Random, count: int, vocab: int) -> Prompt:
@@ -199,16 +192,16 @@ async def measure(engines: dict[str, Engine], names: list[str], args: argparse.N
         result, conversations = await run_conversations(engine, f"conversations-{mode}", conv, args)
         results.append(result)
         turns[mode] = turn_ttft_ms(conversations)
-        print(json.dumps(asdict(result)), turns[mode], flush=True)
+        show(result, turns[mode])
     for mode, engine in engines.items():
         results.append(await run_probe(engine, f"probe-{mode}", probes, args))
-        print(json.dumps(asdict(results[-1])), flush=True)
+        show(results[-1])
     rounds = []
     for r in range(args.noshare_rounds):
         prompts = noshare_prompts(args, names, vocab, r)
         for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
             rounds.append(await run_noshare(engines[mode], f"noshare-{mode}", prompts, args))
-            print(json.dumps(asdict(rounds[-1])), flush=True)
+            show(rounds[-1])
     return {"results": results + best_of(rounds), "noshare_rounds": rounds, "turn_ttft_ms": turns}
 
 
@@ -237,7 +230,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     artifacts, compress_s = synthetic_artifacts(args.base, args.distinct, args.ratio)
     folder, mapping = task_folder(artifacts, TASKS)
     names = list(mapping)
-    engines = {mode: make_engine(args, folder, mode == "on") for mode in ("off", "on")}
+    engines = {
+        mode: make_engine(args, folder, max_batch_tokens=args.max_batch_tokens, prefix_cache=mode == "on")
+        for mode in ("off", "on")
+    }
     for engine in engines.values():
         await engine.start()
         await warm(engine, names, engine.config.vocab_size)
@@ -271,7 +267,7 @@ def report(
             "torch": torch.__version__,
             "device": args.device,
         },
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (repo_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "deltas": {"synthetic": args.distinct, "ratio": args.ratio, "tasks": TASKS, "compress_seconds": compress_s},
         "results": [asdict(r) for r in results],
         "turn_ttft_ms": turns,
@@ -286,9 +282,8 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    out = asyncio.run(main_async(args))
-    write_results(out, args.out)
+    """Run the prefix-cache benchmark and write its results."""
+    run_benchmark(parse_args, main_async, argv)
 
 
 if __name__ == "__main__":

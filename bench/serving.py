@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import shutil
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,28 +36,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.measure import LoadShape, Result, Timing, best_of, summarise, write_results
+from bench.measure import LoadShape, Result, Timing, add_out, bench_parser, best_of, run_benchmark, show, summarise
 from server.config import load_settings
 from server.engine.engine import Engine
 from server.engine.sources import LocalDirDeltaSource
 from server.engine.types import GenerationRequest, SamplingParams
 from server.model.llama import load_state_dict
 
-DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-serving")
 
 LOAD = LoadShape(full_concurrency="1,8,32", quick_concurrency="1,8", quick_max_tokens=12)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--tasks-dir", type=Path, default=None, help="folder of <task>.safetensors artifacts")
     p.add_argument("--distinct", type=int, default=2, help="synthetic artifacts to make when --tasks-dir is absent")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart compression ratio of synthetic artifacts")
     LOAD.add(p)
     p.add_argument("--scenarios", default="base,one,mix4,mix16,swap16")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
+    add_out(p, "serving")
     return LOAD.resolve(p.parse_args(argv))
 
 
@@ -94,16 +92,18 @@ def task_folder(artifacts: Path, names: int) -> tuple[Path, dict[str, Path]]:
     return folder, mapping
 
 
-def make_engine(args: argparse.Namespace, tasks: Path) -> Engine:
-    settings = load_settings(
-        base_model=str(args.base),
-        device=args.device,
-        kv_cache_bytes=1 << 30,
-        delta_cache_bytes=4 << 30,
-        max_running=64,
-        max_batch_tokens=1024,
-    )
-    return Engine(settings, LocalDirDeltaSource(tasks))
+def make_engine(args: argparse.Namespace, tasks: Path, **settings: object) -> Engine:
+    """The benchmarks' engine on --base and --device over the artifacts of `tasks`: room for 16 resident
+    tasks and 64 running requests, 1024 tokens a step; `settings` replace or add settings."""
+    chosen: dict[str, object] = {
+        "base_model": str(args.base),
+        "device": args.device,
+        "kv_cache_bytes": 1 << 30,
+        "delta_cache_bytes": 4 << 30,
+        "max_running": 64,
+        "max_batch_tokens": 1024,
+    }
+    return Engine(load_settings(**(chosen | settings)), LocalDirDeltaSource(tasks))
 
 
 async def one_request(engine: Engine, rid: str, task: str | None, prompt: tuple[int, ...], max_tokens: int) -> Timing:
@@ -138,6 +138,26 @@ async def prepare(engine: Engine, plans: dict[str, list[str | None]], args: argp
         for task in {t for t in tasks if t is not None}:
             await engine.prefetch(task)
         await closed_loop(engine, tasks, 1, 1, prompt, 2)
+
+
+async def run_rounds(
+    engine: Engine,
+    plans: dict[str, list[str | None]],
+    args: argparse.Namespace,
+    extra: Callable[[int], Awaitable[Result]] | None = None,
+) -> list[Result]:
+    """Every scenario of `plans` (then `extra(concurrency)`, when given) at each --concurrency, --rounds
+    times interleaved (the CPU is shared and its load drifts); each result is shown as it lands."""
+    rounds: list[Result] = []
+    for c in args.concurrency:
+        for _ in range(args.rounds):
+            for scenario, tasks in plans.items():
+                rounds.append(await run_deltas(engine, scenario, tasks, c, args))
+                show(rounds[-1])
+            if extra is not None:
+                rounds.append(await extra(c))
+                show(rounds[-1])
+    return rounds
 
 
 async def run_deltas(engine: Engine, name: str, tasks: list[str | None], c: int, args: argparse.Namespace) -> Result:
@@ -218,15 +238,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     }
     await prepare(engine, plans, args)
     merged = merged_weights(engine, mapping, args) if "swap16" in wanted else {}
-    rounds: list[Result] = []
-    for c in args.concurrency:
-        for _ in range(args.rounds):
-            for scenario, tasks in plans.items():
-                rounds.append(await run_deltas(engine, scenario, tasks, c, args))
-                print(json.dumps(asdict(rounds[-1])), flush=True)
-            if merged:
-                rounds.append(await run_swap(engine, merged, mapping, c, args))
-                print(json.dumps(asdict(rounds[-1])), flush=True)
+
+    async def swap(c: int) -> Result:
+        return await run_swap(engine, merged, mapping, c, args)
+
+    rounds = await run_rounds(engine, plans, args, swap if merged else None)
     stats = engine.stats()
     await engine.stop()
     return report(args, best_of(rounds), rounds, stats, artifacts, compress_s, notes)
@@ -275,9 +291,8 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    out = asyncio.run(main_async(args))
-    write_results(out, args.out)
+    """Run the serving benchmark and write its results."""
+    run_benchmark(parse_args, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -41,17 +41,15 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib
 
-from bench.measure import Result, Timing, best_of, summarise, write_results
+from bench.measure import Result, Timing, add_out, bench_parser, best_of, show, summarise, write_results
 
-DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 WORK = Path("/tmp/deltaserve-bench-vllm")
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python", help="python of the vLLM venv")
     p.add_argument("--dtype", default="float32", help="vLLM --dtype (bench/serving.py runs float32)")
     p.add_argument("--ratio", type=float, default=32.0, help="ImPart CR whose parameter budget sizes the LoRA")
@@ -70,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default="vllm_base,vllm_lora16")
     p.add_argument("--ours", action="store_true", help="run bench/serving.py base,mix16 before and after")
     p.add_argument("--ours-timeout", type=float, default=900.0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_vllm.json")
+    add_out(p, "serving_vllm")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     return args
@@ -301,7 +299,7 @@ def run_scenario(args: argparse.Namespace, name: str, extra: list[str], models: 
             for _ in range(args.rounds):
                 timings, seconds = asyncio.run(closed_loop(args, models, c))
                 rounds.append(summarise(name, c, timings, seconds))
-                print(json.dumps(asdict(rounds[-1])), flush=True)
+                show(rounds[-1])
     finally:
         server.stop()
     return rounds, {"command": " ".join(server.cmd), "startup_s": round(server.startup_s, 1), "log": str(server.log)}

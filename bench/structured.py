@@ -31,8 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.measure import Result, Timing, best_of, summarise, write_results
-from bench.serving import DEFAULT_BASE
+from bench.measure import (
+    Result,
+    Timing,
+    add_engine_options,
+    add_out,
+    bench_parser,
+    best_of,
+    repo_path,
+    run_benchmark,
+    summarise,
+)
 from server.config import load_settings
 from server.engine.engine import Engine
 from server.engine.sources import LocalDirDeltaSource
@@ -63,15 +72,13 @@ SCHEMA = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="HF folder of the base model")
+    p = bench_parser(__doc__)
     p.add_argument("--rows", type=int, default=16, help="requests in the batch")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens of each prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens each row decodes")
     p.add_argument("--rounds", type=int, default=2, help="timed runs of each kind, alternating")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="torch device of the engine")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "structured.json")
+    add_engine_options(p, threads=1)
+    add_out(p, "structured")
     return p.parse_args(argv)
 
 
@@ -124,7 +131,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     free, constrained = best_of([r for pair in rounds for r in pair])
     return {
         "settings": {
-            **{k: str(v) for k, v in vars(args).items()},
+            **{k: (repo_path(v) if isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
             "torch": torch.__version__,
             "machine": platform.machine(),
             "schema": SCHEMA,
@@ -140,8 +147,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    write_results(asyncio.run(main_async(args)), args.out)
+    """Run the structured-output benchmark and write its results."""
+    run_benchmark(parse_args, main_async, argv)
 
 
 if __name__ == "__main__":
