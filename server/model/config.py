@@ -133,7 +133,7 @@ def _layer_windows(raw: dict[str, Any], model_type: str, source: str) -> tuple[i
     """Sliding windows as transformers applies them: Mistral on every layer (4096 when the key is
     absent, none when null); Qwen2 only with use_sliding_window, on layers from max_window_layers
     on; an explicit `layer_types` list wins."""
-    layers = raw["num_hidden_layers"]
+    layers = int(raw["num_hidden_layers"])
     if model_type == "mistral" or (model_type == "qwen2" and raw.get("use_sliding_window")):
         window = raw.get("sliding_window", 4096)
     else:

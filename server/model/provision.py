@@ -132,7 +132,8 @@ def pull_smollm2(cache: Path, dtype: str = "float32", force: bool = False) -> Pa
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
-        model.hf_quantizer = None
+        # torch's Module.__setattr__ stub types every value Tensor | Module; transformers allows None here
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

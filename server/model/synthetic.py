@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.model.provision import MANIFEST, publish_folder, write_json
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -26,8 +32,24 @@ CHATML_TEMPLATE = (
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def _tiny_corpus(seed: int) -> list[str]:
+@dataclass(frozen=True)
+class TinyShape:
+    """The tiny base's sizes, under their config.json names."""
 
+    hidden_size: int = 64
+    intermediate_size: int = 160
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 512
+
+
+TINY = TinyShape()
+
+
+def _tiny_corpus(seed: int) -> list[str]:
+    """400 lines of 24 words each, drawn from a small fixed vocabulary by `seed`: the BPE's training text."""
     rng = random.Random(seed)
     words = [
         "the",
@@ -85,7 +107,7 @@ def _tiny_corpus(seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(24)) for _ in range(400)]
 
 
-def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> object:
+def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> Tokenizer:
     """A byte-level BPE (every UTF-8 string round-trips) with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -103,17 +125,12 @@ def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> object:
 
 
 def tiny_config(vocab_size: int, tied: bool) -> dict[str, object]:
+    """The tiny base's config.json (its sizes from TINY)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
+        **asdict(TINY),
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "hidden_act": "silu",
@@ -141,7 +158,7 @@ def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
     bos, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
     config = tiny_config(vocab, tied) | {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0}
     gen = torch.Generator().manual_seed(seed)
-    tensors = _tiny_weights(config, gen)
+    tensors = _tiny_weights(TINY, vocab, tied, gen)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(tmp / "tokenizer.json"))
     write_json(tmp / "config.json", config)
@@ -156,23 +173,24 @@ def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
             "unk_token": None,
             "add_bos_token": False,
             "chat_template": CHATML_TEMPLATE,
-            "model_max_length": config["max_position_embeddings"],
+            "model_max_length": TINY.max_position_embeddings,
         },
     )
 
 
-def _tiny_weights(config: dict[str, object], gen: object) -> dict[str, object]:
+def _tiny_weights(sizes: TinyShape, vocab: int, tied: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights of every tensor of the tiny Llama, by name (norms near one)."""
     import torch
 
-    h, inter, vocab = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["vocab_size"])
-    q = int(config["num_attention_heads"]) * int(config["head_dim"])
-    kv = int(config["num_key_value_heads"]) * int(config["head_dim"])
+    h, inter = sizes.hidden_size, sizes.intermediate_size
+    q = sizes.num_attention_heads * sizes.head_dim
+    kv = sizes.num_key_value_heads * sizes.head_dim
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.08).contiguous()
 
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h)}
-    for i in range(int(config["num_hidden_layers"])):
+    for i in range(sizes.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes = {
             "self_attn.q_proj": (q, h),
@@ -187,7 +205,7 @@ def _tiny_weights(config: dict[str, object], gen: object) -> dict[str, object]:
             out[f"{p}{name}.weight"] = rand(*shape)
         out[f"{p}input_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
         out[f"{p}post_attention_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
-    if not config["tie_word_embeddings"]:
+    if not tied:
         out["lm_head.weight"] = rand(vocab, h)
     return out
 
@@ -216,7 +234,8 @@ def _build_finetune(base_dir: Path, tmp: Path, seed: int, scale: float, rank: in
             shutil.copyfile(path, tmp / path.name)
 
 
-def _perturbed(weight: object, gen: object, scale: float, rank: int) -> object:
+def _perturbed(weight: torch.Tensor, gen: torch.Generator, scale: float, rank: int) -> torch.Tensor:
+    """`weight` moved by a random rank-`rank` update plus noise (1-D: noise only), `scale` of its std."""
     import torch
 
     w = weight.float()
@@ -226,5 +245,5 @@ def _perturbed(weight: object, gen: object, scale: float, rank: int) -> object:
     out_dim, in_dim = w.shape
     left = torch.randn(out_dim, rank, generator=gen)
     right = torch.randn(rank, in_dim, generator=gen)
-    update = (left @ right) * (size / rank**0.5) + torch.randn(w.shape, generator=gen) * size * 0.1
+    update: torch.Tensor = (left @ right) * (size / rank**0.5) + torch.randn(w.shape, generator=gen) * size * 0.1
     return (w + update).to(weight.dtype).contiguous()
