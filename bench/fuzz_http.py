@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script: bench/kernels.py would shadow the `kernels` package
-RESULTS = ROOT / "bench" / "results" / "fuzz_http.json"
+
+from bench.measure import RESULTS  # noqa: E402  (importable only once the root leads sys.path, above)
+
 TASK = "fuzz-task"
 UNSUPPORTED = (
     "tools",
@@ -407,7 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="fuzz a running server (it must serve a task named fuzz-task)")
     parser.add_argument("--admin-key")
     parser.add_argument("--api-key")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fuzz_http.json")
     return parser.parse_args(argv)
 
 

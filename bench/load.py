@@ -38,7 +38,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script: bench/kernels.py would shadow the `kernels` package
-RESULTS = ROOT / "bench" / "results" / "load.json"
+
+from bench.measure import RESULTS  # noqa: E402  (importable only once the root leads sys.path, above)
+
 WORDS = ("delta", "task", "model", "serve", "batch", "token", "cache", "sparse", "vector", "layer", "rank")
 
 
@@ -382,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=8.0, help="compression ratio of the spawned tasks")
     parser.add_argument("--delta-cache-bytes", type=int, default=None, help="cache size of --url, for the prediction")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.resident, args.rate, args.duration = 8, 3, 4.0, 8.0

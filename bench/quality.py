@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import RESULTS
 from bench.testbed.quality_grid import Grid, Runner
 from bench.testbed.quality_report import write_report
 from bench.testbed.tasks import TASKS
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="compute nothing: report the cells already scored (missing ones are left out)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for compression and decoding")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="quality", help="output file names: STEM.json, STEM.md, STEM.png")
     args = parser.parse_args(argv)
     args.grid = [tuple(float(x) for x in pair.split(":")) for pair in args.grid]

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
+from bench.measure import DEFAULT_BASE
 from bench.testbed.encoding import TrainingRow, collate, training_row
 from bench.testbed.tasks import TASKS, Task, make_splits
 
-BASE_DIR = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 FINETUNE_CACHE = Path("~/.cache/deltaserve/finetunes").expanduser()
 REPORT = "testbed-finetune.json"
 TRAIN_STEPS = {"dates": 32, "routing": 32, "extraction": 24, "email": 24}
@@ -77,7 +77,7 @@ def train(model: PreTrainedModel, rows: list[TrainingRow], config: TrainConfig, 
     return losses
 
 
-def finetune(config: TrainConfig, base_dir: Path = BASE_DIR, cache: Path = FINETUNE_CACHE) -> Path:
+def finetune(config: TrainConfig, base_dir: Path = DEFAULT_BASE, cache: Path = FINETUNE_CACHE) -> Path:
     """Fine-tune every weight of the base on `config.task`; publish the folder atomically."""
     torch.set_num_threads(1)
     torch.manual_seed(config.seed)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from bench.measure import DEFAULT_BASE
 from bench.testbed.evaluate import base_state_dict, evaluate, load_model, load_weights
-from bench.testbed.finetune import BASE_DIR, FINETUNE_CACHE, REPORT, TRAIN_STEPS, TrainConfig, finetune
+from bench.testbed.finetune import FINETUNE_CACHE, REPORT, TRAIN_STEPS, TrainConfig, finetune
 from bench.testbed.tasks import SPLIT_SIZES, TASKS, make_splits
 from compressor import compress, load_artifact
 from compressor.merge import merge
@@ -135,7 +136,7 @@ class Runner:
         self,
         limit: int | None,
         train_missing: bool,
-        base_dir: Path = BASE_DIR,
+        base_dir: Path = DEFAULT_BASE,
         finetunes: Path = FINETUNE_CACHE,
         cache: Path = QUALITY_CACHE,
         threads: int = 1,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from bench.measure import DEFAULT_BASE, RESULTS
 from bench.testbed.evaluate import base_state_dict
-from bench.testbed.finetune import BASE_DIR, FINETUNE_CACHE
+from bench.testbed.finetune import FINETUNE_CACHE
 from bench.testbed.tasks import TASKS
 
 RATIOS = (8.0, 32.0, 128.0)
-OUT = Path(__file__).resolve().parents[1] / "results"
 
 
 def lowrank_rank(shape: tuple[int, int], ratio: float) -> int:
@@ -94,10 +94,10 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    base = base_state_dict(BASE_DIR)
+    base = base_state_dict(DEFAULT_BASE)
     gen = torch.Generator().manual_seed(0)
     results: dict = {
         "command": "python -m bench.testbed.spectrum " + " ".join(argv or []),
