@@ -218,7 +218,8 @@ def _codes(manifest: dict[str, object], tensors: dict[str, torch.Tensor]) -> dic
     for key, tensor in tensors.items():
         name, _, role = key.rpartition(":")
         grouped.setdefault(name, {})[role] = tensor
-    modules = dict(manifest["modules"])  # type: ignore[call-overload]
+    modules = manifest["modules"]
+    assert isinstance(modules, dict), "check_manifest_fields lets only an object through"
     stray = sorted(set(grouped) - set(modules))
     if stray:
         raise InvalidArtifactError(f"tensor(s) of no module in the manifest: {', '.join(stray)[:200]}")

@@ -7,6 +7,7 @@ opt-in (`gptq_prompts` > 0), and its memory is the model's size on top of the st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ PROMPTS = (
     "Reply with yes or no: is 2024-02-30 a valid date?",
 )
 EMBEDDING = "model.embed_tokens.weight"
+Hook = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
+"""A forward hook: (module, its positional inputs, its output)."""
 
 
 def capture_inputs(model_dir: Path | str, prompts: tuple[str, ...] | list[str] = PROMPTS) -> dict[str, torch.Tensor]:
@@ -30,10 +33,11 @@ def capture_inputs(model_dir: Path | str, prompts: tuple[str, ...] | list[str] =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train(False)  # what eval() does; transformers declares its eval() without types
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def hook(name: str) -> object:
+    def hook(name: str) -> Hook:
         def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]).detach())
 

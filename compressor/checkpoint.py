@@ -49,7 +49,8 @@ class Checkpoint:
         info = self.infos[name]
         try:
             with safe_open(str(info.file), framework="pt") as fh:
-                return fh.get_tensor(name)
+                tensor: torch.Tensor = fh.get_tensor(name)  # safetensors' stubs type it Any
+                return tensor
         except (SafetensorError, OSError) as exc:
             raise IncompatibleCheckpointError(f"{info.file.name}: cannot read {name}: {exc}") from None
 

@@ -9,15 +9,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
+from compressor.codec import json_float, json_int
 from compressor.pipeline import ADAPTER_METHODS, METHODS, WHOLE
 
 if TYPE_CHECKING:
     from compressor.summary import ArtifactSummary
 
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What server/cli.py hands to register(): its subcommand table (generic only to the type checker)."""
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: Subparsers) -> None:
     _register_compress(sub)
     _register_import_lora(sub)
     inspect = sub.add_parser("inspect", help="show an artifact's manifest, both ratios and per-module error")
@@ -34,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_merge(sub)
 
 
-def _register_compress(sub: argparse._SubParsersAction) -> None:
+def _register_compress(sub: Subparsers) -> None:
     p = sub.add_parser("compress", help="compress a fine-tune against the base into an artifact")
     p.add_argument("--base", type=Path, required=True, help="base model folder (HF layout, safetensors)")
     p.add_argument("--finetuned", type=Path, required=True, help="fine-tuned model folder, same architecture")
@@ -63,7 +67,7 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_compress)
 
 
-def _register_import_lora(sub: argparse._SubParsersAction) -> None:
+def _register_import_lora(sub: Subparsers) -> None:
     p = sub.add_parser("import-lora", help="turn a PEFT LoRA adapter folder into an artifact (method lora, exact)")
     p.add_argument("adapter", type=Path, help="adapter folder: adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base", type=Path, required=True, help="base model folder the adapter was trained on")
@@ -79,7 +83,7 @@ def _register_import_lora(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_import_lora)
 
 
-def _register_merge(sub: argparse._SubParsersAction) -> None:
+def _register_merge(sub: Subparsers) -> None:
     p = sub.add_parser("merge", help="merge several fine-tunes' deltas (Task Arithmetic or TIES) into one artifact")
     p.add_argument("inputs", nargs="+", help="artifacts (.safetensors files) and/or fine-tuned model folders")
     p.add_argument("--base", type=Path, required=True, help="base model folder")
@@ -185,9 +189,9 @@ def _manifest_head(manifest: dict[str, object]) -> dict[str, object]:
 
 
 def _describe(s: ArtifactSummary, manifest: dict[str, object]) -> str:
-    errors = [q["rel_error"] for q in s.quality.values() if q["group"] == "linear"]
+    errors = [json_float(q["rel_error"], "rel_error") for q in s.quality.values() if q["group"] == "linear"]
     mean_err = sum(errors) / len(errors) if errors else 0.0
-    ranks = sorted({int(q["rank"]) for q in s.quality.values() if q.get("rank")})
+    ranks = sorted({json_int(q["rank"], "rank") for q in s.quality.values() if q.get("rank")})
     return "\n".join(
         [
             f"artifact   {s.path} ({s.file_bytes} bytes, sha256 {s.sha256})",

@@ -21,9 +21,23 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.masks import keep_mask, scatter_columns
-from compressor.quantize import BIT_RULE, bits_for, dequantize, n_groups, unpack
+from compressor.quantize import BIT_RULE, BitRule, bits_for, dequantize, n_groups, unpack
 
 VALUE_DTYPE = torch.float16
+
+
+def json_int(value: object, what: str) -> int:
+    """int() of a number or numeric string read from an artifact's JSON; TypeError naming `what` otherwise."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"{what} must be a number, not {value!r:.40}")
+    return int(value)
+
+
+def json_float(value: object, what: str) -> float:
+    """float() of a number or numeric string read from an artifact's JSON; TypeError naming `what` otherwise."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"{what} must be a number, not {value!r:.40}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,21 @@ class ModuleCode:
     def rank(self) -> int:
         return int(self.tensors["s"].numel()) if self.layout in ("svd", "qsvd", "lora") else 0
 
+    def meta_int(self, field: str) -> int:
+        """An integer of meta (drop counts, bits, code_bits); compressor.validate checks the ones decoding needs."""
+        return json_int(self.meta[field], f"{self.name}: {field}")
+
+    def mask_key(self, field: str) -> int:
+        """A 64-bit mask key of meta ("key", "u_key", "v_key"), stored as hex digits."""
+        return int(str(self.meta[field]), 16)
+
+    def bit_rule(self) -> BitRule:
+        """The "qsvd" bit rule of meta (BIT_RULE when absent)."""
+        rule = self.meta.get("bit_rule", BIT_RULE)
+        if not isinstance(rule, (list, tuple)):
+            raise TypeError(f"{self.name}: bit_rule must be a list, not {rule!r:.40}")
+        return rule
+
 
 def drops_tensor(drops: list[int] | tuple[int, ...], rows: int) -> torch.Tensor:
     """Per-column drop counts in the smallest integer type that holds them: [K]."""
@@ -65,7 +94,8 @@ def decode_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.
     if code.layout in ("svd", "qsvd"):
         return _svd_factors(code)
     if code.layout == "lora":
-        return tuple(code.tensors[role].to(torch.float32) for role in ("u", "s", "v"))  # type: ignore[return-value]
+        u, s, v = (code.tensors[role].to(torch.float32) for role in ("u", "s", "v"))
+        return u, s, v
     if code.layout in ("sparse", "qsparse", "full"):
         d = decode_dense(code)
         return d, torch.ones(d.shape[1]), torch.eye(d.shape[1])
@@ -79,7 +109,7 @@ def decode_dense(code: ModuleCode) -> torch.Tensor:
     if code.layout == "full":
         return code.tensors["d"].to(torch.float32).reshape(code.shape)
     if code.layout in ("sparse", "qsparse"):
-        keep = keep_mask(int(str(code.meta["key"]), 16), code.shape[1], sparse_drops(code))  # [in, out]
+        keep = keep_mask(code.mask_key("key"), code.shape[1], sparse_drops(code))  # [in, out]
         return scatter_columns(_sparse_values(code), keep).t().contiguous()
     u, s, v = decode_factors(code)
     return (u * s) @ v.t()
@@ -87,7 +117,7 @@ def decode_dense(code: ModuleCode) -> torch.Tensor:
 
 def sparse_drops(code: ModuleCode) -> list[int]:
     """DARE's per-row drop counts from their (base, extra) form."""
-    base, extra = int(code.meta["drop_base"]), int(code.meta["drop_extra"])
+    base, extra = code.meta_int("drop_base"), code.meta_int("drop_extra")
     return [base + 1] * extra + [base] * (code.shape[0] - extra)
 
 
@@ -95,13 +125,13 @@ def _sparse_values(code: ModuleCode) -> torch.Tensor:
     if code.layout == "sparse":
         return code.tensors["d"].to(torch.float32)
     n = code.kept
-    (codes,) = unpack(code.tensors["d"], [(n, int(code.meta["bits"]))])
+    (codes,) = unpack(code.tensors["d"], [(n, code.meta_int("bits"))])
     return dequantize(codes, code.tensors["groups"])
 
 
 def column_bits(code: ModuleCode) -> list[int]:
-    rule = code.meta.get("bit_rule", BIT_RULE)
-    return [bits_for(k, rule) for k in range(code.rank)]  # type: ignore[arg-type]
+    rule = code.bit_rule()
+    return [bits_for(k, rule) for k in range(code.rank)]
 
 
 def _svd_values(code: ModuleCode, side: str) -> torch.Tensor:
@@ -126,8 +156,8 @@ def _counts(code: ModuleCode, side: str) -> list[int]:
 
 def _svd_factors(code: ModuleCode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, inp = code.shape
-    u_keep = keep_mask(int(str(code.meta["u_key"]), 16), out, code.tensors["u_drops"].long().tolist())
-    v_keep = keep_mask(int(str(code.meta["v_key"]), 16), inp, code.tensors["v_drops"].long().tolist())
+    u_keep = keep_mask(code.mask_key("u_key"), out, code.tensors["u_drops"].long().tolist())
+    v_keep = keep_mask(code.mask_key("v_key"), inp, code.tensors["v_drops"].long().tolist())
     u = scatter_columns(_svd_values(code, "u"), u_keep)
     v = scatter_columns(_svd_values(code, "v"), v_keep)
     return u, code.tensors["s"].to(torch.float32), v

@@ -25,7 +25,8 @@ def inverse_hessian_factor(x: torch.Tensor) -> torch.Tensor:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h += DAMP * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    factor: torch.Tensor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return factor  # torch's stubs type cholesky(..., upper=) as Any
 
 
 def gptq_rows(

@@ -16,8 +16,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import regex
 import torch
@@ -61,6 +63,7 @@ LORA_ROLES = {
     ".lora_embedding_A": ("A", True),
     ".lora_embedding_B": ("B", True),
 }
+Number = TypeVar("Number", int, float)
 PATTERN_TIMEOUT_S = 0.05
 """Longest one rank/alpha pattern may take to match one module name (ordinary patterns take microseconds)."""
 
@@ -95,7 +98,7 @@ class LoraModule:
     b: torch.Tensor | None = None
 
 
-def _pattern_key(patterns: dict[str, object], module: str, field: str) -> str:
+def _pattern_key(patterns: Mapping[str, object], module: str, field: str) -> str:
     """PEFT's match: the first pattern that matches the module name's tail at a dot boundary. Patterns
     come from the uploader, so each match is bounded in time (the `regex` package, which transformers
     already needs, releasing the GIL while it matches; `re` cannot be interrupted and holds the GIL,
@@ -118,13 +121,15 @@ def read_config(path: Path) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object, not {type(raw).__name__}", CONFIG_FILE)
     _check_supported(raw)
-    r, alpha = _number(raw, "r", int), _number(raw, "lora_alpha", float)
+    r = _field(raw, "r", _an_int, "an integer")
+    alpha = _field(raw, "lora_alpha", _a_finite, "a finite number")
     if r < 1:
         raise AdapterError(f"r must be >= 1, not {r}", "r")
     rslora = raw.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise AdapterError("use_rslora must be true or false", "use_rslora")
-    ranks, alphas = _pattern(raw, "rank_pattern", int), _pattern(raw, "alpha_pattern", float)
+    ranks = _pattern(raw, "rank_pattern", _a_rank, "integers >= 1")
+    alphas = _pattern(raw, "alpha_pattern", _a_finite, "finite numbers")
     _check_targets(raw)
     params = {
         k: raw.get(k)
@@ -139,7 +144,7 @@ def read_config(path: Path) -> AdapterConfig:
             "base_model_name_or_path",
         )
     }
-    return AdapterConfig(r, alpha, rslora, ranks, alphas, params)  # type: ignore[arg-type]
+    return AdapterConfig(r, alpha, rslora, ranks, alphas, params)
 
 
 def _check_supported(raw: dict[str, object]) -> None:
@@ -152,28 +157,45 @@ def _check_supported(raw: dict[str, object]) -> None:
             raise AdapterError(f"{key} is not supported (only plain LoRA: B A * scaling)", key)
 
 
-def _number(raw: dict[str, object], key: str, kind: type) -> float:
-    value = raw.get(key)
-    ok = type(value) is int or (kind is float and type(value) is float and math.isfinite(value))
-    if not ok:
-        raise AdapterError(
-            f"{key} must be {'an integer' if kind is int else 'a finite number'}, not {value!r:.40}", key
-        )
-    return value  # type: ignore[return-value]
+def _an_int(value: object) -> int | None:
+    """value when it is an int (a bool is not), else None."""
+    return value if type(value) is int else None
 
 
-def _pattern(raw: dict[str, object], key: str, kind: type) -> dict[str, float]:
-    value = {} if raw.get(key) is None else raw.get(key)
-    if not isinstance(value, dict):
+def _a_finite(value: object) -> float | None:
+    """value when it is an int or a finite float (a bool is neither), else None."""
+    return value if type(value) is int or (type(value) is float and math.isfinite(value)) else None
+
+
+def _a_rank(value: object) -> int | None:
+    """value when it is an int >= 1, else None."""
+    number = _an_int(value)
+    return number if number is not None and number >= 1 else None
+
+
+def _field(raw: dict[str, object], key: str, valid: Callable[[object], Number | None], wanted: str) -> Number:
+    """raw[key] when `valid` takes it; AdapterError naming the field otherwise."""
+    value = valid(raw.get(key))
+    if value is None:
+        raise AdapterError(f"{key} must be {wanted}, not {raw.get(key)!r:.40}", key)
+    return value
+
+
+def _pattern(
+    raw: dict[str, object], key: str, valid: Callable[[object], Number | None], wanted: str
+) -> dict[str, Number]:
+    """A {module pattern: value} field: every pattern a valid regex, every value taken by `valid`."""
+    table = {} if raw.get(key) is None else raw.get(key)
+    if not isinstance(table, dict):
         raise AdapterError(f"{key} must be an object of module pattern -> value", key)
-    for pattern, number in value.items():
+    out: dict[str, Number] = {}
+    for pattern, number in table.items():
         _regex(pattern, key)
-        valid = type(number) is int or (kind is float and type(number) is float and math.isfinite(number))
-        if not valid or (kind is int and number < 1):
-            raise AdapterError(
-                f"{key} values must be {'integers >= 1' if kind is int else 'finite numbers'}, not {number!r:.40}", key
-            )
-    return dict(value)
+        value = valid(number)
+        if value is None:
+            raise AdapterError(f"{key} values must be {wanted}, not {number!r:.40}", key)
+        out[pattern] = value
+    return out
 
 
 def _regex(pattern: object, key: str) -> None:
@@ -244,7 +266,7 @@ def lora_codes(modules: dict[str, LoraModule], config: AdapterConfig, base: Chec
                 WEIGHTS_FILE,
             )
         s = torch.full((rank,), config.scaling(module.name, rank), dtype=torch.float32)
-        for part, u in zip(parts, u_all.split(out_dims)):
+        for part, u in zip(parts, torch.split(u_all, out_dims)):
             codes.append(_lora_code(part, tuple(base.infos[part].shape), u, s, v))
     return codes
 

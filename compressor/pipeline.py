@@ -9,18 +9,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import numbers
 import re
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
 from compressor.artifact import artifact_bytes, write_atomic
 from compressor.checkpoint import Checkpoint, base_fingerprint, check_compatible
-from compressor.codec import ModuleCode, decode_dense
+from compressor.codec import ModuleCode, decode_dense, json_float
 from compressor.masks import MASK_SCHEME
 from compressor.methods import (
     MethodParams,
@@ -134,12 +137,33 @@ def _calibration(finetuned_dir: Path | str, method: str, params: MethodParams) -
     return capture_inputs(finetuned_dir, PROMPTS[: params.gptq_prompts])
 
 
-def method_params_of(ratio: float, seed: int, extra: dict[str, object]) -> MethodParams:
-    known = {f.name for f in dataclasses.fields(MethodParams)}
-    unknown = sorted(set(extra) - known)
+def method_params_of(ratio: float, seed: int, extra: Mapping[str, object]) -> MethodParams:
+    """MethodParams from ratio, seed and compress()'s keyword arguments: ValueError on an unknown name,
+    TypeError on a value that is not of its field's type."""
+    hints = typing.get_type_hints(MethodParams)
+    unknown = sorted(set(extra) - set(hints))
     if unknown:
-        raise ValueError(f"unknown method parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return MethodParams(ratio=float(ratio), seed=seed, **extra)  # type: ignore[arg-type]
+        raise ValueError(f"unknown method parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
+    for name, value in extra.items():
+        if not _fits(value, hints[name]):
+            wanted = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
+            raise TypeError(f"method parameter {name} must be {wanted.replace('typing.', '')}, not {value!r:.40}")
+    checked: dict[str, Any] = dict(extra)  # each value checked against its field's type just above
+    return dataclasses.replace(MethodParams(ratio=float(ratio), seed=seed), **checked)
+
+
+def _fits(value: object, hint: object) -> bool:
+    """value is of the field type `hint`: a number type takes any number of its kind, a union any member's
+    value, a Literal one of its values."""
+    if typing.get_origin(hint) is Literal:
+        return value in typing.get_args(hint)
+    if members := typing.get_args(hint):
+        return any(_fits(value, member) for member in members)
+    if hint is float:
+        return isinstance(value, numbers.Real)
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(hint, type) and isinstance(value, hint)
 
 
 def write_artifact(
@@ -154,7 +178,9 @@ def write_artifact(
     """Serialise codes with their manifest to out_path (atomically) and report on it."""
     data = artifact_bytes(_manifest(base_dir, method, params, reports), codes)
     write_atomic(out_path, data)
-    return _report(out_path, data, method, float(params.get("ratio") or 0.0), reports, time.perf_counter() - started)
+    return _report(
+        out_path, data, method, json_float(params.get("ratio") or 0.0, "ratio"), reports, time.perf_counter() - started
+    )
 
 
 def _encode_all(

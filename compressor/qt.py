@@ -112,7 +112,7 @@ def _rtn(code: ModuleCode, side: str) -> tuple[list[np.ndarray], list[torch.Tens
 
 def _gptq_v(code: ModuleCode, inputs: torch.Tensor) -> tuple[list[np.ndarray], list[torch.Tensor]]:
     """GPTQ codes of V^T [K, in] against the layer's input Hessian."""
-    keep = keep_mask(int(str(code.meta["v_key"]), 16), code.shape[1], code.tensors["v_drops"].long().tolist())
+    keep = keep_mask(code.mask_key("v_key"), code.shape[1], code.tensors["v_drops"].long().tolist())
     v = scatter_columns(code.tensors["v"], keep)  # [in, K]
     hinv = inverse_hessian_factor(inputs.to(torch.float32))
     return gptq_rows(v.t(), keep.t(), hinv, [bits_for(k) for k in range(code.rank)])

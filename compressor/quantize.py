@@ -20,8 +20,15 @@ PARAM_BITS = 32
 """A group's min and scale, two float16."""
 
 
-def bits_for(index: int, rule: Sequence[Sequence[int | None]] = BIT_RULE) -> int:
+BitRule = Sequence[Sequence[int | None]]
+"""[(below, bits), ..., (None, bits)]: BIT_RULE, or an artifact's `bit_rule` as JSON lists."""
+
+
+def bits_for(index: int, rule: BitRule = BIT_RULE) -> int:
+    """The bit width of singular vector `index` under `rule`."""
     for below, bits in rule:
+        if bits is None:
+            raise ValueError(f"bit rule {rule!r} has an entry without a bit width")
         if below is None or index < below:
             return int(bits)
     raise ValueError(f"bit rule {rule!r} has no catch-all entry")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.artifact import Artifact, load_artifact
-from compressor.codec import ModuleCode
+from compressor.codec import ModuleCode, json_float, json_int
 from compressor.masks import bitmask_bytes
 
 KEY_BYTES = 8
@@ -60,7 +60,7 @@ def ideal_bytes(code: ModuleCode) -> int:
 
 def code_bits(code: ModuleCode) -> int:
     """Bits of the quantised codes of a "qsvd" module (exactly the packed payload's useful bits)."""
-    return int(code.meta["code_bits"])
+    return code.meta_int("code_bits")
 
 
 def mask_bytes(code: ModuleCode) -> int:
@@ -76,18 +76,30 @@ def summarize(source: Path | str | bytes, artifact: Artifact | None = None) -> A
     art = artifact or load_artifact(data)
     codes = [m.code for m in art.modules()]
     manifest = art.manifest
-    dense = int(manifest["dense_delta_bytes"])
+    dense = json_int(manifest["dense_delta_bytes"], "dense_delta_bytes")
     return ArtifactSummary(
         path="<bytes>" if isinstance(source, bytes) else str(source),
         sha256=hashlib.sha256(data).hexdigest(),
         file_bytes=len(data),
         method=art.method,
-        params=dict(manifest.get("params", {})),
-        linear_cr=float(manifest["linear_cr"]),
-        linear_bytes_ratio=float(manifest["linear_bytes_ratio"]),
+        params=_object(manifest.get("params", {}), "params"),
+        linear_cr=json_float(manifest["linear_cr"], "linear_cr"),
+        linear_bytes_ratio=json_float(manifest["linear_bytes_ratio"], "linear_bytes_ratio"),
         whole_ratio=dense / len(data),
         dense_delta_bytes=dense,
         ideal_bytes=sum(ideal_bytes(c) for c in codes),
         bitmask_bytes=sum(mask_bytes(c) for c in codes),
-        quality=dict(manifest.get("quality", {})),
+        quality=_quality(manifest.get("quality", {})),
     )
+
+
+def _object(value: object, what: str) -> dict[str, object]:
+    """A JSON object of the manifest (load_artifact checked it is one), copied."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be an object, not {value!r:.40}")
+    return dict(value)
+
+
+def _quality(value: object) -> dict[str, dict[str, object]]:
+    """The manifest's per-module quality: {module: {group, rank, kept, rel_error}}."""
+    return {name: _object(entry, f"quality of {name}") for name, entry in _object(value, "quality").items()}

@@ -28,7 +28,7 @@ def top_svd(
     a = delta.to(device=device, dtype=torch.float32)
     if k == 0:
         return delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0), delta.new_zeros(delta.shape[1], 0)
-    if use_lowrank(tuple(delta.shape), k, mode):
+    if use_lowrank((int(delta.shape[0]), int(delta.shape[1])), k, mode):
         u, s, v = _lowrank(a, k, seed)
     else:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)

@@ -184,3 +184,16 @@ def test_dare_above_the_row_length_keeps_whole_rows_out_instead_of_failing() -> 
     code = encode_dare("w", delta, MethodParams(ratio=64.0, seed=0))
     values = code.tensors["d"]
     assert values.numel() <= 1 and torch.isfinite(values.float()).all()
+
+
+def test_method_parameters_are_checked_against_their_field_types() -> None:
+    """compress()'s keyword arguments reach MethodParams only when each fits its field's type."""
+    from compressor.pipeline import method_params_of
+
+    params = method_params_of(8, 1, {"beta": 1, "svd": "full", "embedding_ratio": None, "bits": np.int64(3)})
+    assert (params.ratio, params.seed, params.beta, params.svd, params.bits) == (8.0, 1, 1, "full", 3)
+    for bad in ({"svd": "exact"}, {"bits": 2.5}, {"device": None}, {"beta": "0.8"}):
+        with pytest.raises(TypeError, match=f"method parameter {next(iter(bad))} must be"):
+            method_params_of(8, 0, bad)
+    with pytest.raises(ValueError, match="unknown method parameter"):
+        method_params_of(8, 0, {"gamma": 1.0})
