@@ -72,7 +72,7 @@ def show(result: Result, *extra: object) -> None:
     print(json.dumps(asdict(result)), *extra, flush=True)
 
 
-def write_results(out: dict, path: Path) -> None:
+def write_results(out: dict[str, Any], path: Path) -> None:
     """Write a benchmark's results as JSON and print its ratios (what to read on a shared machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
