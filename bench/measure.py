@@ -23,6 +23,8 @@ DEFAULT_BASE = Path("~/.cache/deltaserve/models/smollm2").expanduser()
 
 @dataclass(frozen=True)
 class Result:
+    """One scenario at one concurrency, one round: what the results files list."""
+
     scenario: str
     concurrency: int
     requests: int
@@ -36,6 +38,8 @@ class Result:
 
 @dataclass(frozen=True)
 class Timing:
+    """One request: its output tokens and when it started, got its first token and its last (perf_counter)."""
+
     tokens: int
     first: float
     last: float
@@ -43,6 +47,7 @@ class Timing:
 
 
 def summarise(name: str, concurrency: int, timings: list[Timing], seconds: float) -> Result:
+    """The Result of `timings`, requests that ran together for `seconds` of wall time."""
     tokens = sum(t.tokens for t in timings)
     tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]
     return Result(
