@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from compressor import CompressionReport
 
 
-def report_dict(report: CompressionReport) -> dict[str, Any]:
+def report_dict(report: CompressionReport) -> dict[str, object]:
     """A CompressionReport as plain JSON values (paths and other non-JSON values as text)."""
-    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(report), default=str))
+    plain: dict[str, object] = json.loads(json.dumps(dataclasses.asdict(report), default=str))
     return plain

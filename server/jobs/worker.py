@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -55,7 +55,7 @@ def compress_checkpoint(
     ratio: float,
     seed: int,
     params: dict[str, object],
-) -> tuple[dict[str, Any], int]:
+) -> tuple[dict[str, object], int]:
     """check_compatible -> compress -> verify_artifact (the artifact decodes in full against the base:
     shapes, finite values, indices); the compression report as plain JSON values and the number of
     tensors. Raises the compressor's errors (a fine-tune with non-finite weights fails the verify)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypedDict, cast
+from typing import Literal, TypedDict, cast
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A task name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; at most 64 characters."""
@@ -62,7 +62,7 @@ class TaskVersion:
     created: float = 0.0
     source: str = "artifact"
     """How it arrived: `checkpoint` (uploaded and compressed here) or `artifact` (uploaded ready)."""
-    quality: dict[str, Any] = field(default_factory=dict, hash=False)
+    quality: dict[str, object] = field(default_factory=dict, hash=False)
     """The compression report's quality figures (JSON-able); not part of the hash (a dict is not hashable)."""
 
     def to_json(self) -> str:

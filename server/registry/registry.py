@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from server.config import Settings
 from server.registry.local import LocalStore
@@ -42,7 +41,7 @@ class Registry:
         method: str,
         ratio: float | None,
         origin: str = "artifact",
-        quality: dict[str, Any] | None = None,
+        quality: dict[str, object] | None = None,
     ) -> TaskVersion:
         """Store the artifact and make it the task's new current version; returns that version."""
         validate_task_name(task)
