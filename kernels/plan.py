@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -43,40 +45,46 @@ class BatchPlan:
     seg_starts: Tensor
     """[num_slots + 1] int32: rows of slot j are order[seg_starts[j]:seg_starts[j+1]]."""
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.row_slots.numel())
-
 
 def plan_batch(row_slots: Tensor, num_slots: int) -> BatchPlan:
     """Group the rows of a batch by slot, once per step.
 
     row_slots: [N] int64 (any device), the slot of each row's task, -1 for no task.
-    The one host sync of the step happens here (reading the segment sizes).
+    The plan's one host sync is here: row_slots is read to the host once (no sync when it is on the host
+    already). The checks and the slots' row ranges come from that copy; `order` and `seg_starts` are
+    computed on row_slots' device from the tensor itself, with no further read.
     """
     if row_slots.dim() != 1:
         raise ValueError(f"row_slots must be 1-D, got shape {tuple(row_slots.shape)}")
+    host: list[int] = row_slots.tolist()  # the one host sync
+    if host and (max(host) >= num_slots or min(host) < -1):
+        raise ValueError(f"row_slots must lie in [-1, {num_slots}), got {host}")
     slots64 = row_slots.to(torch.int64)
-    if slots64.numel() and (int(slots64.max()) >= num_slots or int(slots64.min()) < -1):
-        raise ValueError(f"row_slots must lie in [-1, {num_slots}), got {slots64.tolist()}")
     has_task = slots64 >= 0
     keys = torch.where(has_task, slots64, num_slots)
-    order = torch.sort(keys, stable=True).indices[: int(has_task.sum())]
+    host_order = sorted((i for i, slot in enumerate(host) if slot >= 0), key=host.__getitem__)  # stable, as below
+    order = torch.sort(keys, stable=True).indices[: len(host_order)]
     counts = torch.bincount(slots64[has_task], minlength=num_slots)
     seg_starts = torch.zeros(num_slots + 1, dtype=torch.int64, device=row_slots.device)
     seg_starts[1:] = torch.cumsum(counts, 0)
     return BatchPlan(
         row_slots=slots64,
         num_slots=num_slots,
-        slots=_slot_rows(order, seg_starts.tolist()),
+        slots=_slot_rows(order, host_order, _host_seg_starts(host, num_slots)),
         order=order.to(torch.int32),
         seg_starts=seg_starts.to(torch.int32),
     )
 
 
-def _slot_rows(order: Tensor, seg_starts: list[int]) -> tuple[SlotRows, ...]:
-    """One SlotRows per non-empty slot; ranges detected so that contiguous rows are taken as views."""
-    host_order = order.tolist()
+def _host_seg_starts(host: list[int], num_slots: int) -> list[int]:
+    """seg_starts on the host: [num_slots + 1], rows of slot j at positions [out[j], out[j + 1]) of the order."""
+    counts = Counter(host)
+    return [0, *accumulate(counts[slot] for slot in range(num_slots))]
+
+
+def _slot_rows(order: Tensor, host_order: list[int], seg_starts: list[int]) -> tuple[SlotRows, ...]:
+    """One SlotRows per non-empty slot; ranges detected so that contiguous rows are taken as views.
+    order: [M] int64 on the batch's device, equal to host_order."""
     out: list[SlotRows] = []
     for slot in range(len(seg_starts) - 1):
         lo, hi = seg_starts[slot], seg_starts[slot + 1]
