@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 
 import kernels
+from kernels import ResidentFactors
 
 
 @dataclass(frozen=True)
 class ResidentDelta:
+    """One version of one task's delta, every module unpacked on the device."""
+
     task: str
     sha256: str
-    factors: Mapping[str, Any]
-    """2-D deltas by HF tensor name, each a kernels.ResidentFactors."""
+    factors: Mapping[str, ResidentFactors]
+    """2-D deltas by HF tensor name, in the kernels' layout."""
     dense: Mapping[str, torch.Tensor]
     """1-D deltas (norm weights, biases) by HF tensor name, on the device in the activation dtype."""
 
@@ -34,16 +37,17 @@ class ResidentDelta:
 
 
 def unpack_artifact(
-    task: str, data: bytes, base_dir: Any, device: torch.device, dtype: torch.dtype, sha256: str | None = None
+    task: str, data: bytes, base_dir: Path | None, device: torch.device, dtype: torch.dtype, sha256: str | None = None
 ) -> ResidentDelta:
-    """Validate artifact bytes against the base and unpack every module into the kernels' layout;
-    `sha256`: the bytes' digest when the caller already checked it (else it is computed here).
-    Nothing unchecked is unpacked: load_artifact checks the manifest and every stored tensor, and each
-    module's decode checks what it makes (compressor.validate), so a bad artifact raises ArtifactError."""
+    """Validate artifact bytes against the base in `base_dir` (None: against no base) and unpack every
+    module into the kernels' layout; `sha256`: the bytes' digest when the caller already checked it
+    (else it is computed here). Nothing unchecked is unpacked: load_artifact checks the manifest and
+    every stored tensor, and each module's decode checks what it makes (compressor.validate), so a bad
+    artifact raises ArtifactError."""
     from compressor import load_artifact
 
     artifact = load_artifact(data, base_dir)
-    factors: dict[str, Any] = {}
+    factors: dict[str, ResidentFactors] = {}
     dense: dict[str, torch.Tensor] = {}
     for module in artifact.modules():
         if module.kind == "dense":
@@ -70,7 +74,7 @@ class StepDeltas:
         self.logits_plan = kernels.plan_batch(self.logit_slots, len(self.slots))
         self._dense_cache: dict[tuple[str, bool], torch.Tensor | None] = {}
 
-    def factors(self, name: str) -> list[Any] | None:
+    def factors(self, name: str) -> list[ResidentFactors | None] | None:
         """Each slot's factors for `name`, or None when no slot has a delta on it."""
         found = [delta.factors.get(name) for delta in self.slots]
         return found if any(f is not None for f in found) else None

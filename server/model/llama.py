@@ -26,6 +26,8 @@ LM_HEAD = "lm_head.weight"
 
 @dataclass(frozen=True)
 class ForwardBatch:
+    """One step's rows: their tokens, positions, which rows need logits, and the attention layout."""
+
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     logit_rows: torch.Tensor  # [R] int64 rows whose next-token logits are wanted; R may be 0
@@ -58,6 +60,8 @@ def load_state_dict(folder: Path, device: torch.device, dtype: torch.dtype) -> d
 
 
 class LlamaModel:
+    """The decoder's weights (HF names), config and RoPE; `forward` runs one step's rows."""
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], rope: Rope) -> None:
         self.config = config
         self.weights = weights
@@ -88,16 +92,18 @@ class LlamaModel:
         return self._lm_head(last, deltas).float()
 
     def _embed(self, ids: torch.Tensor, deltas: StepDeltas | None) -> torch.Tensor:
+        """ids: [T] int64 -> [T, hidden]: the base embedding plus each row's task delta."""
         x = F.embedding(ids, self.weights[EMBED])
-        factors = deltas.factors(EMBED) if deltas else None
-        if factors is not None:
-            x = x + kernels.embedding_delta(ids, deltas.plan, factors).to(x.dtype)
-        return x
+        factors = deltas.factors(EMBED) if deltas is not None else None
+        if deltas is None or factors is None:
+            return x
+        return x + kernels.embedding_delta(ids, deltas.plan, factors).to(x.dtype)
 
     def _lm_head(self, x: torch.Tensor, deltas: StepDeltas | None) -> torch.Tensor:
+        """x: [R, hidden] of the logit rows -> [R, vocab]: the base head plus each row's task delta."""
         logits = F.linear(x, self.weights[self.lm_head_name])
-        factors = deltas.factors(self.lm_head_name) if deltas else None
-        if factors is not None:
+        factors = deltas.factors(self.lm_head_name) if deltas is not None else None
+        if deltas is not None and factors is not None:
             kernels.add_delta(logits, x, deltas.logits_plan, factors)
         return logits
 
