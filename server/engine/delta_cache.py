@@ -6,11 +6,13 @@ rollback is a different key too) whether or not a change notification arrived. W
 resident, the task's other versions are retired: dropped now, or once their last pin goes.
 
 A load runs in a worker thread (read, which the source checks against the sha, then unpack to the
-kernels' layout) so the step loop keeps serving other tasks. A load starts only while pinned deltas
-leave room; the one that completes may overshoot the budget until pins drain. Resident bytes are
-brought back under the budget, least recently used first, whenever it may help: on inserts, hits,
-releases and withdrawals. Two kinds of entry are spared: one pinned by a running request, and one
-wanted by a waiting request (it is about to be pinned; evicting it would only load it again).
+kernels' layout) so the step loop keeps serving other tasks. A load starts only from an explicit call:
+`request` (a new request's miss) or `load` (the scheduler's admission), both only while pinned deltas
+leave room, or `prefetch` (an admin's warm-up); `state` only reports. The load that completes may
+overshoot the budget until pins drain. Resident bytes are brought back under the budget, least
+recently used first, whenever it may help: on inserts, hits, releases and withdrawals. Two kinds of
+entry are spared: one pinned by a running request, and one wanted by a waiting request (it is about
+to be pinned; evicting it would only load it again).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ Key = tuple[str, str]
 class DeltaState(enum.Enum):
     READY = "ready"
     LOADING = "loading"
+    ABSENT = "absent"
+    """Not resident nor loading, and pinned deltas leave room: `load` would start it."""
     NO_ROOM = "no_room"
     """Not resident, and pinned deltas leave no room to load it now."""
     FAILED = "failed"
@@ -105,7 +109,7 @@ class DeltaCache:
                 self._shrink()
                 return
             self.counters.misses += 1
-        self.state(ref)
+        self.load(ref)
 
     def want(self, ref: TaskVersion) -> None:
         """A request waits for `ref` again (it was preempted); not counted as a hit or miss."""
@@ -119,17 +123,17 @@ class DeltaCache:
             self._shrink()
 
     def state(self, ref: TaskVersion) -> DeltaState:
-        """Where `ref` stands; starts its load when it is absent and there is room."""
-        key = key_of(ref)
+        """Where `ref` stands (a pure query: it starts nothing)."""
         with self._lock:
-            if key in self._entries:
-                return DeltaState.READY
-            if key in self._loading:
-                return DeltaState.LOADING
-            if key in self.counters.failures:
-                return DeltaState.FAILED
-            if self._pinned_bytes() >= self.budget:
-                return DeltaState.NO_ROOM
+            return self._state(key_of(ref))
+
+    def load(self, ref: TaskVersion) -> DeltaState:
+        """Start the load of `ref` when it is absent (not resident, loading or failed) and pinned deltas
+        leave room; where it then stands."""
+        with self._lock:
+            state = self._state(key_of(ref))
+            if state is not DeltaState.ABSENT:
+                return state
             self._start_load(ref)
             return DeltaState.LOADING
 
@@ -140,7 +144,7 @@ class DeltaCache:
 
     def acquire(self, ref: TaskVersion) -> Entry | None:
         """Pin the resident delta of `ref` for one running request; None when it is not resident (a
-        load of another delta may evict it between state() and this call)."""
+        load of another delta may evict it between load() and this call)."""
         key = key_of(ref)
         with self._lock:
             entry = self._entries.get(key)
@@ -181,12 +185,23 @@ class DeltaCache:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def _state(self, key: Key) -> DeltaState:
+        """Under the lock: where `key` stands."""
+        if key in self._entries:
+            return DeltaState.READY
+        if key in self._loading:
+            return DeltaState.LOADING
+        if key in self.counters.failures:
+            return DeltaState.FAILED
+        return DeltaState.NO_ROOM if self._pinned_bytes() >= self.budget else DeltaState.ABSENT
+
     def _start_load(self, ref: TaskVersion) -> Future[None]:
-        future = self._pool.submit(self._load, ref)
+        future = self._pool.submit(self._run_load, ref)
         self._loading[key_of(ref)] = future
         return future
 
-    def _load(self, ref: TaskVersion) -> None:
+    def _run_load(self, ref: TaskVersion) -> None:
+        """In the loader thread: read, check and unpack `ref`, then insert it (or record its failure)."""
         started = time.perf_counter()
         try:
             delta = self._unpack(ref, self.source.read(ref))

@@ -9,9 +9,18 @@ whatever the output's length.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT = "\ufffd"
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    """The text of a flat list of token ids."""
+    # transformers types decode() as str | list[str]; a flat list of ids always decodes to one str
+    return cast(str, tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
 
 class StopMatcher:
@@ -48,7 +57,9 @@ def _prefix_function(pattern: str) -> list[int]:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+    """One sequence's output as text: whole characters only, stop strings cut and withheld until decided."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
         self._tok = tokenizer
         self._ids = list(prompt_ids[-4:])
         self._prefix_offset = 0
@@ -78,9 +89,8 @@ class IncrementalDetokenizer:
                 return
 
     def _next_piece(self) -> str:
-        decode = self._tok.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        prefix = decode_text(self._tok, self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = decode_text(self._tok, self._ids[self._prefix_offset :], skip_special_tokens=True)
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

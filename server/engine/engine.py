@@ -1,10 +1,10 @@
 """The Engine (contract D): one resident base, many tasks' deltas, continuous batching in a step thread.
 
 The step loop runs in its own thread: it takes new requests and aborts from an inbox, asks the
-scheduler for a plan, runs the model once for every scheduled row, and hands each request's chunk
-back to its asyncio queue. `generate` is the async generator the HTTP layer iterates; `generate_choices`
-runs n samples of one request (OpenAI's `n`), the later ones sharing the first one's prefill through
-the prefix cache.
+scheduler for a plan, runs the model once for every scheduled row, has the scheduler record the
+step's results (`postprocess`), and hands each request's chunk back to its asyncio queue. `generate`
+is the async generator the HTTP layer iterates; `generate_choices` runs n samples of one request
+(OpenAI's `n`), the later ones sharing the first one's prefill through the prefix cache.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+import xgrammar as xgr
 
 from server.config import Settings
 from server.engine.delta_cache import DeltaCache
@@ -27,21 +28,21 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVCache, bytes_per_block
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, Sink
+from server.engine.scheduler import Scheduler, StepOutput
+from server.engine.sequence import Sequence, Sink, Status
 from server.engine.types import (
     DeltaLoadError,
     DeltaSource,
     EngineError,
     EngineNotReadyError,
     EngineStats,
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
     TaskNotFoundError,
-    TokenLogprob,
 )
 from server.engine.validation import validate_request
 from server.model.config import ModelConfig
@@ -50,13 +51,48 @@ from server.model.llama import LlamaModel
 from server.model.provision import resolve_base_model
 from server.registry import RegistryUnavailableError, TaskVersion
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger("deltaserve.engine")
-GRAMMAR_REJECTED = "The grammar of this request's response format rejected a token; the request ended."
 IDLE_WAIT_S = 0.5
 LOAD_WAIT_S = 0.01
+SCHEDULING_FAILED = "The engine failed while scheduling this request."
+
+
+@dataclass(frozen=True)
+class EngineCore:
+    """What exists once the base is loaded, built whole by `Engine.start`: the model on its device, the KV
+    cache, the delta cache, the scheduler, the runner and the compiled-grammar cache."""
+
+    model: LlamaModel
+    kv: KVCache
+    deltas: DeltaCache
+    scheduler: Scheduler
+    runner: ModelRunner
+    grammars: Grammars
+
+    def close(self) -> None:
+        """Stop the delta loader and the grammar compilers."""
+        self.deltas.close()
+        self.grammars.close()
+
+
+@dataclass
+class StepCounters:
+    """The step loop's counters in EngineStats."""
+
+    steps: int = 0
+    tokens: int = 0
+    failed_requests: int = 0
 
 
 class Engine:
+    """One resident base, many tasks' deltas: the asyncio surface over the step thread (contract D).
+
+    Constructed, it knows the base (its folder, config, tokenizer and context length) and accepts nothing;
+    `start` loads the base and builds the `EngineCore` whole, then starts the step thread."""
+
     def __init__(self, settings: Settings, source: DeltaSource) -> None:
         from transformers import AutoTokenizer
 
@@ -65,12 +101,13 @@ class Engine:
         self.base_dir = resolve_base_model(settings.base_model, settings.resolved(settings.model_cache))
         self.base_name = Path(settings.base_model).name
         self.config = ModelConfig.from_dir(self.base_dir)
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.base_dir)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.base_dir)
         self.device = torch.device(settings.device)
         self.dtype: torch.dtype = getattr(torch, settings.dtype)
         blocks = settings.kv_cache_bytes // bytes_per_block(self.config, settings.kv_block_size, self.dtype)
         self.max_model_len = min(self.config.max_position_embeddings, blocks * settings.kv_block_size)
         self.eos_ids = frozenset(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+        self._core: EngineCore | None = None
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -78,46 +115,57 @@ class Engine:
         self._accepting = False
         self._shutdown = False
         self._thread: threading.Thread | None = None
-        self._counts = {"steps": 0, "tokens": 0, "failed_requests": 0}
+        self._counts = StepCounters()
 
     @property
     def ready(self) -> bool:
+        """Loaded, stepping and accepting requests."""
         return self._accepting and self._thread is not None and self._thread.is_alive()
 
+    @property
+    def core(self) -> EngineCore:
+        """The loaded parts; EngineNotReadyError before `start` has loaded the base."""
+        if self._core is None:
+            raise EngineNotReadyError("the engine has not loaded its base yet")
+        return self._core
+
+    @property
+    def model(self) -> LlamaModel:
+        """The loaded base model (benchmarks read its weights)."""
+        return self.core.model
+
     async def start(self) -> None:
-        """Load the base onto the device, size the KV cache, start the step thread."""
-        await asyncio.to_thread(self._build)
-        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        """Load the base onto the device, build the core, start the step thread."""
+        self._core = await asyncio.to_thread(self._build_core)
+        self._thread = threading.Thread(target=self._loop, args=(self._core,), name="engine-step", daemon=True)
         self._thread.start()
         self._accepting = True
 
-    def _build(self) -> None:
+    def _build_core(self) -> EngineCore:
         started = time.perf_counter()
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        self.model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
-        self.kv = KVCache(
-            self.config, self.settings.kv_cache_bytes, self.settings.kv_block_size, self.device, self.dtype
-        )
-        self.deltas = DeltaCache(self.source, self.settings.delta_cache_bytes, self._unpack, self._wake)
-        self.scheduler = Scheduler(
-            self.kv, self.deltas, self.settings.max_running, self.settings.max_batch_tokens, self.settings.prefix_cache
-        )
-        self.runner = ModelRunner(self.model, self.kv, self.tokenizer)
-        self.grammars = Grammars(
+        settings = self.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model = LlamaModel.from_dir(self.base_dir, self.device, self.dtype)
+        kv = KVCache(self.config, settings.kv_cache_bytes, settings.kv_block_size, self.device, self.dtype)
+        deltas = DeltaCache(self.source, settings.delta_cache_bytes, self._unpack, self._wake)
+        scheduler = Scheduler(kv, deltas, settings.max_running, settings.max_batch_tokens, settings.prefix_cache)
+        grammars = Grammars(
             self.tokenizer,
             self.config.vocab_size,
             self.eos_ids,
-            self.settings.grammar_cache_size,
-            self.settings.grammar_compile_timeout_s,
+            settings.grammar_cache_size,
+            settings.grammar_compile_timeout_s,
         )
+        core = EngineCore(model, kv, deltas, scheduler, ModelRunner(model, kv, self.tokenizer), grammars)
         log.info(
             "base %s loaded in %.1fs; KV cache %d blocks of %d tokens",
             self.base_name,
             time.perf_counter() - started,
-            self.kv.num_blocks,
-            self.kv.block_size,
+            kv.num_blocks,
+            kv.block_size,
         )
+        return core
 
     def _unpack(self, ref: TaskVersion, data: bytes) -> ResidentDelta:
         return unpack_artifact(ref.task, data, self.base_dir, self.device, self.dtype, sha256=ref.sha256)
@@ -133,23 +181,21 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        if hasattr(self, "deltas"):
-            self.deltas.close()
-        if hasattr(self, "grammars"):
-            self.grammars.close()
+        if self._core is not None:
+            self._core.close()
 
     def _has_work(self) -> bool:
         with self._cond:
             return bool(self._inbox or self._active)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream the request's chunks; closing the generator early aborts the request."""
         if not self.ready:
             raise EngineNotReadyError("the engine is starting or shutting down")
         validate_request(request, self.max_model_len, self.config.vocab_size)
         request = await self._resolved(request)
         grammar = request.params.grammar
-        compiled = await self.grammars.compiled(grammar) if grammar is not None else None
+        compiled = await self.core.grammars.compiled(grammar) if grammar is not None else None
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._submit(self._sequence(request, _thread_safe_sink(queue), compiled))
         finished = False
@@ -184,7 +230,9 @@ class Engine:
             raise TaskNotFoundError(f"task {task!r} is not published")
         return ref
 
-    async def generate_choices(self, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    async def generate_choices(
+        self, request: GenerationRequest, n: int
+    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
         """`n` samples of the request, as (choice index, chunk) in arrival order. Choice 0 runs first; the
         others start once its first chunk arrived (its prompt's full KV blocks are then published, so
         they prefill only the last partial block), as request ids `<id>-<i>` with seed `seed + i` when
@@ -200,12 +248,13 @@ class Engine:
                 async for item in merged:
                     yield item
 
-    def _sequence(self, request: GenerationRequest, sink: Sink, grammar: Any = None) -> Sequence:
-        seed = request.params.seed
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids), request.params.stop)
-        matcher = self.grammars.matcher(grammar) if grammar is not None else None
-        return Sequence(request, detok, sink, self.max_model_len, generator, matcher=matcher)
+    def _sequence(self, request: GenerationRequest, sink: Sink, grammar: xgr.CompiledGrammar | None) -> Sequence:
+        params = request.params
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        detok = IncrementalDetokenizer(self.tokenizer, list(request.prompt_token_ids), params.stop)
+        matcher = self.core.grammars.matcher(grammar) if grammar is not None else None
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        return Sequence(request, detok, sink, self.max_model_len, generator, stop_ids, matcher=matcher)
 
     def _submit(self, seq: Sequence) -> None:
         with self._cond:
@@ -218,17 +267,18 @@ class Engine:
             self._cond.notify_all()
 
     async def abort(self, request_id: str) -> None:
+        """End the request with `abort` at the step thread's next turn (a no-op once it ended)."""
         with self._cond:
             self._aborts.add(request_id)
             self._cond.notify_all()
 
     async def prefetch(self, task: str) -> None:
-        """Make the task's delta resident (admin "warm"); raises TaskNotFoundError / DeltaLoadError."""
-        if not hasattr(self, "deltas"):
-            raise EngineNotReadyError("the engine has not loaded its base yet")
+        """Make the task's delta resident (admin "warm"); raises TaskNotFoundError / DeltaLoadError, or
+        EngineNotReadyError before the base is loaded."""
+        deltas = self.core.deltas
         ref = await self._lookup(task)
         try:
-            await asyncio.wrap_future(self.deltas.prefetch(ref))
+            await asyncio.wrap_future(deltas.prefetch(ref))
         except (EngineError, RegistryUnavailableError):
             raise
         except Exception as exc:
@@ -237,164 +287,143 @@ class Engine:
     def invalidate(self, task: str, keep_sha: str | None = None) -> None:
         """The task changed: retire its resident versions other than `keep_sha` (frees them early;
         requests never use a version other than the one they resolved anyway)."""
-        if hasattr(self, "deltas"):
-            self.deltas.invalidate(task, keep_sha)
+        if self._core is not None:
+            self._core.deltas.invalidate(task, keep_sha)
 
     def stats(self) -> EngineStats:
-        counters = self.deltas.counters if hasattr(self, "deltas") else None
-        kv = getattr(self, "kv", None)
+        """A snapshot for /metrics and the admin API (the core's fields zero before the base is loaded)."""
+        core = self._core
+        if core is None:
+            return EngineStats(
+                queue_depth=self._queue_depth(),
+                running=0,
+                kv_blocks_used=0,
+                kv_blocks_total=0,
+                delta_hits=0,
+                delta_misses=0,
+                resident_bytes=0,
+                resident_tasks=(),
+                load_seconds=0.0,
+                delta_loads=0,
+                evictions=0,
+            )
+        cache, prefix, counts = core.deltas.counters, core.scheduler.prefix, self._counts
         return EngineStats(
             queue_depth=self._queue_depth(),
-            running=len(self.scheduler.running) if hasattr(self, "scheduler") else 0,
-            kv_blocks_used=kv.used_blocks if kv else 0,
-            kv_blocks_total=kv.num_blocks if kv else 0,
-            delta_hits=counters.hits if counters else 0,
-            delta_misses=counters.misses if counters else 0,
-            resident_bytes=self.deltas.resident_bytes if counters else 0,
-            resident_tasks=tuple(self.deltas.resident_tasks) if counters else (),
-            load_seconds=counters.load_seconds if counters else 0.0,
-            delta_loads=counters.loads if counters else 0,
-            evictions=counters.evictions if counters else 0,
-            steps=self._counts["steps"],
-            generated_tokens=self._counts["tokens"],
-            failed_requests=self._counts["failed_requests"],
-            **self._prefix_stats(),
+            running=len(core.scheduler.running),
+            kv_blocks_used=core.kv.used_blocks,
+            kv_blocks_total=core.kv.num_blocks,
+            delta_hits=cache.hits,
+            delta_misses=cache.misses,
+            resident_bytes=core.deltas.resident_bytes,
+            resident_tasks=tuple(core.deltas.resident_tasks),
+            load_seconds=cache.load_seconds,
+            delta_loads=cache.loads,
+            evictions=cache.evictions,
+            steps=counts.steps,
+            generated_tokens=counts.tokens,
+            failed_requests=counts.failed_requests,
+            prefix_cache_prompt_tokens=prefix.prompt_tokens,
+            prefix_cache_hit_tokens=prefix.hit_tokens,
+            prefix_cache_hit_rate=prefix.hit_tokens / prefix.prompt_tokens if prefix.prompt_tokens else 0.0,
+            prefix_cache_blocks=core.kv.cached_blocks,
+            prefix_cache_evictions=core.kv.evictions,
         )
 
-    def _prefix_stats(self) -> dict[str, int | float]:
-        """The prefix cache's fields of EngineStats (zeros before the base is loaded)."""
-        if not hasattr(self, "scheduler"):
-            return {}
-        counts = self.scheduler.prefix
-        return {
-            "prefix_cache_prompt_tokens": counts.prompt_tokens,
-            "prefix_cache_hit_tokens": counts.hit_tokens,
-            "prefix_cache_hit_rate": counts.hit_tokens / counts.prompt_tokens if counts.prompt_tokens else 0.0,
-            "prefix_cache_blocks": self.kv.cached_blocks,
-            "prefix_cache_evictions": self.kv.evictions,
-        }
-
     def _queue_depth(self) -> int:
-        waiting = len(self.scheduler.waiting) if hasattr(self, "scheduler") else 0
+        waiting = len(self._core.scheduler.waiting) if self._core is not None else 0
         return waiting + len(self._inbox)
 
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
-    def _loop(self) -> None:
+    def _loop(self, core: EngineCore) -> None:
         while True:
             with self._cond:
                 if self._shutdown:
                     break
-                self._take_inbox()
-                if not self.scheduler.has_work():
+                self._take_inbox(core.scheduler)
+                if not core.scheduler.has_work():
                     self._cond.wait(IDLE_WAIT_S)
                     continue
-            self._step_guarded()
-        self._abort_all()
+            self._step_guarded(core)
+        self._abort_all(core.scheduler)
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self, scheduler: Scheduler) -> None:
         """Under the lock: move new sequences to the scheduler and apply pending aborts."""
         for seq in self._inbox:
-            self.scheduler.add(seq)
+            scheduler.add(seq)
         self._inbox.clear()
         for request_id in self._aborts:
-            seq = self._active.get(request_id)
-            if seq is not None:
-                self._end(seq, "abort")
+            aborted = self._active.get(request_id)
+            if aborted is not None:
+                self._end(scheduler, aborted, "abort")
         self._aborts.clear()
 
-    def _step_guarded(self) -> None:
+    def _step_guarded(self, core: EngineCore) -> None:
         try:
-            self._step()
+            self._step(core)
         except Exception:
             # the runner isolates model and sampling faults per request; this is the last resort for a
-            # fault outside them (scheduling, bookkeeping), where no single request can be blamed
+            # fault outside them (scheduling, bookkeeping), where no single request can be blamed: every
+            # request past the waiting list ends (running, or finished in the step but not yet told)
             log.exception("engine step failed outside the model; ending the running requests")
-            for seq in list(self.scheduler.running):
-                self._fail(seq, RequestFailedError("The engine failed while scheduling this request."))
+            with self._cond:
+                started = [seq for seq in self._active.values() if seq.status is not Status.WAITING]
+            for seq in started:
+                self._fail(core.scheduler, seq, RequestFailedError(SCHEDULING_FAILED))
 
-    def _step(self) -> None:
-        plan = self.scheduler.schedule()
+    def _step(self, core: EngineCore) -> None:
+        """One step: schedule, run the model, the scheduler's bookkeeping, then delivery to the streams."""
+        plan = core.scheduler.schedule()
         for seq, error in plan.failed:
-            self._fail(
-                seq, error if isinstance(error, (EngineError, RegistryUnavailableError)) else DeltaLoadError(str(error))
-            )
+            self._fail(core.scheduler, seq, _load_error(error))
         if not plan.chunks:
             with self._cond:
                 self._cond.wait(LOAD_WAIT_S)
             return
-        for result in self.runner.step(plan.chunks):
-            seq = result.chunk.seq
-            if result.error is not None:
-                self._counts["failed_requests"] += 1
-                self._fail(seq, result.error)
-                continue
-            seq.num_computed += result.chunk.num_tokens
-            if result.token is not None:
-                self.scheduler.publish(seq)
-                self._append(seq, result.token, result.logprob)
-                self._counts["tokens"] += 1
-        self._counts["steps"] += 1
+        self._emit(core.scheduler.postprocess(core.runner.step(plan.chunks)))
+        self._counts.steps += 1
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        """Record one sampled token, decide whether the sequence is done, and send its chunk."""
-        grammar_done = _advance_grammar(seq, token)
-        if grammar_done is None:
-            self._counts["failed_requests"] += 1
-            self._fail(seq, RequestFailedError(GRAMMAR_REJECTED))
-            return
-        seq.output.append(token)
-        if logprob is not None:
-            seq.pending_logprobs.append(logprob)
-        params = seq.request.params
-        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
-        if not stop_token and not grammar_done:
-            seq.detok.add(token)
-        if stop_token or grammar_done or seq.detok.stopped:
-            seq.finish_reason = "stop"
-        elif len(seq.output) >= params.max_tokens or seq.length >= seq.max_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self._release(seq)
-        seq.sink(seq.chunk((token,), seq.finish_reason is not None))
+    def _emit(self, out: StepOutput) -> None:
+        """Hand the step's tokens and failures to their requests' streams, and count them."""
+        self._counts.tokens += out.sampled
+        self._counts.failed_requests += len(out.failed)
+        for seq, error in out.failed:
+            self._deliver(seq, error)
+        for seq, token in out.emitted:
+            self._deliver(seq, seq.chunk((token,), seq.finish_reason is not None))
 
-    def _end(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason  # type: ignore[assignment]
-        self._release(seq)
-        seq.sink(seq.chunk((), True))
+    def _end(self, scheduler: Scheduler, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        scheduler.finish(seq)
+        self._deliver(seq, seq.chunk((), True))
 
-    def _fail(self, seq: Sequence, error: BaseException) -> None:
-        self._release(seq, failed=True)
-        seq.sink(error)
+    def _fail(self, scheduler: Scheduler, seq: Sequence, error: BaseException) -> None:
+        scheduler.finish(seq, failed=True)
+        self._deliver(seq, error)
 
-    def _release(self, seq: Sequence, failed: bool = False) -> None:
-        self.scheduler.finish(seq, failed)
+    def _deliver(self, seq: Sequence, item: GenerationChunk | BaseException) -> None:
+        """Send one item to the request's stream; its last one (an error, or a chunk with a finish reason)
+        first takes the request out of the active ones."""
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            with self._cond:
+                self._active.pop(seq.request_id, None)
+        seq.sink(item)
+
+    def _abort_all(self, scheduler: Scheduler) -> None:
         with self._cond:
-            self._active.pop(seq.request_id, None)
-
-    def _abort_all(self) -> None:
-        with self._cond:
-            self._take_inbox()
+            self._take_inbox(scheduler)
             pending = list(self._active.values())
         for seq in pending:
-            self._end(seq, "abort")
+            self._end(scheduler, seq, "abort")
 
 
-def _advance_grammar(seq: Sequence, token: int) -> bool | None:
-    """Feed the token to the sequence's grammar: True when the grammar is now complete (the token was a
-    stop token it allowed), False when it goes on or the sequence is unconstrained, None when the grammar
-    rejects the token or fails."""
-    if seq.matcher is None:
-        return False
-    try:
-        if not seq.matcher.accept_token(token):
-            return None
-        return bool(seq.matcher.is_terminated())
-    except Exception:
-        log.exception("the grammar of request %s failed; only it ends", seq.request_id)
-        return None
+def _load_error(error: BaseException) -> BaseException:
+    """What a request whose delta failed to load ends with: the engine's or the registry's own error, else
+    DeltaLoadError."""
+    return error if isinstance(error, (EngineError, RegistryUnavailableError)) else DeltaLoadError(str(error))
 
 
 def _choice(request: GenerationRequest, index: int) -> GenerationRequest:
@@ -408,12 +437,14 @@ def _wrap_int64(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
 
-async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+async def _merged(
+    streams: list[AsyncGenerator[GenerationChunk, None]],
+) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
     """Every chunk of every stream as (stream index, chunk), as they arrive; the first error raises. On
     exit (done, error, or the consumer closing) every stream is closed, which aborts unfinished ones."""
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
         try:
             async for chunk in stream:
                 queue.put_nowait((index, chunk))
@@ -421,7 +452,7 @@ async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterato
         except Exception as exc:  # noqa: BLE001 - handed to the merging consumer, which re-raises it
             queue.put_nowait((index, exc))
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
     running = len(tasks)
@@ -450,6 +481,6 @@ def _thread_safe_sink(queue: asyncio.Queue[GenerationChunk | BaseException]) -> 
     return put
 
 
-def _tokenizer_eos(tokenizer: Any) -> frozenset[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
+def _tokenizer_eos(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    eos = tokenizer.eos_token_id
     return frozenset({eos}) if isinstance(eos, int) else frozenset()

@@ -15,14 +15,17 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import xgrammar as xgr
 
 from server.engine.types import GrammarSpec, InvalidRequestError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("deltaserve.engine")
 COMPILE_WORKERS = 2
@@ -37,8 +40,15 @@ r"""What an unescaped JSON string character may be (RFC 8259): anything but cont
 
 
 class Grammars:
+    """The compiled grammars of one tokenizer (a bounded LRU, compiled in a worker pool under a time limit)."""
+
     def __init__(
-        self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int], cache_size: int, compile_timeout_s: float
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        cache_size: int,
+        compile_timeout_s: float,
     ) -> None:
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)

@@ -78,10 +78,6 @@ class KVCache:
         """Published blocks whose hash was forgotten to reuse them (the free list was empty)."""
 
     @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
     def free_blocks(self) -> int:
         """Blocks a sequence can be given: free ones and idle published ones."""
         return len(self._free) + len(self._idle)

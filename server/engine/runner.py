@@ -10,35 +10,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.detokenizer import decode_text
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import RowState, Sampled, sample
-from server.engine.scheduler import ScheduledChunk
-from server.engine.types import RequestFailedError, TokenLogprob
+from server.engine.scheduler import ChunkResult, ScheduledChunk
+from server.engine.types import RequestFailedError
 from server.model.attention import AttentionMeta, DecodeGroup, PrefillChunk
 from server.model.deltas import ResidentDelta, StepDeltas
 from server.model.llama import ForwardBatch, LlamaModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("deltaserve.engine")
 FORWARD_FAILED = "The engine could not run the model for this request."
 
 
-@dataclass(frozen=True)
-class ChunkResult:
-    """What one scheduled chunk produced: computed (and a sampled token when it reached the end), or failed."""
-
-    chunk: ScheduledChunk
-    token: int | None = None
-    logprob: TokenLogprob | None = None
-    error: RequestFailedError | None = None
-
-
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, tokenizer: Any) -> None:
+    """Runs one step's scheduled chunks on the model and samples their next tokens."""
+
+    def __init__(self, model: LlamaModel, kv: KVCache, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
         self.kv = kv
         self.tokenizer = tokenizer
@@ -76,47 +71,49 @@ class ModelRunner:
         return [_result(c, drawn.get(id(c))) for c in order]
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return decode_text(self.tokenizer, [token_id])
 
     def _layout(self, order: Seq[ScheduledChunk]) -> tuple[ForwardBatch, list[str | None]]:
+        """The step's rows (decodes first) and the task of each row. Every chunk's cache slots are computed
+        here once, for the whole step: the slots each row's K/V is written to, each prefill's context and
+        the decodes' padded context table; every layer reuses them."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[torch.Tensor] = []
         logit_rows: list[int] = []
         row_tasks: list[str | None] = []
         prefills: list[PrefillChunk] = []
+        decodes: list[torch.Tensor] = []
         for c in order:
             row = len(ids)
             ctx = c.start + c.num_tokens
             ids.extend(c.seq.tokens(c.start, ctx))
             positions.extend(range(c.start, ctx))
-            token_slots = self.kv.token_slots(c.seq.blocks, ctx)
+            token_slots = self.kv.token_slots(c.seq.blocks, ctx)  # [ctx] int64, on the host
             slots.append(token_slots[c.start :])
             row_tasks.extend([c.seq.task] * c.num_tokens)
             if c.samples:
                 logit_rows.append(row + c.num_tokens - 1)
             if c.num_tokens > 1:
                 prefills.append(PrefillChunk(row, c.num_tokens, ctx, token_slots.to(self.model.device)))
-        meta = AttentionMeta(
-            torch.cat(slots).to(self.model.device),
-            self._decode_group([c for c in order if c.num_tokens == 1]),
-            tuple(prefills),
-        )
+            else:
+                decodes.append(token_slots)
+        meta = AttentionMeta(torch.cat(slots).to(self.model.device), self._decode_group(decodes), tuple(prefills))
         return ForwardBatch.of(ids, positions, logit_rows, meta, self.model.device), row_tasks
 
-    def _decode_group(self, decodes: Seq[ScheduledChunk]) -> DecodeGroup | None:
-        """Single-token chunks (rows 0..B-1): their context slots padded to the longest (with the cache's
-        always-zero pad slot), and the mask."""
-        if not decodes:
+    def _decode_group(self, contexts: list[torch.Tensor]) -> DecodeGroup | None:
+        """Single-token chunks (rows 0..B-1) from each one's context slots ([L_i] int64): the slots padded
+        to the longest (with the cache's always-zero pad slot), and the mask."""
+        if not contexts:
             return None
-        lengths = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int64)
+        lengths = torch.tensor([len(slots) for slots in contexts], dtype=torch.int64)
         width = int(lengths.max())
-        table = torch.full((len(decodes), width), self.kv.pad_slot, dtype=torch.int64)
-        for i, c in enumerate(decodes):
-            table[i, : c.start + 1] = self.kv.token_slots(c.seq.blocks, c.start + 1)
+        table = torch.full((len(contexts), width), self.kv.pad_slot, dtype=torch.int64)
+        for i, slots in enumerate(contexts):
+            table[i, : len(slots)] = slots
         mask = torch.arange(width)[None, :] < lengths[:, None]  # [B, L]
         dev = self.model.device
-        return DecodeGroup(torch.arange(len(decodes), device=dev), table.to(dev), mask[:, None, None, :].to(dev))
+        return DecodeGroup(torch.arange(len(contexts), device=dev), table.to(dev), mask[:, None, None, :].to(dev))
 
     def _deltas(
         self, order: Seq[ScheduledChunk], row_tasks: list[str | None], logit_rows: torch.Tensor
@@ -124,8 +121,11 @@ class ModelRunner:
         """The step's delta view: one slot per distinct task present; None when every row is base-only."""
         slots: dict[str, ResidentDelta] = {}
         for c in order:
-            if c.seq.task is not None and c.seq.task not in slots:
-                slots[c.seq.task] = c.seq.delta_entry.delta
+            task, entry = c.seq.task, c.seq.delta_entry
+            if task is not None and task not in slots:
+                if entry is None:
+                    raise RuntimeError(f"request {c.seq.request_id} runs task {task!r} without a pinned delta")
+                slots[task] = entry.delta
         if not slots:
             return None
         index = {task: j for j, task in enumerate(slots)}

@@ -16,9 +16,9 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+import xgrammar as xgr
 
 from server.engine.grammar import mask_rows
 from server.engine.types import RequestFailedError, SamplingParams, TokenLogprob
@@ -36,8 +36,8 @@ class RowState:
     params: SamplingParams
     output: Sequence[int]
     generator: torch.Generator | None
-    matcher: Any = None
-    """The row's xgrammar GrammarMatcher when its output is constrained."""
+    matcher: xgr.GrammarMatcher | None = None
+    """The row's grammar parse state when its output is constrained."""
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,26 @@ With prefix caching on, an admitted sequence first claims the published blocks t
 full blocks (the chain starts from its task version's key, so nothing crosses tasks, the base or
 versions) and prefills only the rest; the last token is always computed, since its logits are needed.
 A sequence publishes its full blocks once a sampled token has shown its K/V finite.
+
+After the forward, `postprocess` does the step's bookkeeping: each chunk's progress, each sampled
+token appended (through the request's grammar and stop rules), and the sequences that finished or
+failed removed with their blocks and pins freed. What reaches the requests' streams is the engine's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from server.engine.delta_cache import DeltaCache, DeltaState, key_of
 from server.engine.kv_cache import KVCache, block_hash, prefix_root
 from server.engine.sequence import Sequence, Status
+from server.engine.types import RequestFailedError, TokenLogprob
 from server.registry import TaskVersion
+
+log = logging.getLogger("deltaserve.engine")
+GRAMMAR_REJECTED = "The grammar of this request's response format rejected a token; the request ended."
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,28 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the end of the sequence, so its last row yields the next token."""
         return self.start + self.num_tokens == self.seq.length
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one scheduled chunk produced: computed (and a sampled token when it reached the end), or failed."""
+
+    chunk: ScheduledChunk
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    error: RequestFailedError | None = None
+
+
+@dataclass
+class StepOutput:
+    """What `postprocess` leaves for the engine to deliver."""
+
+    emitted: list[tuple[Sequence, int]] = field(default_factory=list)
+    """(sequence, its token) for each sequence that took a token; a finished one carries finish_reason."""
+    failed: list[tuple[Sequence, RequestFailedError]] = field(default_factory=list)
+    """Sequences ended by a fault of their own (forward, sampling, grammar), already removed."""
+    sampled: int = 0
+    """Tokens sampled in the step (a token its grammar rejected too)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +121,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_running:
                 break
-            state = self.deltas.state(seq.ref) if seq.ref is not None else DeltaState.READY
+            state = self.deltas.load(seq.ref) if seq.ref is not None else DeltaState.READY
             if state is DeltaState.FAILED and seq.ref is not None:
                 failed.extend(self._fail_version(seq.ref))
                 continue
@@ -130,6 +162,49 @@ class Scheduler:
         if not self.prefix_cache:
             return []
         return self.kv.match(self._hashes(seq, (seq.length - 1) // self.kv.block_size))
+
+    def postprocess(self, results: Iterable[ChunkResult]) -> StepOutput:
+        """The step's bookkeeping, in result order: a failed chunk's sequence is removed (its blocks leave
+        the prefix cache); a computed chunk advances `num_computed`, and its sampled token, if any,
+        publishes the sequence's full blocks and is appended."""
+        out = StepOutput()
+        for result in results:
+            seq = result.chunk.seq
+            if result.error is not None:
+                self.finish(seq, failed=True)
+                out.failed.append((seq, result.error))
+                continue
+            seq.num_computed += result.chunk.num_tokens
+            if result.token is None:
+                continue
+            out.sampled += 1
+            self.publish(seq)
+            if self._append(seq, result.token, result.logprob):
+                out.emitted.append((seq, result.token))
+            else:
+                self.finish(seq, failed=True)
+                out.failed.append((seq, RequestFailedError(GRAMMAR_REJECTED)))
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+        """Record one sampled token and decide whether the sequence is done (then it is finished); False,
+        with nothing recorded, when the sequence's grammar rejects the token."""
+        grammar_done = _advance_grammar(seq, token)
+        if grammar_done is None:
+            return False
+        seq.output.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        stop_token = token in seq.stop_token_ids
+        if not stop_token and not grammar_done:
+            seq.detok.add(token)
+        if stop_token or grammar_done or seq.detok.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.request.params.max_tokens or seq.length >= seq.max_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.finish(seq)
+        return True
 
     def publish(self, seq: Sequence) -> None:
         """Publish the sequence's fully computed blocks; called once a sampled token of the sequence came
@@ -208,3 +283,18 @@ class Scheduler:
         if seq.delta_entry is not None:
             self.deltas.release(seq.delta_entry)
             seq.delta_entry = None
+
+
+def _advance_grammar(seq: Sequence, token: int) -> bool | None:
+    """Feed the token to the sequence's grammar: True when the grammar is now complete (the token was a
+    stop token it allowed), False when it goes on or the sequence is unconstrained, None when the grammar
+    rejects the token or fails."""
+    if seq.matcher is None:
+        return False
+    try:
+        if not seq.matcher.accept_token(token):
+            return None
+        return bool(seq.matcher.is_terminated())
+    except Exception:
+        log.exception("the grammar of request %s failed; only it ends", seq.request_id)
+        return None

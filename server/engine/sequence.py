@@ -6,13 +6,17 @@ import enum
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.delta_cache import Entry
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
 from server.registry import TaskVersion
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 Sink = Callable[[GenerationChunk | BaseException], None]
 _arrival = itertools.count()
@@ -32,6 +36,9 @@ class Sequence:
     max_len: int
     """Prompt plus output may not exceed this many tokens (the context)."""
     generator: torch.Generator | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    """Sampling one of these ends the sequence with `stop`: the request's stop token ids, and the base's
+    EOS ids unless the request ignores EOS."""
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -40,14 +47,14 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    delta_entry: Any = None
+    delta_entry: Entry | None = None
     """The pinned delta-cache entry of `ref` while running with a task (None for the base)."""
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache hashes of the sequence's leading full blocks, as far as they were needed."""
     num_cached_blocks: int = 0
     """Leading `blocks` that are published in the prefix cache (claimed at admission or published since)."""
-    matcher: Any = None
-    """The xgrammar GrammarMatcher of a constrained request (its parse state); None for free text."""
+    matcher: xgr.GrammarMatcher | None = None
+    """The grammar's parse state of a constrained request; None for free text."""
 
     @property
     def request_id(self) -> str:

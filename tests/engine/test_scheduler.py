@@ -11,9 +11,9 @@ import torch
 from server.engine.delta_cache import DeltaCache, DeltaState
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
-from server.engine.scheduler import Scheduler, StepPlan
+from server.engine.scheduler import ChunkResult, Scheduler, StepOutput, StepPlan
 from server.engine.sequence import Sequence
-from server.engine.types import GenerationRequest, SamplingParams
+from server.engine.types import GenerationRequest, RequestFailedError, SamplingParams
 from server.model.config import ModelConfig
 from server.model.deltas import ResidentDelta
 from server.registry import TaskVersion
@@ -148,24 +148,26 @@ def test_eviction_never_touches_a_pinned_delta() -> None:
     s = make_scheduler(deltas=2)
     cache = s.deltas
     for task in ("a", "b"):
-        cache.state(ref(task))
+        cache.load(ref(task))
         wait_ready(s, task)
     pinned = cache.acquire(ref("a"))  # "a" is now pinned; "b" is the most recently loaded but unpinned
-    cache.state(ref("c"))
+    cache.load(ref("c"))
     wait_ready(s, "c")
     assert set(cache.resident_tasks) == {"a", "c"} and cache.counters.evictions == 1
     cache.acquire(ref("c"))
     assert cache.state(ref("d")) is DeltaState.NO_ROOM
+    assert cache.load(ref("d")) is DeltaState.NO_ROOM
     assert set(cache.resident_tasks) == {"a", "c"}
     cache.release(pinned)
-    assert cache.state(ref("d")) is DeltaState.LOADING
+    assert cache.state(ref("d")) is DeltaState.ABSENT, "a query starts no load"
+    assert cache.load(ref("d")) is DeltaState.LOADING
     wait_ready(s, "d")
     assert set(cache.resident_tasks) == {"c", "d"}
 
 
 def test_invalidated_delta_stays_for_its_running_requests_then_goes() -> None:
     s = make_scheduler()
-    s.deltas.state(ref("a"))
+    s.deltas.load(ref("a"))
     wait_ready(s, "a")
     entry = s.deltas.acquire(ref("a"))
     s.deltas.invalidate("a")
@@ -230,7 +232,7 @@ def test_a_resident_version_never_serves_a_request_that_resolved_another() -> No
     assert old.delta_entry.delta.sha256 == v1.sha256 and s.deltas.resident_version("t") == v2.sha256
     assert s.deltas.resident_bytes == 2 * UNIT * 4  # v1 retired but pinned by its running request
     s.finish(old)
-    assert s.deltas.resident_bytes == UNIT * 4 and s.deltas.state(v1) is DeltaState.LOADING
+    assert s.deltas.resident_bytes == UNIT * 4 and s.deltas.load(v1) is DeltaState.LOADING
     wait_ready(s, "t", v1)
     assert [r.sha256 for r in source.reads] == [v1.sha256, v2.sha256, v1.sha256]
 
@@ -259,13 +261,13 @@ def test_resident_bytes_return_under_budget_once_pins_drain() -> None:
     source = FakeSource()
     s = make_scheduler(deltas=2, source=source)
     cache = s.deltas
-    cache.state(ref("a"))
+    cache.load(ref("a"))
     wait_ready(s, "a")
     a = cache.acquire(ref("a"))
-    cache.state(ref("b"))
+    cache.load(ref("b"))
     wait_ready(s, "b")
     source.gates["c"] = threading.Event()
-    assert cache.state(ref("c")) is DeltaState.LOADING  # a alone is pinned: room for one more
+    assert cache.load(ref("c")) is DeltaState.LOADING  # a alone is pinned: room for one more
     b = cache.acquire(ref("b"))
     source.gates["c"].set()
     wait_ready(s, "c")
@@ -287,3 +289,59 @@ def test_a_burst_of_many_tasks_ends_within_the_budget() -> None:
             time.sleep(0.001)
     assert all(len(item.output) == item.request.params.max_tokens for item in burst)
     assert s.deltas.resident_bytes <= s.deltas.budget
+
+
+class DigitTokenizer:
+    """Token i decodes to the digit i % 10 (no special tokens)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(str(i % 10) for i in ids)
+
+
+def text_seq(stop_ids: frozenset[int] = frozenset(), stop: tuple[str, ...] = (), max_tokens: int = 8) -> Sequence:
+    request = GenerationRequest(f"q-{time.perf_counter_ns()}", None, (1, 2, 3), SamplingParams(max_tokens=max_tokens))
+    detok = IncrementalDetokenizer(DigitTokenizer(), [1, 2, 3], stop)
+    return Sequence(request, detok, lambda item: None, 10_000, stop_token_ids=stop_ids)
+
+
+def run_step(s: Scheduler, tokens: dict[Sequence, int | None], fail: Sequence | None = None) -> StepOutput:
+    """Schedule one step and hand postprocess the given sampled token of each chunk (or `fail`'s error)."""
+    results = []
+    for c in s.schedule().chunks:
+        if c.seq is fail:
+            results.append(ChunkResult(c, error=RequestFailedError("boom")))
+        else:
+            results.append(ChunkResult(c, tokens.get(c.seq) if c.samples else None))
+    return s.postprocess(results)
+
+
+def test_postprocess_advances_appends_and_finishes_in_the_scheduler() -> None:
+    """A 4-token budget over three 3-token prompts: `length` at max_tokens, `stop` on a stop token id and
+    on a stop string, each finished sequence's blocks freed by postprocess itself."""
+    s = make_scheduler(budget=4)
+    long, stopped, texted = text_seq(max_tokens=2), text_seq(stop_ids=frozenset({9})), text_seq(stop=("45",))
+    for item in (long, stopped, texted):
+        s.add(item)
+    out = run_step(s, {long: 5})  # long's whole prompt, stopped's first token
+    assert out.emitted == [(long, 5)] and out.sampled == 1 and (long.num_computed, stopped.num_computed) == (3, 1)
+    out = run_step(s, {long: 6, stopped: 9})  # long's decode, stopped's last two, texted's first
+    assert out.emitted == [(long, 6), (stopped, 9)] and texted.num_computed == 1
+    assert (long.finish_reason, long.output) == ("length", [5, 6])
+    assert (stopped.finish_reason, stopped.output) == ("stop", [9])
+    assert s.running == [texted] and s.kv.used_blocks == 1
+    out = run_step(s, {texted: 4})
+    assert out.emitted == [(texted, 4)] and texted.finish_reason is None
+    out = run_step(s, {texted: 5})
+    assert out.emitted == [(texted, 5)] and texted.finish_reason == "stop" and texted.detok.stopped
+    assert not s.has_work() and s.kv.used_blocks == 0
+
+
+def test_postprocess_removes_a_failed_chunk_and_counts_it() -> None:
+    s = make_scheduler()
+    bad, good = text_seq(), text_seq()
+    s.add(bad)
+    s.add(good)
+    out = run_step(s, {good: 1}, fail=bad)
+    assert out.failed == [(bad, out.failed[0][1])] and str(out.failed[0][1]) == "boom"
+    assert out.emitted == [(good, 1)] and out.sampled == 1
+    assert bad not in s.running and bad.blocks == [] and good in s.running

@@ -156,11 +156,11 @@ async def test_compiled_grammars_are_cached_per_spec_in_a_bounded_lru(tiny_model
     await engine.start()
     try:
         specs = [GrammarSpec("regex", f"a{{{i}}}", "guided_regex") for i in range(1, 4)]
-        first = await engine.grammars.compiled(specs[0])
-        assert await engine.grammars.compiled(specs[0]) is first
+        first = await engine.core.grammars.compiled(specs[0])
+        assert await engine.core.grammars.compiled(specs[0]) is first
         for spec in specs[1:]:
-            await engine.grammars.compiled(spec)
-        assert engine.grammars.cached() == 2 and await engine.grammars.compiled(specs[0]) is not first
+            await engine.core.grammars.compiled(spec)
+        assert engine.core.grammars.cached() == 2 and await engine.core.grammars.compiled(specs[0]) is not first
     finally:
         await engine.stop(timeout=1.0)
 
@@ -184,8 +184,8 @@ class _FailingMatcher:
 async def test_a_grammar_failing_mid_run_fails_only_its_request(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    make = engine.grammars.matcher
-    monkeypatch.setattr(engine.grammars, "matcher", lambda g: _FailingMatcher(make(g)))
+    make = engine.core.grammars.matcher
+    monkeypatch.setattr(engine.core.grammars, "matcher", lambda g: _FailingMatcher(make(g)))
     others = [GenerationRequest(f"other-{t}", t, PROMPT, greedy(12)) for t in (TASKS[0], None)]
     alone = [output_ids(await collect(engine, r)) for r in others]
     broken = GenerationRequest("broken", TASKS[0], PROMPT, SamplingParams(max_tokens=40, grammar=SPEC))
@@ -274,7 +274,7 @@ async def test_a_grammar_that_compiles_past_the_time_limit_is_invalid_request(ti
         with pytest.raises(InvalidRequestError) as refused:
             await collect(engine, GenerationRequest("slow", None, PROMPT, SamplingParams(grammar=slow)))
         assert refused.value.param == "response_format" and "longer than" in str(refused.value)
-        assert engine.grammars.cached() == 0
+        assert engine.core.grammars.cached() == 0
         chunks = await collect(engine, GenerationRequest("free", None, PROMPT, greedy(4)))
         assert len(output_ids(chunks)) == 4
     finally:

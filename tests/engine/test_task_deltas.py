@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import kernels
 from server.engine.kv_cache import KVCache
 from server.engine.types import GenerationRequest
 from server.model.attention import AttentionMeta, PrefillChunk
@@ -132,3 +135,44 @@ def test_qwen2_biases_and_bias_deltas_match_merged_model(tiny_qwen2: tuple[Path,
         with torch.no_grad():
             expected = reference(torch.tensor([prompt])).logits[0]
         assert (logits[start : start + len(prompt)] - expected).abs().max() < 1e-4
+
+
+async def test_each_step_plans_its_rows_once_and_lays_out_each_chunk_once(
+    tiny_model: Path, tiny_tasks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many layers and linears: per step, kernels.plan_batch runs twice (the step's rows, reused by
+    every linear; the logit rows, for the LM head) and each chunk's KV slots are computed once."""
+    counts = {"plans": 0, "deltas": 0, "slots": 0, "chunks": 0, "steps": 0}
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any) -> Any:
+            counts[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(kernels, "plan_batch", counted("plans", kernels.plan_batch))
+    monkeypatch.setattr(kernels, "add_delta", counted("deltas", kernels.add_delta))
+    engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20, max_batch_tokens=16)
+    await engine.start()
+    try:
+        runner, kv = engine.core.runner, engine.core.kv
+        real_step = runner.step
+
+        def step(chunks: list[Any]) -> Any:
+            counts["steps"] += 1
+            counts["chunks"] += len(chunks)
+            return real_step(chunks)
+
+        monkeypatch.setattr(runner, "step", step)
+        monkeypatch.setattr(kv, "token_slots", counted("slots", kv.token_slots))
+        prompts = _prompts(3, 400)  # 5, 8 and 11 tokens: prefills chunked by the 16-token budget
+        requests = [GenerationRequest(f"p{i}", TASKS[i], tuple(p), greedy(6)) for i, p in enumerate(prompts)]
+        await asyncio.gather(*(collect(engine, r) for r in requests))
+    finally:
+        await engine.stop(timeout=1.0)
+    layers = engine.config.num_hidden_layers
+    assert layers > 1 and counts["steps"] > 3
+    assert counts["plans"] == 2 * counts["steps"]
+    assert counts["slots"] == counts["chunks"]
+    assert counts["deltas"] >= 7 * layers * counts["steps"]  # the plans were reused by every linear

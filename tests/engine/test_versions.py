@@ -31,7 +31,7 @@ async def test_a_new_version_is_served_without_any_invalidation(
         assert v1 != v2 == beta
         stats = engine.stats()
         assert stats.delta_loads == 3 and stats.delta_misses == 3
-        assert engine.deltas.resident_version("t") == engine.source.lookup("t").sha256
+        assert engine.core.deltas.resident_version("t") == engine.source.lookup("t").sha256
         ref = engine.source.lookup("t")
         with pytest.raises(InvalidRequestError):
             await collect(engine, GenerationRequest("d", "beta", PROMPT, greedy(2), ref))
