@@ -33,10 +33,12 @@ from pathlib import Path
 
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # run as a script, bench/kernels.py would shadow the `kernels` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm import tqdm
 
+from bench.measure import RESULTS
 from compressor.artifact import artifact_bytes
 from compressor.budget import pre_prune
 from compressor.calibration import PROMPTS as CALIBRATION_PROMPTS
@@ -257,7 +259,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = args.out or ROOT / "bench" / "results" / ("compress-quick.json" if args.quick else "compress.json")
+    out = args.out or RESULTS / ("compress-quick.json" if args.quick else "compress.json")
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as tmp:
         work = Path(tmp)
         base, ft, pair_note = make_pair(args.quick, args.finetuned, work)

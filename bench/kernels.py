@@ -35,7 +35,9 @@ from torch import Tensor
 
 if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
     sys.path.pop(0)  # run as a script, this file would shadow the `kernels` package it measures
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels
+from bench.measure import RESULTS
 
 SHAPES = {
     "smollm2_attn": (576, 576),
@@ -358,8 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         print_table(args.table)
         return
-    results = Path(__file__).parent / "results"
-    args.out = args.out or results / ("kernels-quick.json" if args.quick else "kernels.json")
+    args.out = args.out or RESULTS / ("kernels-quick.json" if args.quick else "kernels.json")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
