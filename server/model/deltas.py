@@ -60,7 +60,11 @@ def unpack_artifact(
 
 
 class StepDeltas:
-    """The deltas of one step: `slots[j]` is the task in slot j; row i uses slot row_slots[i] (-1: none)."""
+    """The deltas of one step: `slots[j]` is the task in slot j; row i uses slot row_slots[i] (-1: none).
+
+    Built once per step, before the forward: its two plans (the rows, which the embedding and every
+    linear of every layer reuse; the logit rows, for the LM head) are the step's only `kernels.plan_batch`
+    calls."""
 
     def __init__(
         self, slots: Sequence[ResidentDelta], row_slots: torch.Tensor, logit_rows: torch.Tensor, dtype: torch.dtype
