@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from fastapi import Request
 
+from server.api.serving import EngineClient
 from server.api.serving_chat import ChatServing
 from server.api.serving_completion import CompletionServing
 from server.auth import KeyRing
@@ -19,11 +20,13 @@ from server.registry import Registry
 
 @dataclass
 class ServerContext:
+    """The app's long-lived objects and its draining flag."""
+
     settings: Settings
     keys: KeyRing
     registry: Registry
-    engine: Any
-    """The Engine (contract D)."""
+    engine: EngineClient
+    """The Engine (contract D), as far as the HTTP layer uses it."""
     metrics: Metrics
     jobs: JobManager
     base_dir: Path
@@ -35,4 +38,6 @@ class ServerContext:
 
 
 def context_of(request: Request) -> ServerContext:
-    return request.app.state.deltaserve
+    """The ServerContext `create_app` put on the app's state."""
+    # starlette's State holds untyped attributes; create_app sets this one to a ServerContext
+    return cast(ServerContext, request.app.state.deltaserve)

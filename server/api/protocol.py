@@ -12,11 +12,26 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+
+from server.engine.validation import (
+    MAX_LOGPROBS,
+    MAX_TOKENS_MIN,
+    PENALTY_MAX,
+    PENALTY_MIN,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TOP_K_MIN,
+    TOP_P_MAX,
+    TOP_P_MIN,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OpenAIModel(BaseModel):
+    """Base of response bodies: fields the server does not know are dropped."""
+
     model_config = ConfigDict(extra="ignore")
 
 
@@ -27,20 +42,20 @@ class RequestModel(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
+    def _null_is_absent(cls, data: object) -> object:
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None}
         return data
 
     @field_validator("*", mode="after")
     @classmethod
-    def _valid_unicode(cls, value: Any) -> Any:
+    def _valid_unicode(cls, value: object) -> object:
         if _has_lone_surrogate(value):
             raise ValueError("holds a lone surrogate: not valid Unicode")
         return value
 
 
-def _has_lone_surrogate(value: Any) -> bool:
+def _has_lone_surrogate(value: object) -> bool:
     """True when a string in `value` (a string or a list of them, nested) cannot be encoded as UTF-8."""
     if isinstance(value, str):
         try:
@@ -54,6 +69,8 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 
 class StreamOptions(RequestModel):
+    """`stream_options`: whether the stream ends with a usage chunk."""
+
     include_usage: bool = False
 
 
@@ -85,16 +102,16 @@ class SamplingFields(RequestModel):
     """Fields that chat and completion requests share; vLLM-style extras `top_k`, `ignore_eos`, ..."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    max_tokens: int | None = Field(None, ge=MAX_TOKENS_MIN)
+    temperature: float = Field(1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX)
+    top_p: float = Field(1.0, gt=TOP_P_MIN, le=TOP_P_MAX)
+    top_k: int = Field(0, ge=TOP_K_MIN)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=PENALTY_MIN, le=PENALTY_MAX)
+    frequency_penalty: float = Field(0.0, ge=PENALTY_MIN, le=PENALTY_MAX)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -103,7 +120,8 @@ class SamplingFields(RequestModel):
     return_token_ids: bool = False
     """Extension (as in vLLM): each choice also carries the generated token ids."""
     logit_bias: dict[str, float] | None = None
-    """Token id (as a string) -> bias in [-100, 100] added to its logit."""
+    """Token id (as a string) -> bias added to its logit; the engine refuses a bias outside
+    [LOGIT_BIAS_MIN, LOGIT_BIAS_MAX] or an id outside the vocabulary, naming `logit_bias`."""
     response_format: ResponseFormat | None = None
     guided_regex: str | None = None
     """Extension (as in vLLM): the output must match this regular expression."""
@@ -111,12 +129,14 @@ class SamplingFields(RequestModel):
     """Extension (as in vLLM): the output must be exactly one of these strings."""
 
     def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (none, one or several)."""
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
@@ -128,65 +148,113 @@ class ContentPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
+    """One chat message; its content as text or text parts."""
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
+    """The body of POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=MAX_TOKENS_MIN)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(SamplingFields):
+    """The body of POST /v1/completions (one prompt: text or token ids)."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
 
 class Usage(OpenAIModel):
+    """Token counts of one request (all its choices)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class ChatDelta(OpenAIModel):
+    """The new part of a streamed chat message."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     token_ids: list[int] | None = None
 
 
+class TopLogprob(TypedDict):
+    """One token of chat `logprobs`: its text, logprob and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A sampled token of chat `logprobs`, with its top alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(TypedDict):
+    """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(TypedDict):
+    """OpenAI legacy `logprobs`: parallel lists of tokens, their logprobs, top alternatives, offsets."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(OpenAIModel):
+    """One choice of a chat completion."""
+
     index: int = 0
-    message: dict[str, Any]
-    logprobs: dict[str, Any] | None = None
+    message: dict[str, str]
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     token_ids: list[int] | None = None
 
 
 class ChatStreamChoice(OpenAIModel):
+    """One choice's part of a chat stream chunk."""
+
     index: int = 0
     delta: ChatDelta
-    logprobs: dict[str, Any] | None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
 class CompletionChoice(OpenAIModel):
+    """One choice of a completion (or its part of a stream chunk)."""
+
     index: int = 0
     text: str
-    logprobs: dict[str, Any] | None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None
 
 
 def new_id(prefix: str) -> str:
+    """A fresh response id such as `chatcmpl-<hex>`."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class ChatCompletionResponse(OpenAIModel):
+    """A whole chat completion."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -196,6 +264,8 @@ class ChatCompletionResponse(OpenAIModel):
 
 
 class ChatCompletionChunk(OpenAIModel):
+    """One SSE chunk of a streamed chat completion."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -205,6 +275,8 @@ class ChatCompletionChunk(OpenAIModel):
 
 
 class CompletionResponse(OpenAIModel):
+    """A whole completion, or one SSE chunk of a streamed one."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -214,6 +286,8 @@ class CompletionResponse(OpenAIModel):
 
 
 class ModelCard(OpenAIModel):
+    """One model of GET /v1/models: the base, or a task whose parent is the base."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -223,5 +297,7 @@ class ModelCard(OpenAIModel):
 
 
 class ModelList(OpenAIModel):
+    """GET /v1/models."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -23,41 +24,59 @@ from server.api.errors import (
     forbidden,
     from_engine,
     model_not_found,
-    registry_unavailable,
 )
 from server.api.protocol import ChatCompletionRequest, ContentPart, SamplingFields, Usage
 from server.auth import Principal
 from server.config import Settings
 from server.engine.types import (
+    EngineStats,
     GenerationChunk,
     GenerationRequest,
     GrammarSpec,
     SamplingParams,
     TokenLogprob,
 )
+from server.engine.validation import MAX_TOKENS_MIN, context_room
 from server.observability.metrics import Metrics
-from server.registry import InvalidTaskNameError, RegistryUnavailableError, TaskVersion
+from server.registry import TaskVersion, is_task_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class EngineClient(Protocol):
-    """The part of contract D's Engine that serving uses."""
+    """The part of contract D's Engine that the HTTP layer uses: serving, the routers and the app's
+    lifespan (`server.api.context.ServerContext.engine`)."""
 
     base_name: str
+    base_dir: Path
     max_model_len: int
-    tokenizer: Any
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base's tokenizer: its chat template and encoder build the prompt's token ids."""
+        ...
 
     @property
     def ready(self) -> bool: ...
 
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout: float = ...) -> None: ...
+
     def generate_choices(self, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, GenerationChunk]]: ...
 
-    def stats(self) -> Any: ...
+    async def prefetch(self, task: str) -> None: ...
+
+    def invalidate(self, task: str, keep_sha: str | None = ...) -> None: ...
+
+    def stats(self) -> EngineStats: ...
 
 
 class TaskLookup(Protocol):
-    def lookup(self, task: str) -> TaskVersion | None: ...
+    """Where a request's task is resolved: the registry's view of its index."""
 
-    def tasks(self) -> list[TaskVersion]: ...
+    def lookup(self, task: str) -> TaskVersion | None: ...
 
 
 @dataclass(frozen=True)
@@ -75,19 +94,15 @@ def resolve_target(
     header_task: str | None, model: str, base_name: str, principal: Principal, tasks: TaskLookup
 ) -> Target:
     """X-Task wins; else `model` as `task`, `base:task` or the base itself; scope, then existence and the
-    current version, looked up once for the whole request (503 registry_unavailable when the task is not
-    in the last known index and the registry cannot be reached)."""
+    current version, looked up once for the whole request (a name that is no task name names no task;
+    the registry's RegistryUnavailableError, when the task is not in the last known index and the
+    registry cannot be reached, goes to the app's registry error handler)."""
     task = header_task.strip() if header_task and header_task.strip() else _task_of_model(model, base_name)
     if task is None:
         return Target(None, base_name)
     if not principal.may_use(task):
         raise forbidden(f"This API key may not use the task `{task}`.")
-    try:
-        found = tasks.lookup(task)
-    except InvalidTaskNameError:
-        found = None
-    except RegistryUnavailableError:
-        raise registry_unavailable() from None
+    found = tasks.lookup(task) if is_task_name(task) else None
     if found is None:
         raise model_not_found(task)
     return Target(task, task, found)
@@ -116,6 +131,7 @@ class RequestLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
+        """The limits the settings give."""
         return cls(
             settings.max_stop_strings,
             settings.max_stop_chars,
@@ -148,15 +164,30 @@ def _chars(content: str | list[ContentPart] | None) -> int:
 def check_prompt_size(
     prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int, limits: RequestLimits
 ) -> None:
-    """400 before tokenizing when a text prompt is too long, or a token prompt longer than the context."""
-    one = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
-    items: list[Any] = [prompt] if one else list(prompt)
+    """400 before tokenizing when a text prompt is too long, or a token prompt does not fit the context."""
+    items = _prompt_items(prompt)
     if sum(len(item) for item in items if isinstance(item, str)) > limits.max_prompt_chars:
         raise bad_request(f"The prompt has more than {limits.max_prompt_chars} characters.", "prompt")
-    if any(isinstance(item, list) and len(item) >= max_model_len for item in items):
-        raise bad_request(
-            f"The prompt has at least {max_model_len} tokens; this model's context is {max_model_len}.", "prompt"
-        )
+    for item in items:
+        if isinstance(item, list):
+            check_fits_context(len(item), max_model_len, "prompt")
+
+
+def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts `prompt` holds: one text, one token list, or a list of either (never mixed)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    ids = [item for item in prompt if isinstance(item, int)]
+    return [ids] if ids else [item for item in prompt if not isinstance(item, int)]
+
+
+def check_fits_context(prompt_len: int, max_model_len: int, param: str) -> int:
+    """The room the context leaves after the prompt; 400 naming `param` (the OpenAI field that holds the
+    prompt) when it leaves less than the engine's MAX_TOKENS_MIN."""
+    room = context_room(prompt_len, max_model_len)
+    if room < MAX_TOKENS_MIN:
+        raise bad_request(f"The prompt has {prompt_len} tokens; the context holds {max_model_len}.", param)
+    return room
 
 
 def sampling_params(
@@ -166,12 +197,12 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     limits: RequestLimits,
+    prompt_field: str,
 ) -> SamplingParams:
-    """The engine's SamplingParams for an OpenAI request; 400 naming the parameter when unusable."""
+    """The engine's SamplingParams for an OpenAI request; 400 naming the parameter when unusable
+    (`prompt_field`: the request's field that holds the prompt, `messages` or `prompt`)."""
     check_limits(req, limits)
-    room = max_model_len - prompt_len
-    if room < 1:
-        raise bad_request(f"The prompt has {prompt_len} tokens; the context holds {max_model_len}.", "messages")
+    room = check_fits_context(prompt_len, max_model_len, prompt_field)
     if max_tokens is not None and max_tokens > room:
         raise bad_request(
             f"max_tokens={max_tokens} exceeds the {room} tokens left in the context "
@@ -209,19 +240,16 @@ def check_limits(req: SamplingFields, limits: RequestLimits) -> None:
 
 
 def logit_bias(req: SamplingFields, limits: RequestLimits) -> tuple[tuple[int, float], ...]:
-    """`logit_bias` as (token id, bias) pairs; 400 naming it when too long, a key is not an integer or a
-    bias lies outside [-100, 100] (token ids beyond the vocabulary are refused by the engine)."""
+    """`logit_bias` as (token id, bias) pairs; 400 naming it when too long or a key is not an integer
+    (the engine's validation refuses ids beyond the vocabulary and biases outside its bounds)."""
     items = (req.logit_bias or {}).items()
     if len(items) > limits.max_logit_bias:
         raise bad_request(f"logit_bias may hold at most {limits.max_logit_bias} entries.", "logit_bias")
     pairs = []
     for key, bias in items:
         token = _int_or_none(key)
-        if token is None or not -100.0 <= bias <= 100.0:
-            raise bad_request(
-                f"logit_bias maps token ids (integers, as strings) to biases in [-100, 100]; got {key!r}: {bias}.",
-                "logit_bias",
-            )
+        if token is None:
+            raise bad_request(f"logit_bias maps token ids (integers, as strings) to biases; got {key!r}.", "logit_bias")
         pairs.append((token, bias))
     return tuple(pairs)
 
@@ -294,12 +322,13 @@ class Generation:
         metrics: Metrics,
         n: int = 1,
     ) -> Generation:
+        """Start the engine's run and wait for its first chunk; an engine error becomes its APIError."""
         started = time.perf_counter()
         stream = engine.generate_choices(request, n)
         try:
             first = await anext(stream)
         except MAPPED_ERRORS as exc:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await _close(stream)
             metrics.task_requests.labels(target.model, "rejected").inc()
             raise from_engine(exc, target.model) from None
         except StopAsyncIteration:
@@ -329,7 +358,7 @@ class Generation:
     async def aclose(self) -> None:
         """Close the engine's generator (aborting unfinished choices) and record the outcome."""
         with anyio.CancelScope(shield=True):
-            await self._stream.aclose()  # type: ignore[attr-defined]
+            await _close(self._stream)
         outcome = self.finish_reason or "disconnected"
         self._metrics.observe_finished(
             self._task_label,
@@ -349,6 +378,12 @@ class Generation:
         self._completion[index] = chunk.completion_tokens
         if chunk.finish_reason is not None:
             self.finish_reasons[index] = chunk.finish_reason
+
+
+async def _close(stream: AsyncIterator[tuple[int, GenerationChunk]]) -> None:
+    """Close the engine's generator (an async generator: closing aborts its unfinished choices)."""
+    if isinstance(stream, AsyncGenerator):
+        await stream.aclose()
 
 
 @dataclass
@@ -379,6 +414,7 @@ async def collect(run: Generation, model: str) -> list[Collected]:
 
 
 def sse(payload: str) -> str:
+    """One server-sent event carrying `payload`."""
     return f"data: {payload}\n\n"
 
 
@@ -386,10 +422,12 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_error(error: APIError) -> str:
+    """The SSE event of an error that ends a stream."""
     return sse(json.dumps(error.body()))
 
 
 def usage_of(run: Generation) -> Usage:
+    """The usage of a finished run."""
     return Usage(
         prompt_tokens=run.prompt_tokens,
         completion_tokens=run.completion_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import cast
 
 from server.api.errors import MAPPED_ERRORS, bad_request, from_engine
 from server.api.protocol import (
@@ -14,8 +14,10 @@ from server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
     ChatStreamChoice,
+    TopLogprob,
     Usage,
 )
 from server.api.serving import (
@@ -38,17 +40,20 @@ ENDPOINT = "chat"
 
 
 class ChatServing:
+    """Serves chat completions: template, sampling parameters, one engine run, the response."""
+
     def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
         self.engine, self.metrics, self.limits = engine, metrics, limits
 
     async def create(
         self, req: ChatCompletionRequest, target: Target, request_id: str
     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """The response (a ChatCompletionResponse, or SSE text for a stream) of one chat request."""
         check_chat_size(req, self.limits)
         prompt = await asyncio.to_thread(self.prompt_ids, req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top, self.limits)
+        params = sampling_params(req, len(prompt), self.engine.max_model_len, max_tokens, top, self.limits, "messages")
         request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics, req.n)
         if req.stream:
@@ -59,7 +64,10 @@ class ChatServing:
         """The base tokenizer's chat template applied to the messages, as token ids."""
         messages = [_template_message(m) for m in req.messages]
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # with tokenize=False the template's output is the text (transformers types every mode's result)
+            text = cast(
+                str, self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            )
         except Exception as exc:  # noqa: BLE001 - a template raises whatever its Jinja code raises
             raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from None
         return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
@@ -122,10 +130,10 @@ def _template_message(message: ChatMessage) -> dict[str, str]:
     return {"role": message.role, "content": text} | ({"name": message.name} if message.name else {})
 
 
-def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(tokens: list[TokenLogprob]) -> ChatLogprobs:
     """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 
-    def entry(token: str, logprob: float) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> TopLogprob:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from server.api.errors import MAPPED_ERRORS, bad_request, from_engine, unsupported_parameter
-from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from server.api.serving import (
     SSE_DONE,
     EngineClient,
@@ -29,19 +28,24 @@ ENDPOINT = "completions"
 
 
 class CompletionServing:
+    """Serves completions: the prompt's token ids, sampling parameters, one engine run, the response."""
+
     def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits) -> None:
         self.engine, self.metrics, self.limits = engine, metrics, limits
 
     async def create(
         self, req: CompletionRequest, target: Target, request_id: str
     ) -> CompletionResponse | AsyncIterator[str]:
+        """The response (a CompletionResponse, or SSE text for a stream) of one completion request."""
         if req.echo:
             raise unsupported_parameter("echo")
         if req.suffix:
             raise unsupported_parameter("suffix")
         check_prompt_size(req.prompt, self.engine.max_model_len, self.limits)
         prompt = await asyncio.to_thread(self.prompt_ids, req.prompt)
-        params = sampling_params(req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs, self.limits)
+        params = sampling_params(
+            req, len(prompt), self.engine.max_model_len, req.max_tokens, req.logprobs, self.limits, "prompt"
+        )
         request = GenerationRequest(request_id, target.task, tuple(prompt), params, target.ref)
         run = await Generation.start(self.engine, request, target, ENDPOINT, self.metrics, req.n)
         if req.stream:
@@ -49,20 +53,15 @@ class CompletionServing:
         return await self._collect(run, target, request_id, req)
 
     def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
-        """Token ids of the one prompt: text is encoded with the base tokenizer, ids pass through."""
+        """Token ids of the one prompt: text is encoded with the base tokenizer, ids pass through (the
+        engine's validation refuses an empty prompt and ids outside the model's vocabulary)."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = list(self.engine.tokenizer.encode(prompt, add_special_tokens=False))
-        elif all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
+            return list(self.engine.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = [t for t in prompt if isinstance(t, int)]
+        if len(ids) != len(prompt):
             raise bad_request("Only one prompt per request is supported.", "prompt")
-        if not ids:
-            raise bad_request("The prompt is empty.", "prompt")
-        vocab_size = len(self.engine.tokenizer)
-        if any(t < 0 or t >= vocab_size for t in ids):
-            raise bad_request("The prompt holds a token id outside the vocabulary.", "prompt")
         return ids
 
     async def _collect(
@@ -115,7 +114,7 @@ class CompletionServing:
         yield SSE_DONE
 
 
-def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     """OpenAI legacy `logprobs`: parallel lists of tokens, their logprobs, top alternatives, offsets."""
     offsets = []
     for t in tokens:
