@@ -1,7 +1,8 @@
 """The FastAPI application and `run_server`: the HTTP edge of deltaserve.
 
 `create_app` wires the registry, the engine, the job manager, keys and metrics into one
-ServerContext and mounts the OpenAI and admin routers; `run_server` runs it under uvicorn with a
+ServerContext, mounts the OpenAI, admin and health routers and answers every known error in OpenAI's
+shape; `run_server` runs it under uvicorn with a
 graceful shutdown: stop admitting, let in-flight streams finish within DELTASERVE_SHUTDOWN_TIMEOUT,
 then abort the rest (their last chunk says finish_reason "abort").
 """
@@ -12,39 +13,43 @@ import asyncio
 import ipaddress
 import logging
 import re
+import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api import admin_routes, openai_routes
-from server.api.auth_deps import admin_principal
-from server.api.context import ServerContext, context_of
-from server.api.errors import APIError, bad_request, unsupported_parameter
+from server.api import admin_routes, health_routes, openai_routes
+from server.api.context import ServerContext
+from server.api.errors import APIError, bad_request, from_registry, unsupported_parameter
 from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from server.api.serving import RequestLimits
+from server.api.serving import EngineClient, RequestLimits
 from server.api.serving_chat import ChatServing
 from server.api.serving_completion import CompletionServing
 from server.auth import KeyRing
 from server.config import Settings, get_settings
 from server.jobs import JobManager
 from server.jobs.jobs import collect_leftovers
-from server.observability.metrics import CONTENT_TYPE, Metrics
-from server.registry import Registry, RegistryUnavailableError, open_registry
+from server.observability.metrics import Metrics
+from server.registry import Registry, RegistryError, RegistryUnavailableError, open_registry
 
 log = logging.getLogger("deltaserve")
 UNION_TAG = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")
 """How pydantic names the member of a union in an error's location (`str`, `list[int]`, `function-after[...]`)."""
 MAX_PARAM_CHARS = 200
+NO_DETAILS = ErrorDetails(type="", loc=(), msg="invalid request", input=None)
+"""What a RequestValidationError without details is answered as."""
 
 
-def create_app(settings: Settings | None = None, *, engine: Any = None, registry: Registry | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, engine: EngineClient | None = None, registry: Registry | None = None
+) -> FastAPI:
     """The app; `engine` and `registry` default to the ones the settings describe."""
     settings = settings or get_settings()
     ctx = build_context(settings, engine, registry)
@@ -52,7 +57,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
     app.state.deltaserve = ctx
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
-    _add_health_routes(app)
+    app.include_router(health_routes.router)
     _add_error_handlers(app)
     upload_limit, request_limit = settings.max_upload_bytes, settings.max_request_bytes
     app.add_middleware(
@@ -62,12 +67,10 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
     return app
 
 
-def build_context(settings: Settings, engine: Any, registry: Registry | None) -> ServerContext:
+def build_context(settings: Settings, engine: EngineClient | None, registry: Registry | None) -> ServerContext:
+    """The ServerContext of one app: the given engine and registry, or those the settings describe."""
     registry = registry or open_registry(settings)
-    if engine is None:
-        from server.engine.engine import Engine
-
-        engine = Engine(settings, registry)
+    engine = engine or _engine(settings, registry)
     metrics, limits = Metrics(), RequestLimits.from_settings(settings)
     jobs = JobManager(registry, engine.base_dir, settings.resolved(settings.work_dir))
     metrics.watch_engine(engine.stats)
@@ -87,7 +90,16 @@ def build_context(settings: Settings, engine: Any, registry: Registry | None) ->
     )
 
 
-def _lifespan(ctx: ServerContext) -> Any:
+def _engine(settings: Settings, registry: Registry) -> EngineClient:
+    """The Engine the settings describe (imported here: it loads torch)."""
+    from server.engine.engine import Engine
+
+    return Engine(settings, registry)
+
+
+def _lifespan(ctx: ServerContext) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Startup (leftovers collected, engine started, registry events forwarded) and shutdown (drain)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if ctx.keys.open:
@@ -144,45 +156,22 @@ def _forward_registry_changes(ctx: ServerContext, loop: asyncio.AbstractEventLoo
     ctx.registry.subscribe(changed)
 
 
-def _add_health_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        ctx = context_of(request)
-        if ctx.draining or not ctx.engine.ready:
-            return JSONResponse({"status": "draining" if ctx.draining else "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "base": ctx.engine.base_name})
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        ctx = context_of(request)
-        if _metrics_need_admin(ctx):
-            admin_principal(request)
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
-
-
-def _metrics_need_admin(ctx: ServerContext) -> bool:
-    """DELTASERVE_METRICS_ACCESS: `admin`, or `auto` with any key configured, needs an admin key."""
-    access = ctx.settings.metrics_access
-    return access == "admin" or (access == "auto" and not ctx.keys.open)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     """Known errors in OpenAI's shape; anything unexpected is RequestContextMiddleware's 500."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _answer(exc)
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return _answer(from_registry(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
+        errors: list[ErrorDetails] = list(exc.errors()) or [NO_DETAILS]
         # the deepest complaint: of a union's members, the one the value came closest to matching
-        error = _validation_error(max(errors, key=lambda e: len(e.get("loc", ()))))
-        return JSONResponse(error.body(), status_code=400)
+        return _answer(_validation_error(max(errors, key=lambda e: len(e.get("loc", ())))))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -192,10 +181,15 @@ def _add_error_handlers(app: FastAPI) -> None:
             type="invalid_request_error" if exc.status_code < 500 else "server_error",
             code="not_found" if exc.status_code == 404 else None,
         )
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-def _validation_error(first: dict[str, Any]) -> APIError:
+def _answer(error: APIError) -> JSONResponse:
+    """The JSON response of an APIError: its status, body and headers."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _validation_error(first: ErrorDetails) -> APIError:
     """The 400 of one of pydantic's complaints: `unsupported_parameter` for an unknown field, else the
     parameter's path (`messages.0.content`) with pydantic's message."""
     if first["type"] == "json_invalid":
@@ -206,7 +200,7 @@ def _validation_error(first: dict[str, Any]) -> APIError:
     return APIError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param, code="invalid_value")
 
 
-def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+def _param_of(loc: Sequence[str | int]) -> str | None:
     """`messages.0.content` from pydantic's location, without the body/query prefix and union tags."""
     parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
     parts = [part for part in parts if not UNION_TAG.fullmatch(part)]
@@ -214,6 +208,7 @@ def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 
 def run_server(host: str | None = None, port: int | None = None) -> int:
+    """Serve the app the settings describe under uvicorn until a signal; drains at shutdown."""
     from server.observability.logging import configure_logging
 
     settings = get_settings()
@@ -259,7 +254,7 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.ctx = ctx
 
-    async def shutdown(self, sockets: Any = None) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         draining = asyncio.create_task(drain(self.ctx))
         await super().shutdown(sockets=sockets)
         await draining

@@ -7,11 +7,12 @@ into the README's table, and a test keeps the two in step.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -23,6 +24,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
+    """Every setting of deltaserve, read from DELTASERVE_* variables (frozen)."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         frozen=True,
@@ -101,7 +104,7 @@ class Settings(BaseSettings):
     """Compiled grammars kept (LRU) so that requests with the same schema skip compilation."""
     metrics_access: Literal["auto", "open", "admin"] = "auto"
     """Who may read /metrics: `open` (anyone), `admin` (an admin key), `auto` (admin when any key is configured)."""
-    default_method: Literal["impart", "dare", "lowrank", "impart-qt", "dare-qt"] = "impart"
+    default_method: str = "impart"
     """Compression method of an uploaded checkpoint when the upload names none."""
     default_ratio: float = Field(32.0, gt=1.0)
     """Compression ratio of an uploaded checkpoint when the upload names none."""
@@ -110,9 +113,24 @@ class Settings(BaseSettings):
     work_dir: Path = Path("~/.cache/deltaserve/work")
     """Folder for uploads in progress and compression jobs' scratch files."""
 
+    @field_validator("default_method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from compressor import METHODS  # here, not at the top: compressor loads torch, few settings readers need it
+
+        return check_method(method, METHODS)
+
     def resolved(self, path: Path) -> Path:
         """`path` with `~` expanded, absolute."""
         return path.expanduser().resolve()
+
+
+def check_method(method: str, methods: Sequence[str]) -> str:
+    """`method` when it is one of `methods` (a compressor list: METHODS, ADAPTER_METHODS); else a
+    ValueError listing them (pydantic turns it into the error naming the setting or the field)."""
+    if method not in methods:
+        raise ValueError(f"unknown compression method {method!r}; use one of {', '.join(methods)}")
+    return method
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,5 +1,7 @@
 """Errors in OpenAI's shape {"error": {"message", "type", "param", "code"}}; no FastAPI in here.
 
+The one mapping of the inside's errors to HTTP: `from_engine` for the engine's, `from_registry` for the
+registry's (the app's exception handler answers every RegistryError a route lets through with it).
 A 500 never carries internal text: `internal_error` names the request id (the X-Request-ID header)
 so an operator finds the traceback in the log, and says nothing else.
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from server.engine.types import (
     DeltaLoadError,
@@ -20,7 +21,7 @@ from server.engine.types import (
     TaskNotFoundError,
 )
 from server.observability.logging import request_id_var
-from server.registry import RegistryUnavailableError
+from server.registry import InvalidTaskNameError, RegistryError, RegistryUnavailableError, TaskMissingError
 
 log = logging.getLogger("deltaserve.errors")
 
@@ -29,6 +30,8 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class APIError(Exception):
+    """An HTTP error answer: its status, OpenAI's error fields and extra headers (Retry-After, ...)."""
+
     status: int
     message: str
     type: str = "invalid_request_error"
@@ -36,7 +39,8 @@ class APIError(Exception):
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """The JSON body: {"error": {"message", "type", "param", "code"}}."""
         param = _valid_unicode(self.param) if self.param is not None else None
         return {
             "error": {"message": _valid_unicode(self.message), "type": self.type, "param": param, "code": self.code}
@@ -52,10 +56,12 @@ def _valid_unicode(text: str) -> str:
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
+    """400 invalid_request_error; code `invalid_value` when it names the parameter."""
     return APIError(400, message, param=param, code="invalid_value" if param else None)
 
 
 def unsupported_parameter(param: str) -> APIError:
+    """400 `unsupported_parameter`: a field this server does not honour."""
     return APIError(
         400,
         f"`{param}` is not supported by this server; remove it from the request.",
@@ -75,6 +81,7 @@ def internal_error() -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
+    """404 `model_not_found` naming `model` (an unknown task, or one the key may not see)."""
     return APIError(
         404,
         f"The model `{model}` does not exist or you do not have access to it.",
@@ -84,24 +91,29 @@ def model_not_found(model: str) -> APIError:
 
 
 def not_found(message: str) -> APIError:
+    """404 `not_found` of the admin API (a task, version or job)."""
     return APIError(404, message, type="not_found_error", code="not_found")
 
 
 def unauthorized(message: str = "Missing or invalid API key; send `Authorization: Bearer <key>`.") -> APIError:
+    """401 `invalid_api_key` with WWW-Authenticate."""
     return APIError(
         401, message, type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
     )
 
 
 def forbidden(message: str) -> APIError:
+    """403 `forbidden`: the key is known but may not do this."""
     return APIError(403, message, type="permission_error", code="forbidden")
 
 
 def too_large(limit: int) -> APIError:
+    """413 `request_too_large`: the body exceeds `limit` bytes."""
     return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
 
 
 def not_ready(message: str = "The server is starting or shutting down; retry shortly.") -> APIError:
+    """503 `not_ready` with Retry-After."""
     return APIError(
         503, message, type="service_unavailable", code="not_ready", headers={"Retry-After": str(RETRY_AFTER_S)}
     )
@@ -140,8 +152,8 @@ def from_engine(exc: EngineError | RegistryUnavailableError, model: str) -> APIE
         return not_ready(str(exc) or "The engine is not ready.")
     if isinstance(exc, InvalidRequestError):
         return bad_request(str(exc), exc.param)
-    if isinstance(exc, RegistryUnavailableError):
-        return registry_unavailable()
+    if isinstance(exc, RegistryError):
+        return from_registry(exc)
     if isinstance(exc, DeltaLoadError):
         # published but unusable here (corrupt blob, wrong base, larger than the delta cache): not the
         # caller's fault and not transient, so 503 without Retry-After, naming the cause for operators
@@ -155,4 +167,17 @@ def from_engine(exc: EngineError | RegistryUnavailableError, model: str) -> APIE
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc) or "The request failed.", type="server_error", code="request_failed")
     log.error("unexpected engine error", exc_info=exc)
+    return internal_error()
+
+
+def from_registry(exc: RegistryError) -> APIError:
+    """The HTTP error a registry error maps to: unreachable 503 (Retry-After), an invalid task name 400
+    naming `task`, a missing task or version 404; anything else is logged and answered 500."""
+    if isinstance(exc, RegistryUnavailableError):
+        return registry_unavailable()
+    if isinstance(exc, InvalidTaskNameError):
+        return bad_request(str(exc), "task")
+    if isinstance(exc, TaskMissingError):
+        return not_found(str(exc))
+    log.error("unexpected registry error", exc_info=exc)
     return internal_error()

@@ -6,16 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from server.api.auth_deps import api_principal
 from server.api.context import ServerContext, context_of
-from server.api.errors import not_ready, registry_unavailable
+from server.api.errors import not_ready
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id
 from server.api.serving import Target, resolve_target
 from server.auth import Principal
-from server.registry import RegistryUnavailableError
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -24,7 +23,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(api_principal)
-) -> object:
+) -> Response:
+    """POST /v1/chat/completions: one chat request, collected or streamed as SSE."""
     ctx = context_of(request)
     target = await _target(ctx, request, body.model, principal)
     return _respond(await ctx.chat.create(body, target, new_id("chatcmpl")))
@@ -33,7 +33,8 @@ async def chat_completions(
 @router.post("/v1/completions")
 async def completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(api_principal)
-) -> object:
+) -> Response:
+    """POST /v1/completions: one prompt, collected or streamed as SSE."""
     ctx = context_of(request)
     target = await _target(ctx, request, body.model, principal)
     return _respond(await ctx.completion.create(body, target, new_id("cmpl")))
@@ -41,13 +42,11 @@ async def completions(
 
 @router.get("/v1/models")
 async def list_models(request: Request, principal: Principal = Depends(api_principal)) -> ModelList:
+    """GET /v1/models: the base and the tasks this key may use."""
     ctx = context_of(request)
     base = ctx.engine.base_name
     cards = [ModelCard(id=base, created=int(ctx.started), owned_by="deltaserve")]
-    try:
-        refs = await asyncio.to_thread(ctx.registry.tasks)  # the last known index while Redis is away
-    except RegistryUnavailableError:
-        raise registry_unavailable() from None
+    refs = await asyncio.to_thread(ctx.registry.tasks)  # the last known index while Redis is away
     cards += [
         ModelCard(id=ref.task, created=int(ref.created), owned_by="deltaserve", root=base, parent=base)
         for ref in refs
@@ -64,7 +63,7 @@ async def _target(ctx: ServerContext, request: Request, model: str, principal: P
     )
 
 
-def _respond(result: BaseModel | AsyncIterator[str]) -> object:
+def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
