@@ -28,6 +28,7 @@ class Principal:
     """Tasks this principal may use; None means every task. The base model is open to every principal."""
 
     def may_use(self, task: str | None) -> bool:
+        """Whether this principal may run `task` (None: the base, open to all)."""
         return task is None or self.tasks is None or task in self.tasks
 
 
@@ -41,6 +42,8 @@ class _StoredKey:
 
 
 class KeyRing:
+    """The configured keys, as digests: authenticates a bearer key into its Principal."""
+
     def __init__(self, admin_keys: list[str], api_keys: dict[str, list[str]]) -> None:
         stored = [_stored(key, admin=True, tasks=None) for key in admin_keys]
         stored += [_stored(key, admin=False, tasks=_scope(tasks)) for key, tasks in api_keys.items()]
@@ -48,6 +51,7 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
+        """The keys of DELTASERVE_ADMIN_KEYS and DELTASERVE_API_KEYS."""
         admin = [key.strip() for key in settings.admin_keys.split(",") if key.strip()]
         return cls(admin, dict(settings.api_keys))
 
@@ -55,10 +59,6 @@ class KeyRing:
     def open(self) -> bool:
         """No keys configured: every caller is admitted (the server then binds to localhost only)."""
         return not self._keys
-
-    @property
-    def has_admin_keys(self) -> bool:
-        return any(key.principal.admin for key in self._keys)
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal of an `Authorization: Bearer <key>` header; None when missing or unknown."""

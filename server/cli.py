@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from server.config import SettingsError, get_settings, readme_with_settings, settings_markdown
 
@@ -62,7 +63,11 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_models(sub: argparse._SubParsersAction) -> None:
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What an area's `register(subparsers)` adds its subcommands to."""
+
+
+def _register_models(sub: Subparsers) -> None:
     models = sub.add_parser("models", help="provision base models into the model cache (no network)")
     msub = models.add_subparsers(dest="models_command", required=True)
     pull = msub.add_parser("pull", help="convert a shipped base model into an HF folder")
@@ -81,6 +86,7 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `deltaserve` argument parser with every area's subcommands."""
     parser = argparse.ArgumentParser(
         prog="deltaserve",
         description="Serve many fine-tunes of one base LLM: ImPart-compressed deltas and LoRA adapters.",
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _area_registrars() -> list:
+def _area_registrars() -> list[Callable[[Subparsers], None]]:
     """Subcommands contributed by other areas (compressor, bench tools), when present."""
     import importlib
     import importlib.util
@@ -110,6 +116,7 @@ def _area_registrars() -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `deltaserve` command; a bad setting is exit status 2 with its message."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

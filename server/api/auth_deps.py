@@ -18,6 +18,7 @@ def api_principal(request: Request) -> Principal:
 
 
 def admin_principal(request: Request) -> Principal:
+    """An admin key's principal (403 for any other key)."""
     principal = api_principal(request)
     if not principal.admin:
         raise forbidden("The admin API needs an admin key.")

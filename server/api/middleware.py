@@ -80,6 +80,7 @@ class _Response:
         self.status, self.started, self.ended, self.event_stream = 500, False, False, False
 
     def note(self, message: Message) -> None:
+        """Record what one outgoing ASGI message says about the response."""
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
             self.event_stream = any(
@@ -105,7 +106,7 @@ async def _answer_failure(scope: Scope, exc: Exception, response: _Response, sen
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == b"x-request-id":
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if CLIENT_REQUEST_ID.fullmatch(text):
                 return text
     return uuid.uuid4().hex
@@ -166,6 +167,7 @@ def _declared_length(scope: Scope) -> int:
 
 
 async def send_error(send: Send, error: APIError) -> None:
+    """Answer `error` in OpenAI's shape straight on the ASGI channel."""
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]

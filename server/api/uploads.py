@@ -12,12 +12,15 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.api.errors import APIError, bad_request, too_large
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks  # a stub-only TypedDict
 
 CHECKPOINT_FILES = re.compile(r"(config\.json|[A-Za-z0-9._-]+\.safetensors|model\.safetensors\.index\.json)")
 SKIPPED_SUFFIXES = (".json", ".txt", ".md", ".jinja", ".model", ".gitattributes")
@@ -28,6 +31,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 @dataclass
 class UploadedCheckpoint:
+    """The files an upload wrote into its folder, and their total size."""
+
     folder: Path
     files: list[str] = field(default_factory=list)
     size: int = 0
@@ -145,7 +150,8 @@ class _PartSink:
         self._headers: dict[bytes, bytes] = {}
         self._out: BinaryIO | None = None
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
+        """The parser's callbacks, bound to this sink."""
         return {
             "on_part_begin": self._begin,
             "on_header_field": self._field,
@@ -195,6 +201,7 @@ class _PartSink:
             self._out.write(data[start:end])
 
     def close(self) -> None:
+        """Close the file of the part being written, if any."""
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -15,6 +15,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, request_id, and any `extra=` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line."""
         entry: dict[str, object] = {
             "ts": round(record.created, 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),

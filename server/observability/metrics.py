@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from server.engine.types import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -36,6 +37,8 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 class Metrics:
+    """The Prometheus metrics of one app, in their own registry."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
@@ -84,12 +87,13 @@ class Metrics:
     def observe_finished(
         self, task: str, endpoint: str, outcome: str, prompt_tokens: int, completion_tokens: int, seconds: float
     ) -> None:
+        """Count a finished generation: its outcome, tokens and duration."""
         self.task_requests.labels(task, outcome).inc()
         self.prompt_tokens.labels(task).inc(prompt_tokens)
         self.completion_tokens.labels(task).inc(completion_tokens)
         self.generation_seconds.labels(endpoint).observe(seconds)
 
-    def watch_engine(self, stats: Callable[[], Any]) -> None:
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Expose every numeric field of `stats()` (a dataclass) as deltaserve_engine_<field> (gauge or counter)."""
         self.registry.register(_StatsCollector("deltaserve_engine", stats))
 
@@ -103,11 +107,12 @@ class Metrics:
         self.registry.register(_RegistryCollector(reachable, known_tasks))
 
     def render(self) -> bytes:
+        """Every metric in Prometheus' text format."""
         return generate_latest(self.registry)
 
 
 class _StatsCollector(Collector):
-    def __init__(self, prefix: str, stats: Callable[[], Any]) -> None:
+    def __init__(self, prefix: str, stats: Callable[[], EngineStats]) -> None:
         self.prefix, self.stats = prefix, stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
