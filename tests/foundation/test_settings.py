@@ -33,12 +33,23 @@ def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> No
         ("DELTASERVE_PORT", "70000"),
         ("DELTASERVE_REGISTRY", "mongo"),
         ("DELTASERVE_API_KEYS", "{not json"),
+        ("DELTASERVE_DEFAULT_METHOD", "bogus"),
+        ("DELTASERVE_DEFAULT_METHOD", "full"),
     ],
 )
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         load_settings()
+
+
+def test_the_default_method_is_one_of_the_compressors_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compressor
+
+    assert load_settings().default_method in compressor.METHODS
+    for method in compressor.METHODS:
+        monkeypatch.setenv("DELTASERVE_DEFAULT_METHOD", method)
+        assert load_settings().default_method == method
 
 
 def test_empty_variables_mean_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
