@@ -24,6 +24,7 @@ class SlotRows:
 
     @property
     def count(self) -> int:
+        """Rows of the slot."""
         return self.stop - self.start if self.index is None else int(self.index.numel())
 
     def take(self, x: Tensor) -> Tensor:

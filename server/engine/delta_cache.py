@@ -35,6 +35,8 @@ Key = tuple[str, str]
 
 
 class DeltaState(enum.Enum):
+    """Where one version's delta stands in the cache."""
+
     READY = "ready"
     LOADING = "loading"
     ABSENT = "absent"
@@ -46,6 +48,8 @@ class DeltaState(enum.Enum):
 
 @dataclass(eq=False)
 class Entry:
+    """One resident delta, its size and the running requests that pin it."""
+
     delta: ResidentDelta
     nbytes: int
     pins: int = 0
@@ -54,6 +58,8 @@ class Entry:
 
 @dataclass
 class CacheCounters:
+    """Hits, misses, evictions and loads since the start; the last failure of each version."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0
@@ -63,10 +69,13 @@ class CacheCounters:
 
 
 def key_of(ref: TaskVersion) -> Key:
+    """The cache key of a version."""
     return (ref.task, ref.sha256)
 
 
 class DeltaCache:
+    """Resident deltas by version under a byte budget (see the module docstring)."""
+
     def __init__(
         self, source: DeltaSource, budget_bytes: int, unpack: Unpack, on_change: Callable[[], None] = lambda: None
     ) -> None:
@@ -84,6 +93,7 @@ class DeltaCache:
 
     @property
     def resident_bytes(self) -> int:
+        """Bytes of the resident deltas, retired ones still pinned included."""
         with self._lock:
             return self._resident_bytes()
 
@@ -156,6 +166,7 @@ class DeltaCache:
             return entry
 
     def release(self, entry: Entry) -> None:
+        """Unpin an entry `acquire` returned (its running request ended)."""
         with self._lock:
             entry.pins -= 1
             if entry.retired and entry.pins == 0:
@@ -183,6 +194,7 @@ class DeltaCache:
                 del self.counters.failures[key]
 
     def close(self) -> None:
+        """Stop the loader thread, waiting for a load in progress."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _state(self, key: Key) -> DeltaState:

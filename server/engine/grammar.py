@@ -98,10 +98,12 @@ class Grammars:
         return xgr.GrammarMatcher(grammar)
 
     def cached(self) -> int:
+        """How many compiled grammars the cache holds."""
         with self._lock:
             return len(self._cache)
 
     def close(self) -> None:
+        """Stop the compiler threads (a compile in progress is abandoned)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

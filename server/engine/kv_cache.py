@@ -51,6 +51,8 @@ def block_hash(parent: bytes, tokens: Iterable[int]) -> bytes:
 
 
 class KVCache:
+    """The block pool of every layer's K and V, its reference counts and the prefix cache's index."""
+
     def __init__(
         self, config: ModelConfig, budget_bytes: int, block_size: int, device: torch.device, dtype: torch.dtype
     ) -> None:

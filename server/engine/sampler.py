@@ -33,6 +33,8 @@ GRAMMAR_FAILED = "The grammar of this request's response format failed; no token
 
 @dataclass(frozen=True)
 class RowState:
+    """What sampling one row needs of its request."""
+
     params: SamplingParams
     output: Sequence[int]
     generator: torch.Generator | None
@@ -42,6 +44,8 @@ class RowState:
 
 @dataclass(frozen=True)
 class Sampled:
+    """One row's chosen token."""
+
     token: int
     logprob: TokenLogprob | None
     """The token's logprob entry when the request asked for logprobs."""

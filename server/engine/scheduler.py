@@ -35,6 +35,8 @@ GRAMMAR_REJECTED = "The grammar of this request's response format rejected a tok
 
 @dataclass(frozen=True)
 class ScheduledChunk:
+    """A run of `num_tokens` of one sequence's tokens, from `start`, in the next step."""
+
     seq: Sequence
     start: int
     """Index of the chunk's first token in the sequence (tokens before it are cached)."""
@@ -70,6 +72,8 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """The next step: the chunks to run, and the waiting sequences to end."""
+
     chunks: tuple[ScheduledChunk, ...]
     failed: tuple[tuple[Sequence, BaseException], ...]
     """Waiting sequences whose delta failed to load: the engine ends them with the error."""
@@ -77,6 +81,8 @@ class StepPlan:
 
 @dataclass
 class PrefixCounters:
+    """How much of the admitted tokens' K/V the prefix cache supplied."""
+
     prompt_tokens: int = 0
     """Tokens of admitted sequences (a preempted sequence counts again when it is re-admitted)."""
     hit_tokens: int = 0
@@ -84,6 +90,8 @@ class PrefixCounters:
 
 
 class Scheduler:
+    """The waiting and running sequences, and the step plans and bookkeeping over them."""
+
     def __init__(
         self, kv: KVCache, deltas: DeltaCache, max_running: int, max_batch_tokens: int, prefix_cache: bool = True
     ) -> None:
@@ -97,14 +105,17 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (its delta counted as a hit or miss and loaded if absent)."""
         if seq.ref is not None:
             self.deltas.request(seq.ref)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
+        """Some sequence waits or runs."""
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
+        """The next step's chunks under the token budget (see the module docstring)."""
         chunks: list[ScheduledChunk] = []
         budget = self.max_batch_tokens
         for seq in sorted(self.running, key=lambda s: (s.uncomputed > 1, s.arrival)):

@@ -23,6 +23,8 @@ _arrival = itertools.count()
 
 
 class Status(enum.Enum):
+    """Where a sequence is: waiting for admission, running, or done."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -30,6 +32,8 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
+    """One request inside the engine, from its arrival until its last chunk is sent."""
+
     request: GenerationRequest
     detok: IncrementalDetokenizer
     sink: Sink
@@ -58,10 +62,12 @@ class Sequence:
 
     @property
     def request_id(self) -> str:
+        """The request's id."""
         return self.request.request_id
 
     @property
     def task(self) -> str | None:
+        """The request's task; None for the base alone."""
         return self.request.task
 
     @property
@@ -71,10 +77,12 @@ class Sequence:
 
     @property
     def prompt(self) -> tuple[int, ...]:
+        """The prompt's token ids."""
         return self.request.prompt_token_ids
 
     @property
     def length(self) -> int:
+        """Prompt plus output tokens."""
         return len(self.prompt) + len(self.output)
 
     @property
@@ -83,10 +91,12 @@ class Sequence:
         return self.length - self.num_computed
 
     def token_at(self, index: int) -> int:
+        """The token at `index` of prompt + output."""
         n = len(self.prompt)
         return self.prompt[index] if index < n else self.output[index - n]
 
     def tokens(self, start: int, stop: int) -> list[int]:
+        """The tokens at [start, stop) of prompt + output."""
         return [self.token_at(i) for i in range(start, stop)]
 
     def chunk(self, token_ids: tuple[int, ...], final: bool) -> GenerationChunk:

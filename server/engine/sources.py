@@ -26,6 +26,7 @@ class LocalDirDeltaSource:
         return path if path.is_file() else None
 
     def lookup(self, task: str) -> TaskVersion | None:
+        """The task's version: its file's sha256 (hashed again only when the file changed)."""
         path = self._path(task)
         if path is None:
             return None
@@ -37,6 +38,7 @@ class LocalDirDeltaSource:
         return TaskVersion(task, 1, known[1], stat.st_size, created=stat.st_mtime)
 
     def read(self, ref: TaskVersion) -> bytes:
+        """The file's bytes; ValueError when they no longer hash to `ref`'s sha256."""
         path = self._path(ref.task)
         if path is None:
             raise FileNotFoundError(f"{ref.task}: no artifact in {self.folder}")
@@ -46,5 +48,6 @@ class LocalDirDeltaSource:
         return data
 
     def tasks(self) -> list[TaskVersion]:
+        """Every task with an artifact in the folder."""
         names = sorted(p.name[: -len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}"))
         return [ref for ref in map(self.lookup, names) if ref is not None]

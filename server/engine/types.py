@@ -30,6 +30,8 @@ class GrammarSpec:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a request's tokens are chosen and when its output stops."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -52,6 +54,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One request as the engine receives it: prompt tokens, task and its version, sampling."""
+
     request_id: str
     task: str | None
     """The task whose delta applies; None for the base model alone."""
@@ -64,6 +68,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """The logprob of one sampled token, and of its top alternatives."""
+
     token_id: int
     token: str
     logprob: float

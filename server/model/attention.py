@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class PrefillChunk:
+    """A chunk of several rows of one sequence, attending causally over its past."""
+
     start_row: int
     num_rows: int
     context_len: int
@@ -25,11 +27,14 @@ class PrefillChunk:
 
     @property
     def past_len(self) -> int:
+        """Tokens of the sequence in the cache before the chunk."""
         return self.context_len - self.num_rows
 
 
 @dataclass(frozen=True)
 class DecodeGroup:
+    """The single-token rows of a step, attending together in one batched call."""
+
     rows: torch.Tensor  # [B] int64 row of each single-token sequence
     token_slots: torch.Tensor  # [B, L] int64 flat cache slots, padded (padding masked out)
     mask: torch.Tensor  # [B, 1, 1, L] bool, True where the key is part of the sequence
@@ -37,6 +42,8 @@ class DecodeGroup:
 
 @dataclass(frozen=True)
 class AttentionMeta:
+    """One step's attention layout, shared by every layer."""
+
     slot_mapping: torch.Tensor  # [T] int64 flat cache slot each row's K/V is written to
     decode: DecodeGroup | None
     prefills: tuple[PrefillChunk, ...]
@@ -44,6 +51,8 @@ class AttentionMeta:
 
 @dataclass(frozen=True)
 class LayerCache:
+    """One layer's view of the KV cache."""
+
     key: torch.Tensor  # [num_slots, kv_heads, head_dim] one layer's keys, all blocks flattened
     value: torch.Tensor  # [num_slots, kv_heads, head_dim]
 

@@ -31,6 +31,7 @@ class ResidentDelta:
 
     @property
     def nbytes(self) -> int:
+        """Bytes on the device: every factor and 1-D delta."""
         return sum(f.nbytes for f in self.factors.values()) + sum(
             t.numel() * t.element_size() for t in self.dense.values()
         )

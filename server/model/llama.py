@@ -74,6 +74,7 @@ class LlamaModel:
     def from_dir(
         cls, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> LlamaModel:
+        """The model of an HF folder (config.json, *.safetensors) on `device` in `dtype`."""
         config = ModelConfig.from_dir(folder)
         device = torch.device(device)
         return cls(config, load_state_dict(Path(folder), device, dtype), Rope.from_config(config, Path(folder), device))

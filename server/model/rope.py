@@ -16,6 +16,8 @@ from server.model.config import ModelConfig
 
 @dataclass(frozen=True)
 class Rope:
+    """The model's rotary frequencies and their attention scaling."""
+
     inv_freq: torch.Tensor  # [head_dim // 2] float32
     attention_scaling: float
 
