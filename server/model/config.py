@@ -21,6 +21,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
+    """The base's RoPE scaling (config.json's rope_parameters or rope_scaling); `extra` holds the rest."""
+
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
@@ -31,6 +33,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """What deltaserve reads of a base's config.json, validated (see from_dict)."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -53,14 +57,17 @@ class ModelConfig:
     positions back), or None for full attention. Empty means full attention everywhere."""
 
     def window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, or None for full attention."""
         return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def q_size(self) -> int:
+        """Width of the query projection: heads * head_dim."""
         return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
+        """Width of each of the key and value projections: kv heads * head_dim."""
         return self.num_key_value_heads * self.head_dim
 
     @property
@@ -79,6 +86,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> ModelConfig:
+        """The config.json of an HF-layout folder; UnsupportedModelError when missing or not JSON."""
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise UnsupportedModelError(f"{folder}: no config.json (expected an HF-layout model folder)")
@@ -90,6 +98,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
+        """A parsed config.json, checked; UnsupportedModelError (naming `source`) for what cannot be served."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(

@@ -125,6 +125,7 @@ def pull_smollm2(cache: Path, dtype: str = "float32", force: bool = False) -> Pa
     steps.update()
 
     def build(tmp: Path) -> None:
+        """Dequantise the GGUF into `tmp` as safetensors plus a portable tokenizer."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,4 +153,5 @@ def pull_smollm2(cache: Path, dtype: str = "float32", force: bool = False) -> Pa
 
 
 def write_json(path: Path, obj: object) -> None:
+    """Write `obj` as indented JSON with sorted keys (byte-identical for equal objects)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.model.config import ModelConfig
 from server.model.provision import MANIFEST, publish_folder, write_json
 
 if TYPE_CHECKING:
@@ -30,81 +30,21 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-@dataclass(frozen=True)
-class TinyShape:
-    """The tiny base's sizes, under their config.json names."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 160
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 16
-    max_position_embeddings: int = 512
-
-
-TINY = TinyShape()
+# fmt: off
+_CORPUS_WORDS = [
+    "the", "model", "reads", "a", "task", "and", "writes", "an", "answer", ".", "numbers", "like", "12", "+",
+    "30", "=", "42", "and", "dates", "2024-05-17", "appear", "often", ";", "json", "{", '"name"', ":",
+    '"value"', "}", "keys", "and", "lists", "[", "1", ",", "2", ",", "3", "]", "too", ".", "user", "assistant",
+    "system", "hello", "world", "paris", "france", "capital", "question", "reply",
+]
+# fmt: on
+"""The tiny tokenizer's training words (a word may appear twice: it is drawn more often)."""
 
 
 def _tiny_corpus(seed: int) -> list[str]:
     """400 lines of 24 words each, drawn from a small fixed vocabulary by `seed`: the BPE's training text."""
     rng = random.Random(seed)
-    words = [
-        "the",
-        "model",
-        "reads",
-        "a",
-        "task",
-        "and",
-        "writes",
-        "an",
-        "answer",
-        ".",
-        "numbers",
-        "like",
-        "12",
-        "+",
-        "30",
-        "=",
-        "42",
-        "and",
-        "dates",
-        "2024-05-17",
-        "appear",
-        "often",
-        ";",
-        "json",
-        "{",
-        '"name"',
-        ":",
-        '"value"',
-        "}",
-        "keys",
-        "and",
-        "lists",
-        "[",
-        "1",
-        ",",
-        "2",
-        ",",
-        "3",
-        "]",
-        "too",
-        ".",
-        "user",
-        "assistant",
-        "system",
-        "hello",
-        "world",
-        "paris",
-        "france",
-        "capital",
-        "question",
-        "reply",
-    ]
-    return [" ".join(rng.choice(words) for _ in range(24)) for _ in range(400)]
+    return [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(24)) for _ in range(400)]
 
 
 def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> Tokenizer:
@@ -125,12 +65,18 @@ def build_tiny_tokenizer(seed: int, vocab_size: int = 512) -> Tokenizer:
 
 
 def tiny_config(vocab_size: int, tied: bool) -> dict[str, object]:
-    """The tiny base's config.json (its sizes from TINY)."""
+    """The tiny base's config.json."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        **asdict(TINY),
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "hidden_act": "silu",
@@ -158,7 +104,8 @@ def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
     bos, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
     config = tiny_config(vocab, tied) | {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0}
     gen = torch.Generator().manual_seed(seed)
-    tensors = _tiny_weights(TINY, vocab, tied, gen)
+    model = ModelConfig.from_dict(config)
+    tensors = _tiny_weights(model, gen)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(tmp / "tokenizer.json"))
     write_json(tmp / "config.json", config)
@@ -173,39 +120,28 @@ def _build_tiny(tmp: Path, seed: int, tied: bool) -> None:
             "unk_token": None,
             "add_bos_token": False,
             "chat_template": CHATML_TEMPLATE,
-            "model_max_length": TINY.max_position_embeddings,
+            "model_max_length": model.max_position_embeddings,
         },
     )
 
 
-def _tiny_weights(sizes: TinyShape, vocab: int, tied: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _tiny_weights(model: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Random weights of every tensor of the tiny Llama, by name (norms near one)."""
     import torch
 
-    h, inter = sizes.hidden_size, sizes.intermediate_size
-    q = sizes.num_attention_heads * sizes.head_dim
-    kv = sizes.num_key_value_heads * sizes.head_dim
+    h, vocab = model.hidden_size, model.vocab_size
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.08).contiguous()
 
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h)}
-    for i in range(sizes.num_hidden_layers):
+    for i in range(model.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes = {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (inter, h),
-            "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter),
-        }
-        for name, shape in shapes.items():
+        for name, shape in model.linear_shapes.items():
             out[f"{p}{name}.weight"] = rand(*shape)
         out[f"{p}input_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
         out[f"{p}post_attention_layernorm.weight"] = torch.ones(h) + rand(h) * 0.1
-    if not tied:
+    if not model.tie_word_embeddings:
         out["lm_head.weight"] = rand(vocab, h)
     return out
 

@@ -66,10 +66,12 @@ class TaskVersion:
     """The compression report's quality figures (JSON-able); not part of the hash (a dict is not hashable)."""
 
     def to_json(self) -> str:
+        """The version as a JSON object (keys sorted): how the Redis index stores it."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TaskVersion:
+        """The version `to_json` wrote."""
         return cls(**json.loads(text))
 
 
@@ -84,6 +86,7 @@ class TaskEntry:
 
     @property
     def current_version(self) -> TaskVersion:
+        """The version the task points to; TaskMissingError when that version is not kept."""
         for found in self.versions:
             if found.version == self.current:
                 return found

@@ -129,6 +129,7 @@ class RegistryView:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the resync and forget the listeners (the store is the registry's to close)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0 + self.resync_s)
