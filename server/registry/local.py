@@ -14,7 +14,6 @@ Replicas on different machines share a Redis registry instead.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,8 +27,16 @@ from pathlib import Path
 from typing import Any, TypedDict, cast
 
 from server.files import abandoned, owned_name
-from server.registry.records import BlobCorruptError, JobRecord, TaskEntry, TaskVersion, job_record_from_json
-from server.registry.store import JOB_TTL_S, ChangeListener, Resync, announce, checked_job_id, valid_job_id
+from server.registry.records import JobRecord, TaskEntry, TaskVersion, job_record_from_json
+from server.registry.store import (
+    JOB_TTL_S,
+    ChangeListener,
+    Resync,
+    announce,
+    checked_blob,
+    checked_job_id,
+    valid_job_id,
+)
 
 POLL_S = 1.0
 """How often a subscribed store looks for index changes made by other processes."""
@@ -72,12 +79,10 @@ class LocalStore:
 
     def read_blob(self, sha256: str) -> bytes:
         try:
-            data = self._blob_path(sha256).read_bytes()
+            data: bytes | None = self._blob_path(sha256).read_bytes()
         except FileNotFoundError:
-            raise BlobCorruptError(f"artifact {sha256} is missing from {self.root / 'blobs'}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise BlobCorruptError(f"artifact {sha256} in {self.root / 'blobs'} does not match its sha256")
-        return data
+            data = None
+        return checked_blob(data, sha256, str(self.root / "blobs"))
 
     def delete_blob(self, sha256: str) -> None:
         self._blob_path(sha256).unlink(missing_ok=True)

@@ -17,7 +17,6 @@ messages published while it was away are lost.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import threading
@@ -33,14 +32,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from server.registry.records import (
-    BlobCorruptError,
     JobRecord,
     RegistryUnavailableError,
     TaskEntry,
     TaskVersion,
     job_record_from_json,
 )
-from server.registry.store import JOB_TTL_S, ChangeListener, Resync, announce, call_each, checked_job_id, valid_job_id
+from server.registry.store import (
+    JOB_TTL_S,
+    ChangeListener,
+    Resync,
+    announce,
+    call_each,
+    checked_blob,
+    checked_job_id,
+    valid_job_id,
+)
 
 log = logging.getLogger("deltaserve.registry")
 CHUNK_BYTES = 4 << 20
@@ -109,9 +116,7 @@ class RedisStore:
     @_guarded
     def read_blob(self, sha256: str) -> bytes:
         data = b"".join(self._read_chunks(self._key(f"blob:{sha256}")))
-        if not data or hashlib.sha256(data).hexdigest() != sha256:
-            raise BlobCorruptError(f"artifact {sha256} is missing from Redis or does not match its sha256")
-        return data
+        return checked_blob(data or None, sha256, "Redis")  # no chunks: no such blob
 
     @_guarded
     def delete_blob(self, sha256: str) -> None:

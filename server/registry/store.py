@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from server.files import sha256_file
-from server.registry.records import JobRecord, TaskEntry, TaskVersion
+from server.registry.records import BlobCorruptError, JobRecord, TaskEntry, TaskVersion
 
 log = logging.getLogger("deltaserve.registry")
 ChangeListener = Callable[[str], None]
@@ -140,6 +140,16 @@ def call_each(callbacks: Iterable[Callable[[], None]], about: str) -> None:
             callback()
         except Exception:
             log.exception("registry change callback failed (%s)", about)
+
+
+def checked_blob(data: bytes | None, sha256: str, where: str) -> bytes:
+    """`data` (a blob read from `where`) when it hashes to `sha256`; BlobCorruptError when it is missing
+    (None) or does not match: every read of a blob is checked here."""
+    if data is None:
+        raise BlobCorruptError(f"artifact {sha256} is missing from {where}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BlobCorruptError(f"artifact {sha256} in {where} does not match its sha256")
+    return data
 
 
 def digest_of(source: Path | bytes) -> tuple[str, int]:

@@ -82,6 +82,15 @@ def test_tampered_blob_is_refused_on_read(registry: Registry, tmp_path: Path) ->
         registry.read(ref)
 
 
+def test_missing_blob_is_refused_on_read(registry: Registry) -> None:
+    """Both backends check every read in one place (store.checked_blob): gone is as bad as tampered."""
+    registry.publish("t", b"good-bytes", method="impart", ratio=8.0)
+    ref = registry.lookup("t")
+    registry.store.delete_blob(ref.sha256)
+    with pytest.raises(BlobCorruptError, match="is missing from"):
+        registry.read(ref)
+
+
 def test_blob_without_index_entry_is_invisible_and_collected(registry: Registry) -> None:
     registry.store.put_blob("f" * 64, b"crashed before the index entry")
     assert registry.tasks() == [] and registry.lookup("anything") is None
