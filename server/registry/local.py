@@ -35,6 +35,7 @@ from server.registry.store import (
     announce,
     checked_blob,
     checked_job_id,
+    referenced_blobs,
     valid_job_id,
 )
 
@@ -134,7 +135,7 @@ class LocalStore:
         for name in removed:
             (self.root / "tmp" / name).unlink(missing_ok=True)
         with self._locked():
-            referenced = {v.sha256 for name in self.task_names() for v in self._entry_versions(name)}
+            referenced = referenced_blobs(self.entries())
             orphans = [
                 p for p in (self.root / "blobs").iterdir() if p.name not in referenced and p.stat().st_mtime < cutoff
             ]
@@ -208,10 +209,6 @@ class LocalStore:
                 self._seen = now
             for task in changed:
                 announce(self._listeners, task)
-
-    def _entry_versions(self, task: str) -> tuple[TaskVersion, ...]:
-        found = self.entry(task)
-        return found.versions if found else ()
 
     def _blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256

@@ -46,6 +46,7 @@ from server.registry.store import (
     call_each,
     checked_blob,
     checked_job_id,
+    referenced_blobs,
     valid_job_id,
 )
 
@@ -174,7 +175,7 @@ class RedisStore:
     @_guarded
     def collect_garbage(self, grace_s: float) -> list[str]:
         """Partial uploads expire by their TTL; here: blobs no task version points to."""
-        referenced = {v.sha256 for name in self.task_names() for v in (self.entry(name) or _EMPTY).versions}
+        referenced = referenced_blobs(self.entries())
         removed = []
         for sha in self.blob_digests() - referenced:
             idle = self.client.object("idletime", self._key(f"blob:{sha}"))
@@ -273,9 +274,6 @@ class RedisStore:
 
     def _key(self, suffix: str) -> str:
         return self.prefix + suffix
-
-
-_EMPTY = TaskEntry(task="", current=0, versions=())
 
 
 def _entry_from_hash(task: str, raw: Mapping[bytes | str, bytes | str]) -> TaskEntry | None:

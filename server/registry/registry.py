@@ -18,7 +18,7 @@ from pathlib import Path
 from server.config import Settings
 from server.registry.local import LocalStore
 from server.registry.records import JobRecord, TaskEntry, TaskMissingError, TaskVersion, validate_task_name
-from server.registry.store import ChangeListener, Store, digest_of
+from server.registry.store import ChangeListener, Store, digest_of, referenced_blobs
 from server.registry.view import RegistryView
 
 log = logging.getLogger("deltaserve.registry")
@@ -98,8 +98,7 @@ class Registry:
         if removed is None:
             raise TaskMissingError(f"no task named {task!r}")
         self._changed(task)
-        still_used = {v.sha256 for entry in self.store.entries() for v in entry.versions}
-        for sha in {v.sha256 for v in removed.versions} - still_used:
+        for sha in referenced_blobs([removed]) - referenced_blobs(self.store.entries()):
             self.store.delete_blob(sha)
         log.info("deleted task %s (%d versions)", task, len(removed.versions))
         return removed

@@ -142,6 +142,11 @@ def call_each(callbacks: Iterable[Callable[[], None]], about: str) -> None:
             log.exception("registry change callback failed (%s)", about)
 
 
+def referenced_blobs(entries: Iterable[TaskEntry]) -> set[str]:
+    """The sha256 of every kept version of these entries: the blobs that must not be removed."""
+    return {version.sha256 for entry in entries for version in entry.versions}
+
+
 def checked_blob(data: bytes | None, sha256: str, where: str) -> bytes:
     """`data` (a blob read from `where`) when it hashes to `sha256`; BlobCorruptError when it is missing
     (None) or does not match: every read of a blob is checked here."""
