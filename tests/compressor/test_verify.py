@@ -23,7 +23,7 @@ import compressor
 from compressor.merge import merge
 from server.cli import main
 
-METHODS = ("impart", "lowrank", "dare", "impart-qt", "dare-qt")
+METHODS = compressor.METHODS
 MANIFEST_LEVEL = {"wrong base", "bad manifest field", "manifest a list", "manifest a string", "manifest null"}
 
 
