@@ -32,6 +32,7 @@ from server.registry.store import (
     JOB_TTL_S,
     ChangeListener,
     Resync,
+    Store,
     announce,
     checked_blob,
     checked_job_id,
@@ -52,8 +53,9 @@ class _IndexFile(TypedDict):
     """Version number (as text) -> that TaskVersion's fields as JSON values."""
 
 
-class LocalStore:
-    """The registry's backend on a local folder (see the module's docstring for its layout)."""
+class LocalStore(Store):
+    """The registry's backend on a local folder (see the module's docstring for its layout).
+    Each method does what the Store protocol it implements says."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -42,6 +42,7 @@ from server.registry.store import (
     JOB_TTL_S,
     ChangeListener,
     Resync,
+    Store,
     announce,
     call_each,
     checked_blob,
@@ -85,8 +86,9 @@ return 0
 """
 
 
-class RedisStore:
-    """The registry's backend on a Redis shared by every replica (see the module's docstring for its keys)."""
+class RedisStore(Store):
+    """The registry's backend on a Redis shared by every replica (see the module's docstring for its
+    keys). Each method does what the Store protocol it implements says."""
 
     def __init__(self, url: str, prefix: str = "deltaserve:", timeout_s: float = 1.0) -> None:
         self.client = redis.Redis.from_url(
