@@ -65,6 +65,7 @@ def compress_checkpoint(
     tensors = [0]
 
     def progress(done: int, total: int, tensor: str) -> None:
+        """The compressor's per-tensor report, passed on to the server."""
         tensors[0] = total
         if _progress is not None:
             _progress.put((job_id, done, total, tensor))
