@@ -134,7 +134,7 @@ HTTP_CHECKPOINT_KINDS = [k for k in crafted.checkpoint_edits(Path("/x")) if k !=
 def test_a_crafted_shard_index_or_config_is_400_naming_the_entry(
     kind: str, server: LiveServer, admin: httpx.Client, finetunes: dict[str, Path], tiny_model: Path, tmp_path: Path
 ) -> None:
-    """The issue's exploit first: an index naming the base's own weights by absolute path or `..`."""
+    """The exploit first: an index naming the base's own weights by absolute path or `..`."""
     before = _state(server, admin)
     files = _edited_checkpoint(finetunes["code"], tmp_path, kind, tiny_model / "model.safetensors")
     reply = admin.post("/admin/v1/tasks/crafted/checkpoint", files=files)

@@ -192,7 +192,7 @@ def test_invalid_json_is_400_without_a_param(client: httpx.Client) -> None:
 
 
 def test_thousands_of_long_stop_strings_are_refused_at_once(client: httpx.Client) -> None:
-    """The issue's request: 2,000 stop strings of 6,000 characters (12 MB) with max_tokens 450."""
+    """The abusive request: 2,000 stop strings of 6,000 characters (12 MB) with max_tokens 450."""
     started = time.perf_counter()
     reply = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 450, "stop": ["x" * 6000] * 2000})
     assert _error(reply, 400)["param"] == "stop"
