@@ -18,22 +18,6 @@ GATEWAY = DEPLOY / "gateway"
 VENV_BIN = Path(sys.executable).parent
 GATEWAY_VAR = re.compile(r"\$\{(GATEWAY_[A-Z_]+)\}")
 
-# Settings the contract reserves before their owners add them to `Settings` (contract E).
-RESERVED_SETTINGS = {
-    "delta_cache_bytes",
-    "kv_cache_bytes",
-    "max_batch_tokens",
-    "max_running",
-    "max_queue",
-    "kv_block_size",
-    "admin_keys",
-    "api_keys",
-    "max_upload_bytes",
-    "default_method",
-    "default_ratio",
-    "shutdown_timeout",
-    "work_dir",
-}
 SECRET_SETTINGS = {"DELTASERVE_ADMIN_KEYS", "DELTASERVE_API_KEYS"}
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
@@ -47,11 +31,11 @@ def tool(name: str) -> Path:
 
 
 def known_setting(env_name: str) -> bool:
-    """True when `env_name` is a DELTASERVE_ variable that Settings reads or contract E reserves."""
+    """True when `env_name` is a DELTASERVE_ variable that Settings reads (contract E)."""
     if not env_name.startswith(ENV_PREFIX):
         return False
     field = env_name[len(ENV_PREFIX) :].lower()
-    return field in Settings.model_fields or field in RESERVED_SETTINGS
+    return field in Settings.model_fields
 
 
 def render_gateway_template(text: str, values: dict[str, str]) -> str:
