@@ -25,10 +25,11 @@ from bench.testbed.finetune import FINETUNE_CACHE, REPORT, TRAIN_STEPS, TrainCon
 from bench.testbed.tasks import SPLIT_SIZES, TASKS, make_splits
 from compressor import compress, load_artifact
 from compressor.merge import merge
+from compressor.search import TUNABLE
 
 QUALITY_CACHE = Path("~/.cache/deltaserve/quality").expanduser()
-TUNED_METHODS = ("impart", "impart-qt")
-"""Methods with (beta, C) picked on the validation split."""
+TUNED_METHODS = tuple(TUNABLE)
+"""Methods with (beta, C) picked on the validation split: those the compressor's search tunes."""
 DETERMINISTIC_METHODS = ("lowrank",)
 MERGE_SCALE = {"ta": 0.5, "ties": 1.0}
 TIES_DENSITY = 0.2

@@ -6,7 +6,10 @@ import json
 import statistics
 from pathlib import Path
 
-METHOD_ORDER = ["impart", "dare", "lowrank", "impart-qt", "dare-qt"]
+from compressor import METHODS
+
+METHOD_ORDER = list(METHODS)
+"""Every method, in the order the compressor lists them."""
 
 
 def write_report(results: dict, out: Path, stem: str = "quality") -> list[Path]:
