@@ -64,7 +64,9 @@ class EngineClient(Protocol):
 
     async def stop(self, timeout: float = ...) -> None: ...
 
-    def generate_choices(self, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, GenerationChunk]]: ...
+    def generate_choices(
+        self, request: GenerationRequest, n: int
+    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]: ...
 
     async def prefetch(self, task: str) -> None: ...
 
@@ -296,7 +298,7 @@ class Generation:
 
     def __init__(
         self,
-        stream: AsyncIterator[tuple[int, GenerationChunk]],
+        stream: AsyncGenerator[tuple[int, GenerationChunk], None],
         first: tuple[int, GenerationChunk],
         n: int,
         task_label: str,
@@ -328,7 +330,7 @@ class Generation:
         try:
             first = await anext(stream)
         except MAPPED_ERRORS as exc:
-            await _close(stream)
+            await stream.aclose()
             metrics.task_requests.labels(target.model, "rejected").inc()
             raise from_engine(exc, target.model) from None
         except StopAsyncIteration:
@@ -358,7 +360,7 @@ class Generation:
     async def aclose(self) -> None:
         """Close the engine's generator (aborting unfinished choices) and record the outcome."""
         with anyio.CancelScope(shield=True):
-            await _close(self._stream)
+            await self._stream.aclose()
         outcome = self.finish_reason or "disconnected"
         self._metrics.observe_finished(
             self._task_label,
@@ -378,12 +380,6 @@ class Generation:
         self._completion[index] = chunk.completion_tokens
         if chunk.finish_reason is not None:
             self.finish_reasons[index] = chunk.finish_reason
-
-
-async def _close(stream: AsyncIterator[tuple[int, GenerationChunk]]) -> None:
-    """Close the engine's generator (an async generator: closing aborts its unfinished choices)."""
-    if isinstance(stream, AsyncGenerator):
-        await stream.aclose()
 
 
 @dataclass
