@@ -120,29 +120,30 @@ def _task_of_model(model: str, base_name: str) -> str | None:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on request fields whose cost the caller controls (each a setting)."""
+    """Bounds on request fields whose cost the caller controls: each is the setting of the same name
+    (server.config.Settings holds their defaults)."""
 
     max_stop_strings: int
     max_stop_chars: int
     max_stop_token_ids: int
     max_prompt_chars: int
     max_messages: int
-    max_n: int = 16
-    max_logit_bias: int = 300
-    max_grammar_chars: int = 1 << 16
+    max_n: int
+    max_logit_bias: int
+    max_grammar_chars: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
         """The limits the settings give."""
         return cls(
-            settings.max_stop_strings,
-            settings.max_stop_chars,
-            settings.max_stop_token_ids,
-            settings.max_prompt_chars,
-            settings.max_messages,
-            settings.max_n,
-            settings.max_logit_bias,
-            settings.max_grammar_chars,
+            max_stop_strings=settings.max_stop_strings,
+            max_stop_chars=settings.max_stop_chars,
+            max_stop_token_ids=settings.max_stop_token_ids,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_messages=settings.max_messages,
+            max_n=settings.max_n,
+            max_logit_bias=settings.max_logit_bias,
+            max_grammar_chars=settings.max_grammar_chars,
         )
 
 
