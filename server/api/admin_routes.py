@@ -16,6 +16,7 @@ import compressor
 from server.api.auth_deps import admin_principal
 from server.api.context import ServerContext, context_of
 from server.api.errors import MAPPED_ERRORS, APIError, bad_request, from_engine, not_found, not_ready
+from server.api.protocol import INT64_MAX
 from server.api.uploads import receive_adapter, receive_checkpoint, receive_raw
 from server.config import check_method
 from server.engine.types import EngineStats
@@ -32,8 +33,10 @@ AdapterMethod = Annotated[str, AfterValidator(lambda method: check_method(method
 """The method that compresses an adapter's delta: one of compressor.ADAPTER_METHODS."""
 MAX_RATIO = 1e6
 """Past a matrix's size a ratio keeps nothing; the bound refuses inf and absurd values with a 400."""
-MAX_SEED = 2**63 - 1
-"""The mask seed is a signed 64-bit integer."""
+Ratio = Annotated[float | None, Query(gt=1.0, le=MAX_RATIO)]
+"""An upload's compression ratio: in (1, MAX_RATIO]; None for the default (or no compression)."""
+Seed = Annotated[int, Query(ge=0, le=INT64_MAX)]
+"""The mask seed: a non-negative signed 64-bit integer."""
 
 
 class RollbackRequest(BaseModel):
@@ -101,8 +104,8 @@ async def upload_checkpoint(
     request: Request,
     response: Response,
     method: Method | None = None,
-    ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
-    seed: int = Query(0, ge=0, le=MAX_SEED),
+    ratio: Ratio = None,
+    seed: Seed = 0,
 ) -> Job:
     """Stream a fine-tuned checkpoint (multipart: config.json + *.safetensors) and queue its compression."""
     ctx, task = context_of(request), validate_task_name(task)
@@ -137,9 +140,9 @@ async def upload_checkpoint(
 async def upload_adapter(
     task: str,
     request: Request,
-    ratio: float | None = Query(None, gt=1.0, le=MAX_RATIO),
+    ratio: Ratio = None,
     method: AdapterMethod = "impart",
-    seed: int = Query(0, ge=0, le=MAX_SEED),
+    seed: Seed = 0,
 ) -> TaskVersion:
     """Publish a PEFT LoRA adapter (multipart: adapter_config.json + adapter_model.safetensors) as the task's
     new version, its factors stored exactly (method lora); `ratio` compresses its delta instead."""

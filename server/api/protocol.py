@@ -27,6 +27,7 @@ from server.engine.validation import (
 )
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The range of a signed 64-bit integer: request seeds and the admin API's mask seeds."""
 
 
 class OpenAIModel(BaseModel):
