@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install redis
+test: install redis lint
 	$(BIN)/python -m pytest -q
 
 bench-kernels: install
