@@ -97,6 +97,11 @@ def _publish(server: LiveServer, task: str, data: bytes) -> httpx.Response:
         return admin.put(f"/admin/v1/tasks/{task}/artifact", content=data)
 
 
+def _ask_unknown(admin: httpx.Client) -> httpx.Response:
+    """A chat request for a task that was never published: 404 when the registry answers, 503 when not."""
+    return admin.post("/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2})
+
+
 def _assert_registry_unavailable(reply: httpx.Response) -> None:
     assert reply.status_code == 503, reply.text
     error = reply.json()["error"]
@@ -153,11 +158,7 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
         )
         assert errors == []
         with replicas[1].admin() as admin:
-            _assert_registry_unavailable(
-                admin.post(
-                    "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
-                )
-            )
+            _assert_registry_unavailable(_ask_unknown(admin))
             _assert_registry_unavailable(admin.put("/admin/v1/tasks/steady/artifact", content=artifacts["v2"]))
             _assert_registry_unavailable(
                 admin.post("/admin/v1/tasks/new/checkpoint", files=checkpoint_files(finetunes["math"]))
@@ -170,18 +171,7 @@ def test_while_redis_is_down_known_tasks_and_the_base_serve_and_unknowns_get_503
     finally:
         redis_server.start()
     with replicas[1].admin() as admin:
-        assert (
-            eventually(
-                lambda: (
-                    admin.post(
-                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
-                    ).status_code
-                    == 404
-                ),
-                5.0,
-            )
-            is not None
-        )
+        assert eventually(lambda: _ask_unknown(admin).status_code == 404, 5.0) is not None
         assert eventually(lambda: _gauge(admin, "deltaserve_registry_reachable") == 1.0, 5.0) is not None
     assert _publish(replicas[1], "steady", artifacts["v2"]).status_code == 201
     for replica in replicas:
@@ -219,13 +209,7 @@ def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_t
             _timed(lambda: _served(server, "hung", expected) == "v1" or pytest.fail("wrong version")) for _ in range(2)
         )
         with server.admin() as admin:
-            unknown = _timed(
-                lambda: _assert_registry_unavailable(
-                    admin.post(
-                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
-                    )
-                )
-            )
+            unknown = _timed(lambda: _assert_registry_unavailable(_ask_unknown(admin)))
         print(
             f"\nRedis stopped: resident task {during:.3f} s (baseline {baseline:.3f} s), unknown task "
             f"503 in {unknown:.3f} s"
@@ -235,18 +219,7 @@ def test_a_hung_redis_costs_a_resident_task_nothing_and_an_unknown_one_at_most_t
     finally:
         redis_server.resume()
     with server.admin() as admin:
-        assert (
-            eventually(
-                lambda: (
-                    admin.post(
-                        "/v1/chat/completions", json={"model": "never-published", "messages": MESSAGES, "max_tokens": 2}
-                    ).status_code
-                    == 404
-                ),
-                5.0,
-            )
-            is not None
-        )
+        assert eventually(lambda: _ask_unknown(admin).status_code == 404, 5.0) is not None
     assert _publish(server, "hung", artifacts["v2"]).status_code == 201
     assert _served(server, "hung", expected) == "v2"
 
