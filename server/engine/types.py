@@ -47,7 +47,7 @@ class SamplingParams:
     """None: no logprobs; k >= 0: the sampled token's logprob and the top k alternatives."""
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
-    """(token id, bias in [-100, 100]) added to the row's logits before penalties and sampling."""
+    """(token id, bias) added to the row's logits before penalties and sampling (bounds: validation.py)."""
     grammar: GrammarSpec | None = None
     """The grammar the output must match (constrained decoding); None for free text."""
 
