@@ -1,0 +1,60 @@
+"""The engine on CUDA equals transformers' merged model on CUDA: greedy tokens of the base and of a task,
+alone and in one mixed batch, float32, on the tiny model and tasks of tests/engine/conftest.py.
+
+The same comparison as test_task_deltas' CPU test with only the device changed; skipped without CUDA
+(bench/gpu_check.sh runs it on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.types import GenerationRequest
+from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
+from tests.engine.test_task_deltas import ROW_TASKS, _prompts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEVICE = "cuda"
+STEPS = 16
+
+
+def _transformers_tokens(base: Path, tasks_dir: Path, task: str | None, prompt: list[int]) -> list[int]:
+    """Greedy tokens of the base merged with `task`'s delta (None: the base), run by transformers on DEVICE."""
+    reference = merged_hf(base, tasks_dir / f"{task}.safetensors" if task else None).to(DEVICE)
+    with torch.device(DEVICE):  # hf_greedy makes its input ids with the default device
+        tokens, _ = hf_greedy(reference, prompt, STEPS)
+    return tokens
+
+
+async def _engine_tokens(base: Path, tasks_dir: Path, rows: list[tuple[str | None, list[int]]]) -> list[list[int]]:
+    """Greedy tokens of every (task, prompt) row, all submitted at once to one float32 engine on DEVICE."""
+    engine = make_engine(base, tasks_dir, kv_cache_bytes=4 << 20, device=DEVICE, dtype="float32")
+    await engine.start()
+    try:
+        assert engine.model.device.type == torch.device(DEVICE).type
+        requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(STEPS)) for i, (t, p) in enumerate(rows)]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    finally:
+        await engine.stop(timeout=1.0)
+    return [output_ids(chunks) for chunks in results]
+
+
+@pytest.mark.parametrize("task", [None, "alpha"])
+async def test_engine_on_cuda_alone_equals_merged_transformers(
+    tiny_model: Path, tiny_tasks: Path, task: str | None
+) -> None:
+    prompt = _prompts(1, 400)[0]
+    [ours] = await _engine_tokens(tiny_model, tiny_tasks, [(task, prompt)])
+    assert ours == _transformers_tokens(tiny_model, tiny_tasks, task, prompt)
+
+
+async def test_engine_on_cuda_mixed_batch_equals_merged_transformers(tiny_model: Path, tiny_tasks: Path) -> None:
+    rows = list(zip(ROW_TASKS, _prompts(len(ROW_TASKS), 400)))
+    ours = await _engine_tokens(tiny_model, tiny_tasks, rows)
+    for (task, prompt), tokens in zip(rows, ours):
+        assert tokens == _transformers_tokens(tiny_model, tiny_tasks, task, prompt), task
