@@ -45,6 +45,7 @@ def environment() -> int:
 
     print(f"python {platform.python_version()} ({sys.executable}) on {platform.platform()}")
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, transformers {transformers.__version__}")
+    print(f"pytest {importlib.metadata.version('pytest')} (pytest-asyncio 1.5 needs >= 8.4)")
     try:
         import triton
 
