@@ -42,15 +42,22 @@ def output_ids(chunks: list[GenerationChunk]) -> list[int]:
 def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens of a transformers model (EOS not special) and its logits at each step: [steps, vocab]."""
     tokens, logits, cache = [], [], None
-    ids = torch.tensor([prompt])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
     with torch.no_grad():
         for _ in range(steps):
             out = model(ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits.append(out.logits[0, -1])
             tokens.append(int(out.logits[0, -1].argmax()))
-            ids = torch.tensor([[tokens[-1]]])
+            ids = torch.tensor([[tokens[-1]]], device=device)
     return tokens, torch.stack(logits)
+
+
+def random_prompts(n: int, vocab: int) -> list[list[int]]:
+    """`n` prompts of 5, 8, 11, ... random token ids below `vocab`, the same for every call."""
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
 
 
 TASKS = ("alpha", "beta", "gamma", "delta")

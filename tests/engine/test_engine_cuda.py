@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from server.engine.types import GenerationRequest
-from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
-from tests.engine.test_task_deltas import ROW_TASKS, _prompts
+from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
+from tests.engine.test_task_deltas import ROW_TASKS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -26,8 +26,7 @@ STEPS = 16
 def _transformers_tokens(base: Path, tasks_dir: Path, task: str | None, prompt: list[int]) -> list[int]:
     """Greedy tokens of the base merged with `task`'s delta (None: the base), run by transformers on DEVICE."""
     reference = merged_hf(base, tasks_dir / f"{task}.safetensors" if task else None).to(DEVICE)
-    with torch.device(DEVICE):  # hf_greedy makes its input ids with the default device
-        tokens, _ = hf_greedy(reference, prompt, STEPS)
+    tokens, _ = hf_greedy(reference, prompt, STEPS)
     return tokens
 
 
@@ -48,13 +47,13 @@ async def _engine_tokens(base: Path, tasks_dir: Path, rows: list[tuple[str | Non
 async def test_engine_on_cuda_alone_equals_merged_transformers(
     tiny_model: Path, tiny_tasks: Path, task: str | None
 ) -> None:
-    prompt = _prompts(1, 400)[0]
+    prompt = random_prompts(1, 400)[0]
     [ours] = await _engine_tokens(tiny_model, tiny_tasks, [(task, prompt)])
     assert ours == _transformers_tokens(tiny_model, tiny_tasks, task, prompt)
 
 
 async def test_engine_on_cuda_mixed_batch_equals_merged_transformers(tiny_model: Path, tiny_tasks: Path) -> None:
-    rows = list(zip(ROW_TASKS, _prompts(len(ROW_TASKS), 400)))
+    rows = list(zip(ROW_TASKS, random_prompts(len(ROW_TASKS), 400)))
     ours = await _engine_tokens(tiny_model, tiny_tasks, rows)
     for (task, prompt), tokens in zip(rows, ours):
         assert tokens == _transformers_tokens(tiny_model, tiny_tasks, task, prompt), task

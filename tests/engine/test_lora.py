@@ -14,8 +14,8 @@ from compressor.lora import import_lora
 from server.engine.types import GenerationRequest
 from server.model.llama import LlamaModel
 from tests.compressor.peft_adapters import RICH, peft_merged, write_adapter
-from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
-from tests.engine.test_task_deltas import _mixed_prefill, _prompts
+from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
+from tests.engine.test_task_deltas import _mixed_prefill
 
 MIXED = ("rich", None, "alpha", "plain", "rich", "beta", None)
 """Two LoRA tasks, two ImPart tasks and the base, one LoRA task twice."""
@@ -50,7 +50,7 @@ def _reference(base: Path, tasks: Path, adapters: dict, task: str | None) -> tor
 def test_mixed_batch_logits_equal_peft_merged_models(tiny_model: Path, lora_tasks: tuple[Path, dict]) -> None:
     tasks, adapters = lora_tasks
     model = LlamaModel.from_dir(tiny_model)
-    prompts = _prompts(len(MIXED), model.config.vocab_size)
+    prompts = random_prompts(len(MIXED), model.config.vocab_size)
     logits = _mixed_prefill(model, tasks, MIXED, prompts)
     start = 0
     for task, prompt in zip(MIXED, prompts):
@@ -63,7 +63,7 @@ def test_mixed_batch_logits_equal_peft_merged_models(tiny_model: Path, lora_task
 def test_lora_tasks_change_the_output(tiny_model: Path, lora_tasks: tuple[Path, dict]) -> None:
     """Guards the tests here against adapters too small to matter."""
     model = LlamaModel.from_dir(tiny_model)
-    prompt = _prompts(1, model.config.vocab_size)[0]
+    prompt = random_prompts(1, model.config.vocab_size)[0]
     per_seq = _mixed_prefill(model, lora_tasks[0], (None, "rich", "plain"), [prompt] * 3).view(3, len(prompt), -1)
     assert (per_seq[1] - per_seq[0]).abs().max() > 0.1 and (per_seq[2] - per_seq[0]).abs().max() > 0.1
 
@@ -73,7 +73,7 @@ async def test_engine_greedy_equals_peft_merged(
     tiny_model: Path, lora_tasks: tuple[Path, dict], row_tasks: tuple[str | None, ...]
 ) -> None:
     tasks, adapters = lora_tasks
-    prompts = _prompts(len(row_tasks), 400)
+    prompts = random_prompts(len(row_tasks), 400)
     engine = make_engine(tiny_model, tasks, kv_cache_bytes=4 << 20)
     await engine.start()
     try:
@@ -106,7 +106,7 @@ def test_smollm2_adapter_logits_equal_peft_merged(smollm2_dir: Path, tmp_path: P
     tasks = tmp_path / "tasks"
     import_lora(adapter, smollm2_dir, tasks / "smol.safetensors")
     model = LlamaModel.from_dir(smollm2_dir)
-    prompts = _prompts(2, model.config.vocab_size)
+    prompts = random_prompts(2, model.config.vocab_size)
     logits = _mixed_prefill(model, tasks, ("smol", None), prompts)
     with torch.no_grad():
         expected = peft_merged(smollm2_dir, adapter)(torch.tensor([prompts[0]])).logits[0]
@@ -131,7 +131,7 @@ def test_tied_base_with_embedding_lora_equals_peft_merged(tiny_tied_model: Path,
     tasks = tmp_path / "tasks"
     import_lora(adapter, tiny_tied_model, tasks / "tied.safetensors")
     model = LlamaModel.from_dir(tiny_tied_model)
-    prompts = _prompts(2, model.config.vocab_size)
+    prompts = random_prompts(2, model.config.vocab_size)
     logits = _mixed_prefill(model, tasks, ("tied", None), prompts)
     with torch.no_grad():
         expected = peft_merged(tiny_tied_model, adapter)(torch.tensor([prompts[0]])).logits[0]

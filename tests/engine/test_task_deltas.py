@@ -16,7 +16,7 @@ from server.engine.types import GenerationRequest
 from server.model.attention import AttentionMeta, PrefillChunk
 from server.model.deltas import StepDeltas, unpack_artifact
 from server.model.llama import ForwardBatch, LlamaModel
-from tests.engine.conftest import TASKS, collect, greedy, hf_greedy, make_engine, merged_hf, output_ids
+from tests.engine.conftest import TASKS, collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
 
 ROW_TASKS = ("alpha", None, "beta", "gamma", None, "delta")
 
@@ -46,11 +46,6 @@ def _mixed_prefill(
     return model.forward(batch, kv.layers, StepDeltas(resident, torch.tensor(row_slots), rows, model.dtype))
 
 
-def _prompts(n: int, vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(7)
-    return [torch.randint(0, vocab, (5 + 3 * i,), generator=gen).tolist() for i in range(n)]
-
-
 @pytest.mark.parametrize(
     ("base_fixture", "tasks_fixture", "seq_tasks"),
     [
@@ -63,7 +58,7 @@ def test_mixed_task_batch_logits_equal_merged_models(
 ) -> None:
     base, tasks_dir = request.getfixturevalue(base_fixture), request.getfixturevalue(tasks_fixture)
     model = LlamaModel.from_dir(base)
-    prompts = _prompts(len(seq_tasks), model.config.vocab_size)
+    prompts = random_prompts(len(seq_tasks), model.config.vocab_size)
     logits = _mixed_prefill(model, tasks_dir, seq_tasks, prompts)
     start = 0
     for task, prompt in zip(seq_tasks, prompts):
@@ -77,7 +72,7 @@ def test_mixed_task_batch_logits_equal_merged_models(
 def test_tasks_change_the_output(tiny_model: Path, tiny_tasks: Path) -> None:
     """Guards the test above against deltas too small to matter: each task's logits differ from the base's."""
     model = LlamaModel.from_dir(tiny_model)
-    prompt = _prompts(1, model.config.vocab_size)[0]
+    prompt = random_prompts(1, model.config.vocab_size)[0]
     logits = _mixed_prefill(model, tiny_tasks, (None, *TASKS), [prompt] * 5)
     per_seq = logits.view(5, len(prompt), -1)
     for i in range(1, 5):
@@ -85,7 +80,7 @@ def test_tasks_change_the_output(tiny_model: Path, tiny_tasks: Path) -> None:
 
 
 async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: Path, tiny_tasks: Path) -> None:
-    prompts = _prompts(len(ROW_TASKS), 400)
+    prompts = random_prompts(len(ROW_TASKS), 400)
     engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20)
     await engine.start()
     try:
@@ -106,7 +101,7 @@ async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: P
 
 
 async def test_bfloat16_engine_serves_mixed_tasks_close_to_float32(tiny_model: Path, tiny_tasks: Path) -> None:
-    prompts = _prompts(len(ROW_TASKS), 400)
+    prompts = random_prompts(len(ROW_TASKS), 400)
     logprobs = {}
     for dtype in ("float32", "bfloat16"):
         engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20, dtype=dtype)
@@ -127,7 +122,7 @@ def test_qwen2_biases_and_bias_deltas_match_merged_model(tiny_qwen2: tuple[Path,
     base, tasks_dir = tiny_qwen2
     model = LlamaModel.from_dir(base)
     assert model.config.attention_bias
-    prompts = _prompts(2, model.config.vocab_size)
+    prompts = random_prompts(2, model.config.vocab_size)
     logits = _mixed_prefill(model, tasks_dir, ("q", None), prompts)
     for start, task, prompt in ((0, "q", prompts[0]), (len(prompts[0]), None, prompts[1])):
         reference = merged_hf(base, tasks_dir / "q.safetensors" if task else None)
@@ -166,7 +161,7 @@ async def test_each_step_plans_its_rows_once_and_lays_out_each_chunk_once(
 
         monkeypatch.setattr(runner, "step", step)
         monkeypatch.setattr(kv, "token_slots", counted("slots", kv.token_slots))
-        prompts = _prompts(3, 400)  # 5, 8 and 11 tokens: prefills chunked by the 16-token budget
+        prompts = random_prompts(3, 400)  # 5, 8 and 11 tokens: prefills chunked by the 16-token budget
         requests = [GenerationRequest(f"p{i}", TASKS[i], tuple(p), greedy(6)) for i, p in enumerate(prompts)]
         await asyncio.gather(*(collect(engine, r) for r in requests))
     finally:
