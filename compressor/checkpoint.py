@@ -26,6 +26,8 @@ ARCH_KEYS = ("model_type", "architectures", "tie_word_embeddings")
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a checkpoint, read from its safetensors header: name, shape, dtype and file."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str

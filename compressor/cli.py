@@ -22,6 +22,7 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: Subparsers) -> None:
+    """Add the compressor's subcommands (compress, import-lora, inspect, merge, reconstruct) to `sub`."""
     _register_compress(sub)
     _register_import_lora(sub)
     inspect = sub.add_parser("inspect", help="show an artifact's manifest, both ratios and per-module error")

@@ -42,6 +42,8 @@ def json_float(value: object, what: str) -> float:
 
 @dataclass(frozen=True)
 class ModuleCode:
+    """One module's stored form in an artifact: its layout, its tensors and the layout's metadata."""
+
     name: str
     shape: tuple[int, ...]
     layout: str
@@ -130,6 +132,7 @@ def _sparse_values(code: ModuleCode) -> torch.Tensor:
 
 
 def column_bits(code: ModuleCode) -> list[int]:
+    """The bit width of each kept singular vector of a quantised code, by its index."""
     rule = code.bit_rule()
     return [bits_for(k, rule) for k in range(code.rank)]
 

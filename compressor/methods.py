@@ -42,6 +42,7 @@ class MethodParams:
 
 
 def encode_dense(name: str, delta: torch.Tensor) -> ModuleCode:
+    """A 1-D delta (norm weights, biases) stored whole in float32."""
     return ModuleCode(name, tuple(delta.shape), "dense", {"delta": delta.to(torch.float32).contiguous()})
 
 
@@ -73,6 +74,7 @@ def encode_lowrank(name: str, delta: torch.Tensor, params: MethodParams) -> Modu
 
 
 def lowrank_rank(shape: tuple[int, int], ratio: float) -> int:
+    """Singular triplets LowRank keeps for a [out, in] matrix at `ratio` (dense u and v columns)."""
     return min(*shape, kept_budget(shape, ratio) // (shape[0] + shape[1]))
 
 

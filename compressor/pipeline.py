@@ -61,6 +61,8 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class ModuleReport:
+    """What compressing one module gave: its layout, kept values, stored bytes and error."""
+
     name: str
     shape: tuple[int, ...]
     group: str
@@ -76,6 +78,8 @@ class ModuleReport:
 
 @dataclass(frozen=True)
 class CompressionReport:
+    """What `compress` wrote: the artifact's path, sha256 and size, the method and ratio, and each module's report."""
+
     out_path: Path
     sha256: str
     artifact_bytes: int
@@ -99,6 +103,7 @@ def check_method(method: str) -> None:
 
 
 def group_of(name: str, ndim: int) -> str:
+    """The module's group: "linear" (the paper's projections), "embedding" (other 2-D) or "dense" (1-D)."""
     if ndim != 2:
         return "dense"
     return "linear" if LINEAR_RE.search(name) else "embedding"
@@ -258,6 +263,7 @@ def _manifest(
 
 
 def linear_cr(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> float:
+    """The linear modules' compression ratio in parameters: dense entries / kept values."""
     linear = [r for r in reports if r.group == "linear"]
     dense = sum(r.shape[0] * r.shape[1] for r in linear)
     kept = sum(r.kept for r in linear)
@@ -265,6 +271,7 @@ def linear_cr(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> float:
 
 
 def linear_bytes_ratio(reports: list[ModuleReport] | tuple[ModuleReport, ...]) -> float:
+    """The linear modules' dense 16-bit delta bytes / their ideal stored bytes."""
     linear = [r for r in reports if r.group == "linear"]
     stored = sum(r.ideal_bytes for r in linear)
     return dense_delta_bytes(linear) / stored if stored else float("inf")

@@ -35,6 +35,7 @@ def bits_for(index: int, rule: BitRule = BIT_RULE) -> int:
 
 
 def n_groups(n: int, group: int = GROUP) -> int:
+    """Quantisation groups of `group` values that `n` values need (the last one may be short)."""
     return (n + group - 1) // group
 
 

@@ -55,6 +55,8 @@ its SVD rank and its code from shared singular triplets."""
 
 @dataclass(frozen=True)
 class SearchResult:
+    """The (beta, C) search's outcome: the best pair, every pair's score, and the best artifact's report."""
+
     best: tuple[float, float]
     """(beta, C) of the highest score."""
     scores: dict[tuple[float, float], float]

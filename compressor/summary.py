@@ -16,6 +16,8 @@ KEY_BYTES = 8
 
 @dataclass(frozen=True)
 class ArtifactSummary:
+    """What `deltaserve inspect` shows of an artifact: sizes, ratios, method and per-module figures."""
+
     path: str
     sha256: str
     file_bytes: int
@@ -64,6 +66,7 @@ def code_bits(code: ModuleCode) -> int:
 
 
 def mask_bytes(code: ModuleCode) -> int:
+    """Bytes a stored bitmask of the code's kept positions would take (the seed makes them cost nothing)."""
     if code.layout in ("svd", "qsvd"):
         return bitmask_bytes(code.shape[0], code.rank) + bitmask_bytes(code.shape[1], code.rank)
     if code.layout in ("sparse", "qsparse"):
@@ -72,6 +75,7 @@ def mask_bytes(code: ModuleCode) -> int:
 
 
 def summarize(source: Path | str | bytes, artifact: Artifact | None = None) -> ArtifactSummary:
+    """The summary of an artifact (a path or its bytes; `artifact` when it is already loaded)."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     art = artifact or load_artifact(data)
     codes = [m.code for m in art.modules()]

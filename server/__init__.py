@@ -1,0 +1,1 @@
+"""deltaserve's server: settings, HTTP API, engine, model, registry and jobs."""

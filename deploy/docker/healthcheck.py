@@ -30,6 +30,7 @@ def is_healthy(url: str, timeout: float = TIMEOUT_S) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    """Exit status of the container's health check: 0 when GET `argv[1]` (default /health) answers healthy."""
     path = argv[1] if len(argv) > 1 else "/health"
     return 0 if is_healthy(probe_url(path, dict(os.environ))) else 1
 
