@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,6 +38,31 @@ async def collect(engine: Engine, request: GenerationRequest) -> list[Generation
 
 def output_ids(chunks: list[GenerationChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+async def run_rows(
+    base: Path, tasks_dir: Path, rows: list[tuple[str | None, list[int]]], params: SamplingParams, **overrides: object
+) -> list[list[GenerationChunk]]:
+    """Every (task, prompt) row submitted at once to one fresh engine (4 MiB of KV, `overrides` on top);
+    each row's chunks, in row order. With a `device` override, the model is checked to be on it."""
+    engine = make_engine(base, tasks_dir, **({"kv_cache_bytes": 4 << 20} | overrides))
+    await engine.start()
+    try:
+        if "device" in overrides:
+            assert engine.model.device.type == torch.device(str(overrides["device"])).type
+        requests = [GenerationRequest(f"r{i}", task, tuple(prompt), params) for i, (task, prompt) in enumerate(rows)]
+        return list(await asyncio.gather(*(collect(engine, r) for r in requests)))
+    finally:
+        await engine.stop(timeout=1.0)
+
+
+def assert_logprobs_match(
+    chunks: list[GenerationChunk], tokens: list[int], logits: torch.Tensor, label: object
+) -> None:
+    """The engine's logprob of each sampled token equals log_softmax of the reference `logits` [steps, vocab]."""
+    ours = torch.tensor([lp.logprob for c in chunks for lp in c.logprobs or ()])
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    assert (ours - expected.cpu()).abs().max() < 1e-4, label
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:

@@ -7,14 +7,19 @@ The same comparison as test_task_deltas' CPU test with only the device changed; 
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 
-from server.engine.types import GenerationRequest
-from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
+from tests.engine.conftest import (
+    greedy,
+    hf_greedy,
+    merged_hf,
+    output_ids,
+    random_prompts,
+    run_rows,
+)
 from tests.engine.test_task_deltas import ROW_TASKS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,14 +37,7 @@ def _transformers_tokens(base: Path, tasks_dir: Path, task: str | None, prompt: 
 
 async def _engine_tokens(base: Path, tasks_dir: Path, rows: list[tuple[str | None, list[int]]]) -> list[list[int]]:
     """Greedy tokens of every (task, prompt) row, all submitted at once to one float32 engine on DEVICE."""
-    engine = make_engine(base, tasks_dir, kv_cache_bytes=4 << 20, device=DEVICE, dtype="float32")
-    await engine.start()
-    try:
-        assert engine.model.device.type == torch.device(DEVICE).type
-        requests = [GenerationRequest(f"r{i}", t, tuple(p), greedy(STEPS)) for i, (t, p) in enumerate(rows)]
-        results = await asyncio.gather(*(collect(engine, r) for r in requests))
-    finally:
-        await engine.stop(timeout=1.0)
+    results = await run_rows(base, tasks_dir, rows, greedy(STEPS), device=DEVICE, dtype="float32")
     return [output_ids(chunks) for chunks in results]
 
 

@@ -3,7 +3,6 @@ one batch with ImPart tasks and the base."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 
@@ -11,10 +10,17 @@ import pytest
 import torch
 
 from compressor.lora import import_lora
-from server.engine.types import GenerationRequest
 from server.model.llama import LlamaModel
 from tests.compressor.peft_adapters import RICH, peft_merged, write_adapter
-from tests.engine.conftest import collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
+from tests.engine.conftest import (
+    assert_logprobs_match,
+    greedy,
+    hf_greedy,
+    merged_hf,
+    output_ids,
+    random_prompts,
+    run_rows,
+)
 from tests.engine.test_task_deltas import _mixed_prefill
 
 MIXED = ("rich", None, "alpha", "plain", "rich", "beta", None)
@@ -74,22 +80,11 @@ async def test_engine_greedy_equals_peft_merged(
 ) -> None:
     tasks, adapters = lora_tasks
     prompts = random_prompts(len(row_tasks), 400)
-    engine = make_engine(tiny_model, tasks, kv_cache_bytes=4 << 20)
-    await engine.start()
-    try:
-        requests = [
-            GenerationRequest(f"r{i}", t, tuple(p), greedy(16, logprobs=0))
-            for i, (t, p) in enumerate(zip(row_tasks, prompts))
-        ]
-        results = await asyncio.gather(*(collect(engine, r) for r in requests))
-    finally:
-        await engine.stop(timeout=1.0)
+    results = await run_rows(tiny_model, tasks, list(zip(row_tasks, prompts)), greedy(16, logprobs=0))
     for task, prompt, chunks in zip(row_tasks, prompts, results):
         tokens, logits = hf_greedy(_reference(tiny_model, tasks, adapters, task), prompt, 16)
         assert output_ids(chunks) == tokens, task
-        ours = torch.tensor([lp.logprob for c in chunks for lp in c.logprobs])
-        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        assert (ours - expected).abs().max() < 1e-4, task
+        assert_logprobs_match(chunks, tokens, logits, task)
 
 
 @pytest.mark.slow

@@ -16,7 +16,18 @@ from server.engine.types import GenerationRequest
 from server.model.attention import AttentionMeta, PrefillChunk
 from server.model.deltas import StepDeltas, unpack_artifact
 from server.model.llama import ForwardBatch, LlamaModel
-from tests.engine.conftest import TASKS, collect, greedy, hf_greedy, make_engine, merged_hf, output_ids, random_prompts
+from tests.engine.conftest import (
+    TASKS,
+    assert_logprobs_match,
+    collect,
+    greedy,
+    hf_greedy,
+    make_engine,
+    merged_hf,
+    output_ids,
+    random_prompts,
+    run_rows,
+)
 
 ROW_TASKS = ("alpha", None, "beta", "gamma", None, "delta")
 
@@ -81,23 +92,12 @@ def test_tasks_change_the_output(tiny_model: Path, tiny_tasks: Path) -> None:
 
 async def test_engine_greedy_over_mixed_tasks_equals_merged_models(tiny_model: Path, tiny_tasks: Path) -> None:
     prompts = random_prompts(len(ROW_TASKS), 400)
-    engine = make_engine(tiny_model, tiny_tasks, kv_cache_bytes=4 << 20)
-    await engine.start()
-    try:
-        requests = [
-            GenerationRequest(f"r{i}", t, tuple(p), greedy(24, logprobs=0))
-            for i, (t, p) in enumerate(zip(ROW_TASKS, prompts))
-        ]
-        results = await asyncio.gather(*(collect(engine, r) for r in requests))
-    finally:
-        await engine.stop(timeout=1.0)
+    results = await run_rows(tiny_model, tiny_tasks, list(zip(ROW_TASKS, prompts)), greedy(24, logprobs=0))
     for task, prompt, chunks in zip(ROW_TASKS, prompts, results):
         reference = merged_hf(tiny_model, tiny_tasks / f"{task}.safetensors" if task else None)
         tokens, logits = hf_greedy(reference, prompt, 24)
         assert output_ids(chunks) == tokens, task
-        ours = torch.tensor([lp.logprob for c in chunks for lp in c.logprobs])
-        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        assert (ours - expected).abs().max() < 1e-4, task
+        assert_logprobs_match(chunks, tokens, logits, task)
 
 
 async def test_bfloat16_engine_serves_mixed_tasks_close_to_float32(tiny_model: Path, tiny_tasks: Path) -> None:
